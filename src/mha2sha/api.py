@@ -1,0 +1,196 @@
+"""The conversion job: load, split every attention block, save atomically, verify, report.
+
+``convert`` is what the CLI runs; :class:`MHA2SHAConverter` keeps the Python API of Qualcomm's
+original tool working on top of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from mha2sha.errors import UserError
+from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
+from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
+from mha2sha.io.save import save_model, staging_dir
+from mha2sha.report.tables import blocks_json
+from mha2sha.split.record import SplitRecord
+from mha2sha.split.split_heads import BlockReport, SplitHeadsPass
+from mha2sha.verify.input_lists import write_input_lists
+from mha2sha.verify.inputs import load_inputs, make_inputs
+from mha2sha.verify.runner import Verification, verify
+
+__all__ = ["ConvertOptions", "ConversionResult", "ConversionFailed", "convert", "MHA2SHAConverter"]
+
+logger = logging.getLogger(__name__)
+
+NAME_MAP_FILE = "mha_to_sha_names.json"
+
+
+class ConversionFailed(Exception):
+    """The conversion ran but its result is not acceptable (verification failed). Exit code 1."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    input_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    inputs: str | None = None  # .npz of user inputs for verification
+    verify: bool = True
+    rtol: float = 1e-5
+    seed: int = 0
+    allow_partial: bool = False
+    force: bool = False  # write the model even when there is no attention to split
+    create_input_lists: bool = False
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    model: ir.Model
+    blocks: list[BlockReport]
+    record: SplitRecord
+    verification: Verification | None = None
+    files: list[Path] = dataclasses.field(default_factory=list)
+    other_softmax: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def split_blocks(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.status == "split"]
+
+    @property
+    def unsupported_blocks(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.status == "unsupported"]
+
+    @property
+    def complete(self) -> bool:
+        """Every attention block with more than one head was split."""
+        return not self.unsupported_blocks
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None, options: ConvertOptions | None = None) -> ConversionResult:
+    """Split every multi-head attention of ``model_path`` and write the result to ``out_dir``.
+
+    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json`` and
+    ``<name>.report.json``. Nothing is written when the input is bad or verification fails.
+    """
+    options = options or ConvertOptions()
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    name = name or model_path.stem
+    out_model = out_dir / f"{name}.onnx"
+    if _same_file(model_path, out_model) or _same_file(model_path, out_model.with_suffix(".data")):
+        raise UserError(f"output {out_model} would overwrite the input model; choose another -o folder or --name")
+
+    model = load_model(model_path)
+    fix_input_shapes(model, options.input_shapes)
+    require_static_inputs(model)
+    inputs = _verification_inputs(model, options) if options.verify else None
+
+    prepare_for_split(model)
+    record = SplitRecord()
+    split = SplitHeadsPass(record)
+    split(model)
+    remove_unused_initializers(model)
+    result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax)
+    if not result.split_blocks and not options.force:
+        return result
+
+    with staging_dir(out_dir) as stage:
+        staged = save_model(model, stage / out_model.name)
+        _check_model(staged[0])
+        (stage / NAME_MAP_FILE).write_text(json.dumps(record.name_map(), indent=1))
+        if inputs is not None:
+            result.verification = verify(model_path, staged[0], inputs, rtol=options.rtol)
+            if not result.verification.ok:
+                raise ConversionFailed(_failure_line(result.verification))
+            if options.create_input_lists and result.verification.reference is not None:
+                order = [v.name for v in model.graph.inputs if v.name in inputs]
+                write_input_lists(stage, inputs, result.verification.reference, order)
+        (stage / f"{name}.report.json").write_text(json.dumps(_report(result), indent=1))
+        result.files = [out_dir / p.relative_to(stage) for p in sorted(stage.rglob("*")) if p.is_file()]
+    return result
+
+
+def _verification_inputs(model: ir.Model, options: ConvertOptions) -> dict[str, np.ndarray]:
+    if options.inputs:
+        return load_inputs(options.inputs, model, options.seed)
+    return make_inputs(model, options.seed)
+
+
+def _check_model(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:  # a bug of ours, never the user's
+        raise RuntimeError(f"converted model fails onnx.checker: {str(e).splitlines()[0]}") from e
+
+
+def _failure_line(v: Verification) -> str:
+    bad = [r for r in v.rows if not r.ok]
+    worst = max(bad, key=lambda r: r.max_rel_err) if bad else None
+    detail = f"output '{worst.name}' differs (max rel err {worst.max_rel_err:.3g}) {worst.note}" if worst else "outputs differ"
+    return f"verification failed: {detail}; nothing was written"
+
+
+def _report(result: ConversionResult) -> dict[str, Any]:
+    v = result.verification
+    return {
+        "blocks": blocks_json(result.blocks),
+        "non_attention_softmax": result.other_softmax,
+        "verification": None
+        if v is None
+        else {
+            "ok": v.ok,
+            "rtol": v.rtol,
+            "outputs": [dataclasses.asdict(r) for r in v.rows],
+        },
+    }
+
+
+class MHA2SHAConverter:
+    """Python API of the original tool: ``MHA2SHAConverter(name, export_path, model).convert()``.
+
+    The old tool's flags are accepted; the split needs none of them (it finds every attention block
+    and its layout by itself). Returns ``(model, verification_status)`` where the model is the
+    converted ``onnx_ir.Model`` and the status is True, False, or None when verification was off.
+    """
+
+    def __init__(self, model_name: str, sha_export_path: str | os.PathLike, model_or_path: str | os.PathLike | onnx.ModelProto, **flags: Any):
+        self.model_name = model_name
+        self.sha_export_path = Path(sha_export_path)
+        self.model_or_path = model_or_path
+        self.flags = flags
+
+    def convert(self) -> tuple[ir.Model, bool | None]:
+        if isinstance(self.model_or_path, onnx.ModelProto):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{self.model_name}.onnx"
+                onnx.save(self.model_or_path, path, save_as_external_data=self.model_or_path.ByteSize() > (1 << 30))
+                return self._convert(path)
+        return self._convert(Path(self.model_or_path))
+
+    def _convert(self, path: Path) -> tuple[ir.Model, bool | None]:
+        options = ConvertOptions(
+            verify=not self.flags.get("no_verification", False),
+            create_input_lists=bool(self.flags.get("create_input_lists", False)),
+            allow_partial=True,
+        )
+        result = convert(path, self.sha_export_path, name=self.model_name, options=options)
+        status = None if result.verification is None else result.verification.ok
+        return result.model, status

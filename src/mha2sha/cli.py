@@ -1,0 +1,142 @@
+"""Command line: ``mha2sha convert`` and the original tool's ``mha2sha-onnx-converter``.
+
+Exit codes: 0 done (or nothing to do), 1 conversion incomplete or verification failed,
+2 bad input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from mha2sha.api import ConversionFailed, ConversionResult, ConvertOptions, convert
+from mha2sha.errors import UserError
+from mha2sha.report.tables import blocks_table
+from mha2sha.verify.inputs import parse_input_shapes
+from mha2sha.verify.runner import verification_table
+
+__all__ = ["main", "legacy_main"]
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+# Flags of the original tool that the automatic split makes unnecessary: accepted, ignored.
+_LEGACY_HINTS = (
+    "--handle-rope-ops", "--handle-past-key-value", "--gqa-model", "--llm-model", "--prepared-model",
+    "--disable-auto-attn-finder", "--handle-alibi", "--lora-model", "--strict",
+)  # fmt: skip
+# Flags of the original tool that later releases implement; until then they are refused clearly.
+_LEGACY_LATER = ("--mha-conv", "--nchw-aligned", "--replace-linear-with-conv", "--optimize-o-proj", "--build-ar", "--lora-adaptor-list")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape")
+    parser.add_argument("--inputs", metavar="NPZ", help="verify on these inputs (.npz keyed by input name)")
+    parser.add_argument("--allow-partial", action="store_true", help="exit 0 even if some attention blocks stay multi-head")
+    parser.add_argument("--force", action="store_true", help="write the model even when it has no attention to split")
+    parser.add_argument("--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], type=str.lower)
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="split multi-head attention into per-head attention, verified")
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--name", help="output model name (default: the input's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--rtol", type=float, default=1e-5, help="max relative error per output (default 1e-5)")
+    _add_common(p)
+
+
+def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
+    return ConvertOptions(
+        input_shapes=parse_input_shapes(args.input_shape),
+        inputs=args.inputs,
+        verify=verify,
+        rtol=getattr(args, "rtol", 1e-5),
+        allow_partial=args.allow_partial,
+        force=args.force,
+        create_input_lists=args.create_input_lists,
+    )
+
+
+def _print_result(result: ConversionResult, allow_partial: bool) -> int:
+    if not result.blocks:
+        console.print("No attention found (no Softmax feeding a MatMul with V); nothing written.")
+        return 0
+    console.print(blocks_table(result.blocks))
+    if result.verification is not None:
+        console.print(verification_table(result.verification))
+    if not result.split_blocks:
+        console.print("No multi-head attention to split; nothing written (use --force to write anyway).")
+        return 0
+    if result.files:
+        console.print(f"Wrote {', '.join(str(f) for f in result.files if f.suffix in ('.onnx', '.json'))}")
+    unsupported = result.unsupported_blocks
+    if unsupported:
+        console.print(f"[yellow]{len(unsupported)} attention block(s) left as multi-head[/]; see the table above.")
+        return 0 if allow_partial else 1
+    return 0
+
+
+def _run(model: str, out: str, name: str | None, options: ConvertOptions, log_level: str) -> int:
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = convert(model, out, name=name, options=options)
+    except UserError as e:
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        return e.exit_code
+    except ConversionFailed as e:
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        return e.exit_code
+    return _print_result(result, options.allow_partial)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mha2sha", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _convert_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        options = _options(args, verify=not args.no_verify)
+    except UserError as e:
+        err.print(f"error: {e}", highlight=False, markup=False)
+        return e.exit_code
+    return _run(args.model, args.output, args.name, options, args.log_level)
+
+
+def legacy_main(argv: Sequence[str] | None = None) -> int:
+    """``mha2sha-onnx-converter``: the original tool's command line."""
+    parser = argparse.ArgumentParser(prog="mha2sha-onnx-converter", description="Original MHA2SHA command line (flags are hints).")
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--exported-model-path", required=True)
+    parser.add_argument("--sha-export-path", required=True)
+    parser.add_argument("--exported-model-encoding-path")
+    parser.add_argument("--base-llm")
+    parser.add_argument("--no-verification", action="store_true")
+    for flag in _LEGACY_HINTS:
+        parser.add_argument(flag, action="store_true", help="accepted for compatibility; detected automatically")
+    for flag in _LEGACY_LATER:
+        parser.add_argument(flag, nargs="?", const=True, default=None, help="not available yet")
+    _add_common(parser)
+    args = parser.parse_args(argv)
+    later = [f for f in _LEGACY_LATER if getattr(args, f.lstrip("-").replace("-", "_")) is not None]
+    if args.exported_model_encoding_path:
+        later.append("--exported-model-encoding-path")
+    if later:
+        err.print(f"error: {', '.join(later)} not supported yet by this release (planned: encodings and HTP layout)", markup=False)
+        return 2
+    try:
+        options = _options(args, verify=not args.no_verification)
+    except UserError as e:
+        err.print(f"error: {e}", highlight=False, markup=False)
+        return e.exit_code
+    return _run(args.exported_model_path, args.sha_export_path, args.model_name, options, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

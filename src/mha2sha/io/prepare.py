@@ -1,0 +1,127 @@
+"""Make every shape static and visible before the split.
+
+Exporters compute reshape targets and masks at run time from ``Shape`` ops. With static input
+shapes those computations are constants: fold the small ones (never a weight-sized tensor), then
+run ONNX shape inference, and repeat until nothing changes. Constants become initializers so every
+rule sees one kind of constant.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+from onnx_ir.passes.common import (
+    LiftConstantsToInitializersPass,
+    RemoveUnusedNodesPass,
+    ShapeInferencePass,
+)
+
+__all__ = ["FoldSmallConstantsPass", "prepare_for_split", "remove_unused_initializers"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_ELEMENTS = 1 << 16  # constants larger than this are never created by folding
+_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _small(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    tensor = value.const_value
+    return tensor is not None and tensor.size <= _MAX_ELEMENTS
+
+
+def _evaluate(node: ir.Node) -> list[np.ndarray] | None:
+    """Run one node with the ONNX reference evaluator; None when it cannot."""
+    inputs = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+    outputs = [f"out{i}" for i in range(len(node.outputs))]
+    proto_node = onnx.helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
+    proto_node.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
+    feeds = {name: v.const_value.numpy() for name, v in zip(inputs, node.inputs, strict=True) if v is not None}  # type: ignore[union-attr]
+    try:
+        opset = 21 if node.version is None else node.version
+        graph = onnx.helper.make_graph(
+            [proto_node],
+            "fold",
+            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in feeds.items()],
+            [onnx.helper.make_tensor_value_info(n, 0, None) for n in outputs],
+        )
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", max(opset, 13))])
+        return list(ReferenceEvaluator(model).run(None, feeds))
+    except Exception as e:  # the reference evaluator cannot run it: keep the node
+        logger.debug("not folding %s: %s", node.op_type, e)
+        return None
+
+
+class FoldSmallConstantsPass(ir.passes.InPlacePass):
+    """Fold nodes whose inputs are small constants, and ``Shape`` of statically shaped tensors."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        opset = model.opset_imports.get("", 17)
+        for node in list(model.graph):
+            if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD or node.op_type == "Constant":
+                continue
+            if node.op_type == "Shape":
+                results = _fold_shape(node)
+            elif all(_small(v) for v in node.inputs) and node.inputs:
+                if node.version is None:
+                    node.version = opset
+                results = _evaluate(node)
+            else:
+                continue
+            if results is None or any(np.asarray(r).size > _MAX_ELEMENTS for r in results):
+                continue
+            for out, array in zip(node.outputs, results, strict=True):
+                array = np.asarray(array)
+                out.const_value = ir.tensor(array, name=out.name)
+                out.shape = ir.Shape(array.shape)
+            _detach_into_initializers(model.graph, node)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _fold_shape(node: ir.Node) -> list[np.ndarray] | None:
+    shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    dims = [int(d) for d in shape]
+    start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+    end = node.attributes["end"].as_int() if "end" in node.attributes else len(dims)
+    return [np.asarray(dims[slice(start, end)], dtype=np.int64)]
+
+
+def _detach_into_initializers(graph: ir.Graph, node: ir.Node) -> None:
+    """Replace a folded node by initializers that keep its output names (encodings refer to them)."""
+    outputs = list(node.outputs)
+    graph.remove(node, safe=False)
+    for out in outputs:
+        if out.uses() or out.is_graph_output():
+            replacement = ir.Value(name=out.name, shape=out.shape, type=out.type, const_value=out.const_value)
+            out.name = out.name + ".folded"
+            out.replace_all_uses_with(replacement, replace_graph_outputs=True)
+            graph.register_initializer(replacement)
+
+
+def prepare_for_split(model: ir.Model, max_rounds: int = 4) -> None:
+    """Fold shape computations and infer static shapes, in place."""
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    for _ in range(max_rounds):
+        ShapeInferencePass()(model)
+        if not FoldSmallConstantsPass()(model).modified:
+            break
+    RemoveUnusedNodesPass()(model)
+    remove_unused_initializers(model)
+    ShapeInferencePass()(model)
+
+
+def remove_unused_initializers(model: ir.Model) -> None:
+    graph = model.graph
+    graph_inputs = {id(v) for v in graph.inputs}
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and id(value) not in graph_inputs:
+            del graph.initializers[name]

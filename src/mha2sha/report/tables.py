@@ -1,0 +1,50 @@
+"""Summaries a person reads: one row per attention block, one line per finding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from mha2sha.split.split_heads import BlockReport
+
+__all__ = ["blocks_table", "blocks_json"]
+
+
+def _what_was_split(block: BlockReport) -> str:
+    parts = []
+    if block.weights:
+        parts.append(f"{len(block.weights)} weights")
+    if block.inputs:
+        parts.append(f"{len(block.inputs)} inputs")
+    if block.activations:
+        parts.append(f"{len(block.activations)} activations")
+    return ", ".join(parts) or "-"
+
+
+def blocks_table(blocks: Sequence[BlockReport]) -> Table:
+    table = Table(title="Attention blocks", title_justify="left")
+    for column in ("block", "status", "heads", "kv heads", "head dim", "split at"):
+        table.add_column(column)
+    for block in blocks:
+        status = {"split": "[green]split[/]", "unsupported": "[red]left as MHA[/]"}.get(block.status, block.status)
+        detail = _what_was_split(block) if block.status == "split" else block.reason
+        table.add_row(block.name, status, str(block.heads or "-"), str(block.kv_heads or "-"), str(block.head_dim or "-"), detail)
+    return table
+
+
+def blocks_json(blocks: Sequence[BlockReport]) -> list[dict]:
+    return [
+        {
+            "block": b.name,
+            "status": b.status,
+            "heads": b.heads,
+            "kv_heads": b.kv_heads,
+            "head_dim": b.head_dim,
+            "weights_sliced": b.weights,
+            "inputs_cut": b.inputs,
+            "activations_cut": b.activations,
+            "reason": b.reason,
+        }
+        for b in blocks
+    ]

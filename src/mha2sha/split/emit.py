@@ -1,0 +1,220 @@
+"""Build each head's piece of every tensor the walk recorded, once, with readable names.
+
+Pieces are memoised by (tensor, spec, piece key), so heads that share a piece (a GQA group's key
+and value, an ALiBi table used by every layer) share one tensor. New tensors are named after the
+original with a head suffix (``/layers.0/attn/q_proj/MatMul_output_0.h3``); weight pieces are
+lazy slices of the original (memory-mapped) weight, materialised only when the model is saved.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_ir as ir
+
+from mha2sha.split.record import Piece, SplitRecord, TensorSplit
+from mha2sha.split.rules import RULES, is_identity_per_head, static_shape
+from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key, piece_ranges, piece_shape
+from mha2sha.split.walk import Region, Step
+
+__all__ = ["Emitter"]
+
+
+def _suffix(key: tuple[int, ...]) -> str:
+    return ".h" + "_".join(str(k) for k in key)
+
+
+class _SlicedTensor:
+    """A lazy slice of a (possibly memory-mapped) tensor: nothing is copied until saved."""
+
+    def __init__(self, tensor: ir.TensorProtocol, index: tuple[slice, ...]):
+        self._tensor = tensor
+        self._index = index
+
+    def __call__(self) -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(self._tensor.numpy()[self._index]))
+
+
+class Emitter:
+    """Creates per-head nodes and values in ``graph`` for the steps of one or more regions."""
+
+    def __init__(self, graph: ir.Graph, record: SplitRecord):
+        self.graph = graph
+        self.record = record
+        self._memo: dict[tuple[int, HeadSpec, tuple[int, ...]], ir.Value] = {}
+        self._clones: dict[tuple[int, tuple[int, ...]], ir.Node] = {}
+        self._names = {v.name for v in _all_values(graph)} | {n.name for n in graph}
+        self._counter = itertools.count()
+        self.new_nodes: list[ir.Node] = []
+        self._reshape_sources: dict[int, ir.Value] = {}
+
+    # -- naming ---------------------------------------------------------------------------------
+    def unique(self, name: str) -> str:
+        candidate = name
+        while candidate in self._names:
+            candidate = f"{name}_{next(self._counter)}"
+        self._names.add(candidate)
+        return candidate
+
+    # -- records --------------------------------------------------------------------------------
+    def _remember(self, step: Step, head: int, piece: ir.Value) -> None:
+        key = piece_key(step.spec, head)
+        self._memo[(id(step.value), step.spec, key)] = piece
+        split = self.record.tensors.get(step.value.name)
+        if split is None:
+            kind = "param" if step.kind == "param" else "activation"
+            split = TensorSplit(step.value.name, kind, static_shape(step.value), [])
+            self.record.tensors[step.value.name] = split
+        if all(p.name != piece.name for p in split.pieces):
+            split.pieces.append(Piece(piece.name, piece_ranges(step.spec, head), key))
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def piece(self, region: Region, value: ir.Value, spec: HeadSpec | None, head: int) -> ir.Value:
+        """The piece of ``value`` head ``head`` uses (the value itself when shared)."""
+        if not spec:
+            return value
+        key = piece_key(spec, head)
+        memo_key = (id(value), spec, key)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        step = region.get(value, spec)
+        if step.kind == "param":
+            piece = self._param_piece(step, head)
+        elif step.kind in ("input", "activation"):
+            piece = self._cut_piece(step, head)
+        else:
+            piece = self._node_piece(region, step, head)
+        self._remember(step, head, piece)
+        return piece
+
+    def _value_like(self, original: ir.Value, spec: HeadSpec, head: int) -> ir.Value:
+        name = self.unique(original.name + _suffix(piece_key(spec, head)))
+        shape = ir.Shape(piece_shape(static_shape(original), spec))
+        return ir.Value(name=name, shape=shape, type=original.type)
+
+    def _param_piece(self, step: Step, head: int) -> ir.Value:
+        tensor = step.value.const_value
+        assert tensor is not None
+        index = [slice(None)] * len(static_shape(step.value))
+        for axis, start, stop in piece_ranges(step.spec, head):
+            index[axis] = slice(start, stop)
+        value = self._value_like(step.value, step.spec, head)
+        shape = ir.Shape(piece_shape(static_shape(step.value), step.spec))
+        value.const_value = ir.LazyTensor(_SlicedTensor(tensor, tuple(index)), tensor.dtype, shape, name=value.name)
+        self.graph.register_initializer(value)
+        return value
+
+    def _cut_piece(self, step: Step, head: int) -> ir.Value:
+        """Cut a graph input or computed tensor: one Split for a full cover, else one Slice."""
+        shape = static_shape(step.value)
+        if is_full_cover(step.spec, shape):
+            (cut,) = step.spec
+            heads_of_piece = [next(h for h in itertools.count() if cut.index(h) == i) for i in range(cut.count)]
+            outputs = [self._value_like(step.value, step.spec, h) for h in heads_of_piece]
+            sizes = self.const_i64([cut.block] * cut.count, f"{step.value.name}.split_sizes")
+            node = ir.Node(
+                "",
+                "Split",
+                [step.value, sizes],
+                [ir.AttrInt64("axis", cut.axis)],
+                outputs=outputs,
+                name=self.unique(f"{step.value.name}.split_heads"),
+            )
+            self.add(node)
+            for h, out in zip(heads_of_piece, outputs, strict=True):
+                self._remember(step, h, out)
+            return self._memo[(id(step.value), step.spec, piece_key(step.spec, head))]
+        ranges = piece_ranges(step.spec, head)
+        out = self._value_like(step.value, step.spec, head)
+        base = out.name
+        node = ir.Node(
+            "",
+            "Slice",
+            [
+                step.value,
+                self.const_i64([r[1] for r in ranges], f"{base}.starts"),
+                self.const_i64([r[2] for r in ranges], f"{base}.ends"),
+                self.const_i64([r[0] for r in ranges], f"{base}.axes"),
+            ],
+            outputs=[out],
+            name=self.unique(f"{base}.slice"),
+        )
+        self.add(node)
+        return out
+
+    def _node_piece(self, region: Region, step: Step, head: int) -> ir.Value:
+        node = step.node
+        assert node is not None
+        rule = RULES[node.op_type]
+        if rule.kind == "slice" and is_identity_per_head(node, step.out_index, step.spec):
+            k = next(i for i, s in enumerate(step.in_specs) if s)
+            return self.piece(region, node.inputs[k], step.in_specs[k], head)
+        inputs = [self.piece(region, v, s, head) if v is not None else None for v, s in zip(node.inputs, step.in_specs, strict=False)]
+        inputs += list(node.inputs[len(inputs) :])
+        if rule.kind == "reshape":
+            return self._reshape(step, head, inputs[0])
+        clone_key = (id(node), tuple(id(v) for v in inputs))
+        clone = self._clones.get(clone_key)
+        if clone is None:
+            outputs = [self._value_like(o, step.spec, head) if i == step.out_index else ir.Value(name=self.unique(o.name + _suffix(piece_key(step.spec, head))), type=o.type) for i, o in enumerate(node.outputs)]
+            clone = ir.Node(
+                node.domain,
+                node.op_type,
+                inputs,
+                list(node.attributes.values()),
+                outputs=outputs,
+                name=self.unique((node.name or node.op_type) + _suffix(piece_key(step.spec, head))),
+                version=node.version,
+            )
+            self._clones[clone_key] = clone
+            self.add(clone)
+        out = clone.outputs[step.out_index]
+        if out.shape is None:
+            out.shape = ir.Shape(piece_shape(static_shape(node.outputs[step.out_index]), step.spec))
+        return out
+
+    def _reshape(self, step: Step, head: int, source: ir.Value) -> ir.Value:
+        """Per-head Reshape/Expand/(Un)Squeeze as one Reshape to the piece shape; chains collapse."""
+        node = step.node
+        assert node is not None
+        target = piece_shape(static_shape(step.value), step.spec)
+        source = self._reshape_sources.get(id(source), source)  # collapse chains of per-head reshapes
+        if tuple(source.shape) == target:
+            return source
+        if node.op_type == "Expand" and np.prod(target) != np.prod(tuple(source.shape)):
+            op, shape_name = "Expand", "expand_shape"
+        else:
+            op, shape_name = "Reshape", "shape"
+        out = self._value_like(step.value, step.spec, head)
+        if op == "Reshape":
+            self._reshape_sources[id(out)] = source
+        new = ir.Node(
+            "",
+            op,
+            [source, self.const_i64(list(target), f"{out.name}.{shape_name}")],
+            outputs=[out],
+            name=self.unique((node.name or node.op_type) + _suffix(piece_key(step.spec, head))),
+        )
+        self.add(new)
+        return out
+
+    # -- helpers --------------------------------------------------------------------------------
+    def const_i64(self, values: list[int], name: str) -> ir.Value:
+        value = ir.Value(name=self.unique(name), const_value=ir.tensor(np.asarray(values, dtype=np.int64)))
+        value.const_value.name = value.name  # type: ignore[union-attr]
+        value.shape = ir.Shape([len(values)])
+        value.type = ir.TensorType(ir.DataType.INT64)
+        self.graph.register_initializer(value)
+        return value
+
+    def add(self, node: ir.Node) -> None:
+        self.graph.append(node)
+        self.new_nodes.append(node)
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs

@@ -1,0 +1,55 @@
+"""What the head split did to each original tensor: the contract between the split and its consumers.
+
+The encodings propagation, the name map and the report read only these records, never the graph
+rewrite itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+__all__ = ["Piece", "TensorSplit", "SplitRecord"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One per-head tensor cut out of an original tensor.
+
+    ``ranges`` lists ``(axis, start, stop)`` per sliced axis of the *original* tensor: the piece is
+    ``original[..., start:stop, ...]`` on each listed axis (all other axes whole). ``head`` is the
+    index along the split (query-head index, or KV-head index for tensors shared by a GQA group).
+    """
+
+    name: str
+    ranges: tuple[tuple[int, int, int], ...]
+    head: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class TensorSplit:
+    """An original tensor and the per-head tensors that replace it.
+
+    ``kind`` is ``"param"`` for initializers/constants (weights, biases, per-head constants) and
+    ``"activation"`` for everything computed or fed at run time.
+    """
+
+    original: str
+    kind: Literal["param", "activation"]
+    shape: tuple[int, ...]
+    pieces: list[Piece]
+
+
+@dataclasses.dataclass
+class SplitRecord:
+    """All tensor splits of one conversion, keyed by original tensor name."""
+
+    tensors: dict[str, TensorSplit] = dataclasses.field(default_factory=dict)
+
+    def name_map(self) -> dict[str, dict[str, list[str]]]:
+        """The ``mha_to_sha_names.json`` content: original name -> per-head names, by kind."""
+        out: dict[str, dict[str, list[str]]] = {"activation_encodings": {}, "param_encodings": {}}
+        for split in self.tensors.values():
+            key = "param_encodings" if split.kind == "param" else "activation_encodings"
+            out[key][split.original] = [p.name for p in split.pieces]
+        return out

@@ -1,0 +1,358 @@
+"""Per-op rules of the head split, read like a table.
+
+Each rule answers, for a node whose output ``out_index`` is cut per head by ``spec``: which part of
+each input does one head need? (``None``: the input is shared whole by every head.) A rule raises
+:class:`Unsplittable` when the op mixes heads or the shapes do not allow a contiguous cut; the walk
+then stops there. Rules whose per-head node is not a plain clone also name an emitter
+(see :mod:`mha2sha.split.emit`): reshapes get per-head target shapes, and slicing ops whose slice is
+taken along the head axis become the identity because the head's piece already is the slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from mha2sha.split.reshape_map import Unmappable, map_spec_through_reshape
+from mha2sha.split.spec import AxisCut, HeadSpec
+
+__all__ = ["Unsplittable", "Rule", "RULES", "static_shape", "forward_spec"]
+
+InSpecs = list[HeadSpec | None]
+
+
+class Unsplittable(Exception):
+    """The op cannot be computed per head from per-head inputs."""
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...]:
+    shape = value.shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        raise Unsplittable(f"tensor '{value.name}' has no static shape")
+    return tuple(int(d) for d in shape)
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        return None
+    return [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else [int(x) for x in attr.as_ints()]
+
+
+def _broadcast(spec: HeadSpec, out_shape: tuple[int, ...], value: ir.Value | None) -> HeadSpec | None:
+    """The part of a broadcast operand one head needs (numpy right-aligned broadcasting)."""
+    if value is None:
+        return None
+    shape = static_shape(value)
+    shift = len(out_shape) - len(shape)
+    cuts = []
+    for cut in spec:
+        axis = cut.axis - shift
+        if axis < 0 or shape[axis] == 1:
+            continue  # broadcast over the head axis: shared by every head
+        if shape[axis] != out_shape[cut.axis]:
+            raise Unsplittable(f"operand '{value.name}' {shape} does not broadcast to {out_shape}")
+        cuts.append(cut.moved(axis))
+    return tuple(cuts) or None
+
+
+def _out_shape(node: ir.Node, out_index: int) -> tuple[int, ...]:
+    return static_shape(node.outputs[out_index])
+
+
+def elementwise(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    out_shape = _out_shape(node, out_index)
+    return [_broadcast(spec, out_shape, v) for v in node.inputs]
+
+
+def first_input(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    """Ops that act per element (or along axes we check) on input 0; other inputs are parameters."""
+    return [spec] + [None] * (len(node.inputs) - 1)
+
+
+def _check_axes_uncut(spec: HeadSpec, axes: Sequence[int], rank: int, op: str) -> None:
+    normalized = {a % rank for a in axes}
+    if any(cut.axis in normalized for cut in spec):
+        raise Unsplittable(f"{op} acts across the head axis")
+
+
+def along_axis(default_axis: int) -> Callable[[ir.Node, int, HeadSpec], InSpecs]:
+    """Softmax-like ops: fine unless their ``axis`` attribute is a cut axis."""
+
+    def rule(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+        rank = len(_out_shape(node, 0))
+        _check_axes_uncut(spec, [_attr_int(node, "axis", default_axis)], rank, node.op_type)
+        return first_input(node, out_index, spec)
+
+    return rule
+
+
+def cumsum(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    axis = _const_ints(node.inputs[1])
+    if axis is None:
+        raise Unsplittable("CumSum with a dynamic axis")
+    _check_axes_uncut(spec, axis, len(_out_shape(node, 0)), "CumSum")
+    return first_input(node, out_index, spec)
+
+
+def normalization(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    """LayerNorm / RMSNorm over the trailing axes: fine when every cut axis is a leading axis."""
+    if out_index != 0:
+        raise Unsplittable(f"{node.op_type} statistics output")
+    rank = len(_out_shape(node, 0))
+    axis = _attr_int(node, "axis", -1) % rank
+    if any(cut.axis >= axis for cut in spec):
+        raise Unsplittable(f"{node.op_type} normalises across the head axis")
+    return first_input(node, out_index, spec)
+
+
+def reduce(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    in_shape = static_shape(node.inputs[0])
+    rank = len(in_shape)
+    axes = _attr_ints(node, "axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = _const_ints(node.inputs[1])
+        if axes is None:
+            raise Unsplittable(f"{node.op_type} with dynamic axes")
+    axes = sorted(a % rank for a in (axes if axes is not None else range(rank)))
+    if _attr_int(node, "keepdims", 1):
+        mapping = list(range(rank))
+    else:
+        mapping = [a for a in range(rank) if a not in axes]
+    cuts = []
+    for cut in spec:
+        in_axis = mapping[cut.axis]
+        if in_axis in axes:
+            raise Unsplittable(f"{node.op_type} reduces the head axis")
+        cuts.append(cut.moved(in_axis))
+    return [tuple(cuts)] + [None] * (len(node.inputs) - 1)
+
+
+def transpose(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    rank = len(_out_shape(node, 0))
+    perm = _attr_ints(node, "perm") or list(reversed(range(rank)))
+    return [tuple(sorted(cut.moved(perm[cut.axis]) for cut in spec))]
+
+
+def reshape(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    try:
+        in_spec = map_spec_through_reshape(spec, _out_shape(node, 0), static_shape(node.inputs[0]))
+    except Unmappable as e:
+        raise Unsplittable(f"{node.op_type}: {e}") from e
+    return [in_spec] + [None] * (len(node.inputs) - 1)
+
+
+def expand(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    return [_broadcast(spec, _out_shape(node, 0), node.inputs[0]), None]
+
+
+def matmul(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    out_shape = _out_shape(node, 0)
+    a, b = node.inputs[0], node.inputs[1]
+    rank = len(out_shape)
+    if len(static_shape(a)) < 2 or len(static_shape(b)) < 2:
+        raise Unsplittable("MatMul with a 1-D operand")
+    a_cuts: list[AxisCut] = []
+    b_cuts: list[AxisCut] = []
+    for cut in spec:
+        if cut.axis == rank - 1:
+            b_cuts.append(cut.moved(len(static_shape(b)) - 1))
+        elif cut.axis == rank - 2:
+            a_cuts.append(cut.moved(len(static_shape(a)) - 2))
+        else:  # batch axis: broadcast rules over the batch dims
+            batch_spec = (cut,)
+            for cuts, operand in ((a_cuts, a), (b_cuts, b)):
+                cuts.extend(_broadcast(batch_spec, out_shape, operand) or ())
+    return [tuple(sorted(a_cuts)) or None, tuple(sorted(b_cuts)) or None]
+
+
+def gemm(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    out_shape = _out_shape(node, 0)
+    trans_a, trans_b = _attr_int(node, "transA", 0), _attr_int(node, "transB", 0)
+    a_cuts, b_cuts = [], []
+    for cut in spec:
+        if cut.axis == 0:
+            a_cuts.append(cut.moved(1 if trans_a else 0))
+        else:
+            b_cuts.append(cut.moved(0 if trans_b else 1))
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    return [tuple(a_cuts) or None, tuple(b_cuts) or None] + ([_broadcast(spec, out_shape, c)] if c is not None else [])
+
+
+def conv(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    if _attr_int(node, "group", 1) != 1:
+        raise Unsplittable("grouped Conv")
+    x_cuts, w_cuts = [], []
+    for cut in spec:
+        if cut.axis == 1:
+            w_cuts.append(cut.moved(0))
+        elif cut.axis == 0:
+            x_cuts.append(cut)
+        else:
+            raise Unsplittable("Conv cut on a spatial axis")
+    bias = [tuple(c.moved(0) for c in w_cuts) or None] if len(node.inputs) > 2 else []
+    return [tuple(x_cuts) or None, tuple(w_cuts) or None] + bias
+
+
+def _slice_bounds(node: ir.Node) -> dict[int, tuple[int, int]]:
+    """Static Slice parameters as {axis: (start, stop)}; raises for steps other than 1."""
+    in_shape = static_shape(node.inputs[0])
+    rank = len(in_shape)
+    starts = _const_ints(node.inputs[1])
+    ends = _const_ints(node.inputs[2])
+    axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    if starts is None or ends is None:
+        raise Unsplittable("Slice with dynamic bounds")
+    axes = list(range(len(starts))) if axes is None else axes
+    if steps is not None and any(s != 1 for s in steps):
+        raise Unsplittable("Slice with step != 1")
+    bounds = {}
+    for axis, start, end in zip(axes, starts, ends, strict=True):
+        axis %= rank
+        dim = in_shape[axis]
+        start = min(max(start + dim if start < 0 else start, 0), dim)
+        end = min(max(end + dim if end < 0 else end, 0), dim)
+        bounds[axis] = (start, end)
+    return bounds
+
+
+def slice_(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    bounds = _slice_bounds(node)
+    cuts = [cut.moved(cut.axis, offset=cut.offset + bounds[cut.axis][0]) if cut.axis in bounds else cut for cut in spec]
+    return [tuple(cuts)] + [None] * (len(node.inputs) - 1)
+
+
+def _split_starts(node: ir.Node) -> tuple[int, list[int]]:
+    in_shape = static_shape(node.inputs[0])
+    axis = _attr_int(node, "axis", 0) % len(in_shape)
+    sizes = [static_shape(o)[axis] for o in node.outputs]
+    return axis, [sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def split(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    axis, starts = _split_starts(node)
+    cuts = [cut.moved(axis, offset=cut.offset + starts[out_index]) if cut.axis == axis else cut for cut in spec]
+    return [tuple(cuts)] + [None] * (len(node.inputs) - 1)
+
+
+def gather(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    data_rank = len(static_shape(node.inputs[0]))
+    axis = _attr_int(node, "axis", 0) % data_rank
+    q = len(static_shape(node.inputs[1]))
+    cuts = []
+    for cut in spec:
+        if cut.axis < axis:
+            cuts.append(cut)
+        elif cut.axis >= axis + q:
+            cuts.append(cut.moved(cut.axis - q + 1))
+        else:
+            raise Unsplittable("Gather indices carry the head axis")
+    return [tuple(cuts), None]
+
+
+def concat(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    rank = len(_out_shape(node, 0))
+    axis = _attr_int(node, "axis", 0) % rank
+    on_axis = [cut for cut in spec if cut.axis == axis]
+    if not on_axis:
+        return [spec for _ in node.inputs]
+    if len(spec) != 1:
+        raise Unsplittable("Concat along the head axis with other cuts")
+    (cut,) = spec
+    lo, hi = cut.offset, cut.offset + cut.block * cut.count
+    start = 0
+    for k, value in enumerate(node.inputs):
+        size = static_shape(value)[axis]
+        if start <= lo and hi <= start + size:
+            specs: InSpecs = [None] * len(node.inputs)
+            specs[k] = (cut.moved(axis, offset=lo - start),)
+            return specs
+        start += size
+    raise Unsplittable("Concat along the head axis spans several inputs")
+
+
+# --- emitters that are not a plain clone ------------------------------------------------------
+
+
+def is_identity_per_head(node: ir.Node, out_index: int, spec: HeadSpec) -> bool:
+    """Slicing ops whose slice lies along a cut axis: the head's input piece is its output piece."""
+    op = node.op_type
+    rank = len(_out_shape(node, out_index))
+    if op == "Slice":
+        return any(cut.axis in _slice_bounds(node) for cut in spec)
+    if op == "Split":
+        axis, _ = _split_starts(node)
+        return any(cut.axis == axis for cut in spec)
+    if op == "Concat":
+        return any(cut.axis == _attr_int(node, "axis", 0) % rank for cut in spec)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    backward: Callable[[ir.Node, int, HeadSpec], InSpecs]
+    kind: str = "clone"  # "clone" | "reshape" (per-head target shape) | "slice" (identity on cut axis)
+
+
+_ELEMENTWISE = (
+    "Add Sub Mul Div Pow Where Max Min Sum Mean Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor "
+    "Mod PRelu BitShift"
+).split()
+_UNARY = (
+    "Neg Sqrt Tanh Exp Log Cast CastLike Relu Sigmoid Erf Reciprocal Identity Abs Sin Cos Floor Ceil Round "
+    "Sign Not IsNaN IsInf Gelu Softplus Elu LeakyRelu HardSigmoid HardSwish Clip Dropout Selu Celu Mish"
+).split()
+
+RULES: dict[str, Rule] = {
+    **{op: Rule(elementwise) for op in _ELEMENTWISE},
+    **{op: Rule(first_input) for op in _UNARY},
+    "Softmax": Rule(along_axis(-1)),
+    "LogSoftmax": Rule(along_axis(-1)),
+    "CumSum": Rule(cumsum),
+    "LayerNormalization": Rule(normalization),
+    "SimplifiedLayerNormalization": Rule(normalization),
+    "RMSNormalization": Rule(normalization),
+    **{op: Rule(reduce) for op in "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL2 ReduceSumSquare".split()},
+    "Transpose": Rule(transpose),
+    **{op: Rule(reshape, "reshape") for op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten")},
+    "Expand": Rule(expand, "reshape"),
+    "MatMul": Rule(matmul),
+    "Gemm": Rule(gemm),
+    "Conv": Rule(conv),
+    "Slice": Rule(slice_, "slice"),
+    "Split": Rule(split, "slice"),
+    "Gather": Rule(gather),
+    "Concat": Rule(concat, "slice"),
+}
+
+
+def forward_spec(node: ir.Node, spec: HeadSpec) -> HeadSpec:
+    """Carry a cut on input 0 forward through a data-movement op (used to push the head concat
+    towards the output projection). Raises :class:`Unsplittable` for other ops."""
+    op = node.op_type
+    if op == "Transpose":
+        rank = len(static_shape(node.inputs[0]))
+        perm = _attr_ints(node, "perm") or list(reversed(range(rank)))
+        return tuple(sorted(cut.moved(perm.index(cut.axis)) for cut in spec))
+    if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+        try:
+            return map_spec_through_reshape(spec, static_shape(node.inputs[0]), _out_shape(node, 0))
+        except Unmappable as e:
+            raise Unsplittable(str(e)) from e
+    raise Unsplittable(f"no forward rule for {op}")

@@ -1,0 +1,214 @@
+"""SplitHeadsPass: rewrite every multi-head attention block into per-head single-head attention.
+
+Rules applied, in order:
+1. Anchor at each attention core (Softmax feeding ``MatMul(P, V)``); the head axis and count come
+   from the core's output shape.
+2. Push the head concat forward through Transpose/Reshape towards the output projection, so the
+   heads are joined once, right before ``o_proj``.
+3. Walk backwards from there with the per-op rules (:mod:`mha2sha.split.rules`) down to weights,
+   graph inputs and shared tensors.
+4. Accept the block only when its Softmax and both attention MatMuls are computed per head;
+   otherwise leave it untouched and report the op that stopped the walk.
+5. Emit every head's piece, join pieces that are still needed whole (the o_proj input, present
+   key/value outputs) with one Concat, and drop what became dead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from mha2sha.find.anchors import AttentionCore, find_attention_cores, head_spec_of_output
+from mha2sha.split.emit import Emitter
+from mha2sha.split.record import SplitRecord
+from mha2sha.split.rules import RULES, Unsplittable, forward_spec, static_shape
+from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key
+from mha2sha.split.walk import Region, Step, walk_back
+
+__all__ = ["BlockReport", "SplitHeadsPass"]
+
+logger = logging.getLogger(__name__)
+
+_FORWARD_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+@dataclasses.dataclass
+class BlockReport:
+    """What happened to one attention core."""
+
+    name: str
+    status: str  # "split" | "unsupported" | "single-head"
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    weights: list[str] = dataclasses.field(default_factory=list)
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    activations: list[str] = dataclasses.field(default_factory=list)  # "tensor (reason)"
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class _Block:
+    core: AttentionCore
+    region: Region
+    start: ir.Value
+    start_spec: HeadSpec
+    heads: int
+    report: BlockReport
+
+
+def _push_forward(value: ir.Value, spec: HeadSpec) -> tuple[ir.Value, HeadSpec]:
+    while not value.is_graph_output():
+        users = list(value.consumers())
+        if len(users) != 1 or users[0].op_type not in _FORWARD_OPS or users[0].inputs[0] is not value:
+            break
+        user = users[0]
+        try:
+            new_spec = forward_spec(user, spec)
+            out = user.outputs[0]
+            if not is_full_cover(new_spec, static_shape(out)):
+                break
+            if RULES[user.op_type].backward(user, 0, new_spec)[0] != spec:
+                break
+        except Unsplittable:
+            break
+        value, spec = out, new_spec
+    return value, spec
+
+
+def _core_problem(region: Region, core: AttentionCore) -> str:
+    """Why the walk did not make this core per-head, or '' when it did."""
+    nodes = region.nodes()
+    if core.pv_matmul not in nodes:
+        return "MatMul(P, V) is not computed per head"
+    if core.softmax not in nodes:
+        stops = [f"{s.value.name}: {s.reason}" for s in region.of_kind("activation")]
+        return "Softmax is not computed per head" + (f" (walk stopped at {stops[0]})" if stops else "")
+    # The scores must come from a per-head MatMul(Q, K^T) reached through the walk.
+    softmax_step = next(s for s in region.steps.values() if s.node is core.softmax)
+    if any(s.node is not None and s.node.op_type in ("MatMul", "Gemm") for s in _steps_below(region, softmax_step)):
+        return ""
+    stops = [f"{s.value.name} ({s.reason})" for s in region.of_kind("activation")]
+    return "scores MatMul(Q, K^T) is not computed per head" + (f"; walk stopped at {stops[0]}" if stops else "")
+
+
+def _steps_below(region: Region, step: Step) -> list[Step]:
+    """``step`` and every node/source step it was computed from within the region."""
+    seen: dict[int, Step] = {}
+    frontier = collections.deque([step])
+    while frontier:  # breadth first: the nearest ops come first
+        current = frontier.popleft()
+        if id(current) in seen:
+            continue
+        seen[id(current)] = current
+        if current.kind == "node" and current.node is not None:
+            for inp, spec in zip(current.node.inputs, current.in_specs, strict=False):
+                if inp is not None and spec:
+                    frontier.append(region.get(inp, spec))
+    return list(seen.values())
+
+
+def _kv_heads(region: Region, core: AttentionCore, heads: int) -> int:
+    """Distinct key pieces below MatMul(Q, K^T): the KV head count (1 when K is shared, MQA)."""
+    softmax_steps = [s for s in region.steps.values() if s.node is core.softmax]
+    qk = next((s for s in _steps_below(region, softmax_steps[0]) if s.node is not None and s.node.op_type == "MatMul"), None)
+    if qk is None or len(qk.in_specs) < 2 or not qk.in_specs[1]:
+        return 1
+    k_steps = _steps_below(region, region.get(qk.node.inputs[1], qk.in_specs[1]))
+    return min(len({piece_key(s.spec, h) for h in range(heads)}) for s in k_steps)
+
+
+def _describe(block: _Block) -> None:
+    report, region = block.report, block.region
+    report.heads = block.heads
+    report.head_dim = static_shape(block.core.output)[-1]
+    report.kv_heads = _kv_heads(region, block.core, block.heads)
+    report.weights = sorted({s.value.name for s in region.of_kind("param")})
+    report.inputs = sorted({s.value.name for s in region.of_kind("input")})
+    report.activations = sorted({f"{s.value.name} ({s.reason})" for s in region.of_kind("activation")})
+
+
+class SplitHeadsPass(ir.passes.InPlacePass):
+    """Split multi-head attention into per-head single-head attention (see module docstring)."""
+
+    def __init__(self, record: SplitRecord | None = None):
+        super().__init__()
+        self.record = record if record is not None else SplitRecord()
+        self.blocks: list[BlockReport] = []
+        self.other_softmax: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        cores, others = find_attention_cores(graph)
+        self.other_softmax = [n.name or n.outputs[0].name for n in others]
+        blocks = [b for b in (self._plan(core) for core in cores) if b is not None]
+        if not blocks:
+            return ir.passes.PassResult(model, modified=False)
+        emitter = Emitter(graph, self.record)
+        for block in blocks:
+            for head in range(block.heads):
+                emitter.piece(block.region, block.start, block.start_spec, head)
+        self._join_escaping_values(graph, blocks, emitter)
+        RemoveUnusedNodesPass()(model)
+        TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _plan(self, core: AttentionCore) -> _Block | None:
+        spec = head_spec_of_output(core.output)
+        report = BlockReport(core.name, "single-head")
+        self.blocks.append(report)
+        if not spec:
+            return None
+        heads = math.prod(cut.count for cut in spec)
+        start, start_spec = _push_forward(core.output, spec)
+        region = Region()
+        try:
+            walk_back(region, start, start_spec)
+        except Unsplittable as e:
+            report.status, report.reason = "unsupported", str(e)
+            return None
+        problem = _core_problem(region, core)
+        if problem:
+            report.status, report.reason = "unsupported", problem
+            logger.warning("attention %s left as multi-head: %s", core.name, problem)
+            return None
+        report.status = "split"
+        block = _Block(core, region, start, start_spec, heads, report)
+        _describe(block)
+        return block
+
+    def _join_escaping_values(self, graph: ir.Graph, blocks: list[_Block], emitter: Emitter) -> None:
+        """Tensors still used whole (o_proj input, present KV outputs) become a Concat of pieces."""
+        region_nodes: set[ir.Node] = set()
+        for block in blocks:
+            region_nodes |= block.region.nodes()
+        joined: set[int] = set()
+        for block in blocks:
+            for step in list(block.region.steps.values()):
+                value = step.value
+                if step.kind != "node" or id(value) in joined:
+                    continue
+                outside = [(n, i) for n, i in value.uses() if n not in region_nodes]
+                if not outside and not value.is_graph_output():
+                    continue
+                if not is_full_cover(step.spec, static_shape(value)):
+                    continue  # the original computation stays alive for these users
+                joined.add(id(value))
+                (cut,) = step.spec
+                pieces = [emitter.piece(block.region, value, step.spec, i * cut.div) for i in range(cut.count)]
+                out = ir.Value(name=emitter.unique(value.name + ".concat_heads"), shape=value.shape, type=value.type)
+                emitter.add(ir.Node("", "Concat", pieces, [ir.AttrInt64("axis", cut.axis)], outputs=[out], name=emitter.unique(value.name + ".concat_heads")))
+                for node, index in outside:
+                    node.replace_input_with(index, out)
+                if value.is_graph_output():
+                    original_name = value.name
+                    value.name = emitter.unique(original_name + ".mha")
+                    out.name = original_name
+                    for k, graph_output in enumerate(graph.outputs):
+                        if graph_output is value:
+                            graph.outputs[k] = out

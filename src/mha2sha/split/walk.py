@@ -1,0 +1,79 @@
+"""Walk backwards from an attention output, carrying the head cut through every op by its rule.
+
+The walk records, for every (tensor, spec) it reaches, how one head's piece is obtained:
+- ``node``: recompute it per head with the producing op (the rule gave the inputs' specs);
+- ``param``: slice a weight / constant (free: Q/K/V/O weights, biases, ALiBi slopes, bias tables);
+- ``input``: cut a graph input inside the graph (past key/value);
+- ``activation``: cut a computed tensor whose producer has no rule (correct, reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import onnx_ir as ir
+
+from mha2sha.split.rules import RULES, Unsplittable, static_shape
+from mha2sha.split.spec import HeadSpec
+
+__all__ = ["Step", "Region", "walk_back"]
+
+
+@dataclasses.dataclass
+class Step:
+    kind: Literal["node", "param", "input", "activation"]
+    value: ir.Value
+    spec: HeadSpec
+    node: ir.Node | None = None
+    out_index: int = 0
+    in_specs: list[HeadSpec | None] = dataclasses.field(default_factory=list)
+    reason: str = ""  # why an activation was cut where it was
+
+
+@dataclasses.dataclass
+class Region:
+    """Everything one attention block needs per head, keyed by (tensor, spec)."""
+
+    steps: dict[tuple[int, HeadSpec], Step] = dataclasses.field(default_factory=dict)
+
+    def get(self, value: ir.Value, spec: HeadSpec) -> Step:
+        return self.steps[(id(value), spec)]
+
+    def nodes(self) -> set[ir.Node]:
+        return {s.node for s in self.steps.values() if s.kind == "node" and s.node is not None}
+
+    def of_kind(self, kind: str) -> list[Step]:
+        return [s for s in self.steps.values() if s.kind == kind]
+
+
+def walk_back(region: Region, value: ir.Value, spec: HeadSpec) -> None:
+    """Add ``value`` cut by ``spec`` and everything it needs to ``region`` (iterative, no hop limit)."""
+    stack = [(value, spec)]
+    while stack:
+        value, spec = stack.pop()
+        key = (id(value), spec)
+        if not spec or key in region.steps:
+            continue
+        static_shape(value)  # every tensor of the region must have a static shape
+        producer = value.producer()
+        if value.const_value is not None and (producer is None or producer.op_type == "Constant"):
+            region.steps[key] = Step("param", value, spec)
+            continue
+        if producer is None:
+            region.steps[key] = Step("input", value, spec)
+            continue
+        rule = RULES.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
+        if rule is None:
+            region.steps[key] = Step("activation", value, spec, reason=f"no rule for {producer.op_type}")
+            continue
+        out_index = list(producer.outputs).index(value)
+        try:
+            in_specs = rule.backward(producer, out_index, spec)
+        except Unsplittable as e:
+            region.steps[key] = Step("activation", value, spec, reason=f"{producer.op_type}: {e}")
+            continue
+        region.steps[key] = Step("node", value, spec, producer, out_index, in_specs)
+        for inp, in_spec in zip(producer.inputs, in_specs, strict=False):
+            if inp is not None and in_spec:
+                stack.append((inp, in_spec))
