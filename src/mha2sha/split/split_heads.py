@@ -120,6 +120,8 @@ def _kv_heads(region: Region, core: AttentionCore, heads: int) -> int:
     if qk is None or len(qk.in_specs) < 2 or not qk.in_specs[1]:
         return 1
     k_steps = _steps_below(region, region.get(qk.node.inputs[1], qk.in_specs[1]))
+    if any(s.kind == "node" and not any(s.in_specs) for s in k_steps):
+        return 1  # the key is broadcast to the heads from one shared tensor (MQA)
     return min(len({piece_key(s.spec, h) for h in range(heads)}) for s in k_steps)
 
 
