@@ -28,7 +28,7 @@ from mha2sha.split.record import SplitRecord
 from mha2sha.split.split_heads import BlockReport, SplitHeadsPass
 from mha2sha.verify.input_lists import write_input_lists
 from mha2sha.verify.inputs import load_inputs, make_inputs
-from mha2sha.verify.runner import Verification, verify
+from mha2sha.verify.runner import Verification, compare_outputs, run_model, verify
 
 __all__ = ["ConvertOptions", "ConversionResult", "ConversionFailed", "convert", "MHA2SHAConverter"]
 
@@ -53,6 +53,7 @@ class ConvertOptions:
     allow_partial: bool = False
     force: bool = False  # write the model even when there is no attention to split
     create_input_lists: bool = False
+    per_head_kv_io: bool = False  # past KV inputs / present KV outputs as one tensor per head
 
 
 @dataclasses.dataclass
@@ -85,7 +86,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None, options: ConvertOptions | None = None) -> ConversionResult:
+def convert(
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    options: ConvertOptions | None = None,
+) -> ConversionResult:
     """Split every multi-head attention of ``model_path`` and write the result to ``out_dir``.
 
     Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json`` and
@@ -96,7 +103,9 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
     name = name or model_path.stem
     out_model = out_dir / f"{name}.onnx"
     if _same_file(model_path, out_model) or _same_file(model_path, out_model.with_suffix(".data")):
-        raise UserError(f"output {out_model} would overwrite the input model; choose another -o folder or --name")
+        raise UserError(
+            f"output {out_model} would overwrite the input model; choose another -o folder or --name"
+        )
 
     model = load_model(model_path)
     fix_input_shapes(model, options.input_shapes)
@@ -105,7 +114,7 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
 
     prepare_for_split(model)
     record = SplitRecord()
-    split = SplitHeadsPass(record)
+    split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io)
     split(model)
     remove_unused_initializers(model)
     result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax)
@@ -117,15 +126,50 @@ def convert(model_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: 
         _check_model(staged[0])
         (stage / NAME_MAP_FILE).write_text(json.dumps(record.name_map(), indent=1))
         if inputs is not None:
-            result.verification = verify(model_path, staged[0], inputs, rtol=options.rtol)
+            result.verification = _verify(model_path, staged[0], inputs, split, options.rtol)
             if not result.verification.ok:
                 raise ConversionFailed(_failure_line(result.verification))
             if options.create_input_lists and result.verification.reference is not None:
-                order = [v.name for v in model.graph.inputs if v.name in inputs]
-                write_input_lists(stage, inputs, result.verification.reference, order)
+                feeds = _per_head_feeds(inputs, split)
+                goldens = _per_head_outputs(result.verification.reference, split)
+                order = [v.name for v in model.graph.inputs if v.name in feeds]
+                write_input_lists(stage, feeds, goldens, order, host_dir=out_dir)
         (stage / f"{name}.report.json").write_text(json.dumps(_report(result), indent=1))
         result.files = [out_dir / p.relative_to(stage) for p in sorted(stage.rglob("*")) if p.is_file()]
     return result
+
+
+def _per_head_feeds(inputs: Mapping[str, np.ndarray], split: SplitHeadsPass) -> dict[str, np.ndarray]:
+    """The converted model's feeds: inputs that became per-head inputs are cut along the head axis."""
+    feeds = {k: v for k, v in inputs.items() if k not in split.input_pieces}
+    for name, (axis, names) in split.input_pieces.items():
+        feeds.update(zip(names, np.split(inputs[name], len(names), axis=axis), strict=True))
+    return feeds
+
+
+def _per_head_outputs(outputs: Mapping[str, np.ndarray], split: SplitHeadsPass) -> dict[str, np.ndarray]:
+    """Outputs named as the converted model names them (per-head outputs cut along the head axis)."""
+    result: dict[str, np.ndarray] = {}
+    for name, array in outputs.items():
+        if name in split.output_pieces:
+            axis, names = split.output_pieces[name]
+            result.update(zip(names, np.split(array, len(names), axis=axis), strict=True))
+        else:
+            result[name] = array
+    return result
+
+
+def _verify(
+    original: Path, converted: Path, inputs: Mapping[str, np.ndarray], split: SplitHeadsPass, rtol: float
+) -> Verification:
+    """Compare on the same data; per-head outputs are joined back before comparing."""
+    if not (split.input_pieces or split.output_pieces):
+        return verify(original, converted, inputs, rtol=rtol)
+    reference = run_model(original, inputs)
+    got = run_model(converted, _per_head_feeds(inputs, split))
+    for name, (axis, names) in split.output_pieces.items():
+        got[name] = np.concatenate([got.pop(n) for n in names], axis=axis)
+    return compare_outputs(reference, {k: got[k] for k in reference if k in got} | got, rtol)
 
 
 def _verification_inputs(model: ir.Model, options: ConvertOptions) -> dict[str, np.ndarray]:
@@ -144,7 +188,11 @@ def _check_model(path: Path) -> None:
 def _failure_line(v: Verification) -> str:
     bad = [r for r in v.rows if not r.ok]
     worst = max(bad, key=lambda r: r.max_rel_err) if bad else None
-    detail = f"output '{worst.name}' differs (max rel err {worst.max_rel_err:.3g}) {worst.note}" if worst else "outputs differ"
+    detail = (
+        f"output '{worst.name}' differs (max rel err {worst.max_rel_err:.3g}) {worst.note}"
+        if worst
+        else "outputs differ"
+    )
     return f"verification failed: {detail}; nothing was written"
 
 
@@ -171,7 +219,13 @@ class MHA2SHAConverter:
     converted ``onnx_ir.Model`` and the status is True, False, or None when verification was off.
     """
 
-    def __init__(self, model_name: str, sha_export_path: str | os.PathLike, model_or_path: str | os.PathLike | onnx.ModelProto, **flags: Any):
+    def __init__(
+        self,
+        model_name: str,
+        sha_export_path: str | os.PathLike,
+        model_or_path: str | os.PathLike | onnx.ModelProto,
+        **flags: Any,
+    ):
         self.model_name = model_name
         self.sha_export_path = Path(sha_export_path)
         self.model_or_path = model_or_path
@@ -181,7 +235,9 @@ class MHA2SHAConverter:
         if isinstance(self.model_or_path, onnx.ModelProto):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{self.model_name}.onnx"
-                onnx.save(self.model_or_path, path, save_as_external_data=self.model_or_path.ByteSize() > (1 << 30))
+                onnx.save(
+                    self.model_or_path, path, save_as_external_data=self.model_or_path.ByteSize() > (1 << 30)
+                )
                 return self._convert(path)
         return self._convert(Path(self.model_or_path))
 

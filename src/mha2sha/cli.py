@@ -22,7 +22,12 @@ from mha2sha.verify.runner import verification_table
 __all__ = ["main", "legacy_main"]
 
 console = Console(stderr=False)
-err = Console(stderr=True)
+
+
+def _error(message: object) -> None:
+    """Errors are one plain line (never wrapped, never a traceback): scripts grep them."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
 
 # Flags of the original tool that the automatic split makes unnecessary: accepted, ignored.
 _LEGACY_HINTS = (
@@ -30,16 +35,37 @@ _LEGACY_HINTS = (
     "--disable-auto-attn-finder", "--handle-alibi", "--lora-model", "--strict",
 )  # fmt: skip
 # Flags of the original tool that later releases implement; until then they are refused clearly.
-_LEGACY_LATER = ("--mha-conv", "--nchw-aligned", "--replace-linear-with-conv", "--optimize-o-proj", "--build-ar", "--lora-adaptor-list")
+_LEGACY_LATER = (
+    "--mha-conv",
+    "--nchw-aligned",
+    "--replace-linear-with-conv",
+    "--optimize-o-proj",
+    "--build-ar",
+    "--lora-adaptor-list",
+)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="fix a dynamic input shape",
+    )
     parser.add_argument("--inputs", metavar="NPZ", help="verify on these inputs (.npz keyed by input name)")
-    parser.add_argument("--allow-partial", action="store_true", help="exit 0 even if some attention blocks stay multi-head")
-    parser.add_argument("--force", action="store_true", help="write the model even when it has no attention to split")
-    parser.add_argument("--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], type=str.lower)
+    parser.add_argument(
+        "--allow-partial", action="store_true", help="exit 0 even if some attention blocks stay multi-head"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="write the model even when it has no attention to split"
+    )
+    parser.add_argument(
+        "--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens"
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"], type=str.lower
+    )
 
 
 def _convert_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +87,7 @@ def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
         allow_partial=args.allow_partial,
         force=args.force,
         create_input_lists=args.create_input_lists,
+        per_head_kv_io=args.per_head_kv_io,
     )
 
 
@@ -78,7 +105,9 @@ def _print_result(result: ConversionResult, allow_partial: bool) -> int:
         console.print(f"Wrote {', '.join(str(f) for f in result.files if f.suffix in ('.onnx', '.json'))}")
     unsupported = result.unsupported_blocks
     if unsupported:
-        console.print(f"[yellow]{len(unsupported)} attention block(s) left as multi-head[/]; see the table above.")
+        console.print(
+            f"[yellow]{len(unsupported)} attention block(s) left as multi-head[/]; see the table above."
+        )
         return 0 if allow_partial else 1
     return 0
 
@@ -88,30 +117,34 @@ def _run(model: str, out: str, name: str | None, options: ConvertOptions, log_le
     try:
         result = convert(model, out, name=name, options=options)
     except UserError as e:
-        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        _error(e)
         return e.exit_code
     except ConversionFailed as e:
-        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        _error(e)
         return e.exit_code
     return _print_result(result, options.allow_partial)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mha2sha", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mha2sha", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
     args = parser.parse_args(argv)
     try:
         options = _options(args, verify=not args.no_verify)
     except UserError as e:
-        err.print(f"error: {e}", highlight=False, markup=False)
+        _error(e)
         return e.exit_code
     return _run(args.model, args.output, args.name, options, args.log_level)
 
 
 def legacy_main(argv: Sequence[str] | None = None) -> int:
     """``mha2sha-onnx-converter``: the original tool's command line."""
-    parser = argparse.ArgumentParser(prog="mha2sha-onnx-converter", description="Original MHA2SHA command line (flags are hints).")
+    parser = argparse.ArgumentParser(
+        prog="mha2sha-onnx-converter", description="Original MHA2SHA command line (flags are hints)."
+    )
     parser.add_argument("--model-name", required=True)
     parser.add_argument("--exported-model-path", required=True)
     parser.add_argument("--sha-export-path", required=True)
@@ -119,7 +152,9 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-llm")
     parser.add_argument("--no-verification", action="store_true")
     for flag in _LEGACY_HINTS:
-        parser.add_argument(flag, action="store_true", help="accepted for compatibility; detected automatically")
+        parser.add_argument(
+            flag, action="store_true", help="accepted for compatibility; detected automatically"
+        )
     for flag in _LEGACY_LATER:
         parser.add_argument(flag, nargs="?", const=True, default=None, help="not available yet")
     _add_common(parser)
@@ -128,12 +163,12 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
     if args.exported_model_encoding_path:
         later.append("--exported-model-encoding-path")
     if later:
-        err.print(f"error: {', '.join(later)} not supported yet by this release (planned: encodings and HTP layout)", markup=False)
+        _error(f"{', '.join(later)} not supported yet by this release (planned: encodings and HTP layout)")
         return 2
     try:
         options = _options(args, verify=not args.no_verification)
     except UserError as e:
-        err.print(f"error: {e}", highlight=False, markup=False)
+        _error(e)
         return e.exit_code
     return _run(args.exported_model_path, args.sha_export_path, args.model_name, options, args.log_level)
 

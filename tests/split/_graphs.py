@@ -7,11 +7,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def attention_model(heads: int, seq: int, head_dim: int, mask_shape: tuple[int, ...] | None, seed: int = 0) -> onnx.ModelProto:
+def attention_model(
+    heads: int, seq: int, head_dim: int, mask_shape: tuple[int, ...] | None, seed: int = 0
+) -> onnx.ModelProto:
     """x[1,S,C] -> q/k/v MatMul -> [1,H,S,D] -> softmax(q k^T / sqrt(D) + mask) v -> o_proj."""
     rng = np.random.default_rng(seed)
     hidden = heads * head_dim
-    inits = [numpy_helper.from_array(rng.normal(0, hidden**-0.5, (hidden, hidden)).astype(np.float32), n) for n in ("wq", "wk", "wv", "wo")]
+    inits = [
+        numpy_helper.from_array(rng.normal(0, hidden**-0.5, (hidden, hidden)).astype(np.float32), n)
+        for n in ("wq", "wk", "wv", "wo")
+    ]
     inits += [
         numpy_helper.from_array(np.array([1, seq, heads, head_dim], np.int64), "split_shape"),
         numpy_helper.from_array(np.array([1, seq, hidden], np.int64), "merge_shape"),
@@ -21,7 +26,9 @@ def attention_model(heads: int, seq: int, head_dim: int, mask_shape: tuple[int, 
     for name in ("q", "k", "v"):
         nodes += [
             helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}_proj"], name=f"{name}_proj"),
-            helper.make_node("Reshape", [f"{name}_proj", "split_shape"], [f"{name}_4d"], name=f"{name}_reshape"),
+            helper.make_node(
+                "Reshape", [f"{name}_proj", "split_shape"], [f"{name}_4d"], name=f"{name}_reshape"
+            ),
         ]
     nodes += [
         helper.make_node("Transpose", ["q_4d"], ["q"], perm=[0, 2, 1, 3], name="q_t"),
@@ -43,7 +50,13 @@ def attention_model(heads: int, seq: int, head_dim: int, mask_shape: tuple[int, 
         helper.make_node("Reshape", ["attn_t", "merge_shape"], ["attn_merged"], name="merge"),
         helper.make_node("MatMul", ["attn_merged", "wo"], ["y"], name="o_proj"),
     ]
-    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -39,9 +39,12 @@ class _SlicedTensor:
 class Emitter:
     """Creates per-head nodes and values in ``graph`` for the steps of one or more regions."""
 
-    def __init__(self, graph: ir.Graph, record: SplitRecord):
+    def __init__(self, graph: ir.Graph, record: SplitRecord, *, per_head_inputs: bool = False):
         self.graph = graph
         self.record = record
+        self.per_head_inputs = per_head_inputs
+        # graph inputs replaced by per-head inputs: original -> (axis, per-head values)
+        self.input_pieces: dict[str, tuple[ir.Value, int, list[ir.Value]]] = {}
         self._memo: dict[tuple[int, HeadSpec, tuple[int, ...]], ir.Value] = {}
         self._clones: dict[tuple[int, tuple[int, ...]], ir.Node] = {}
         self._names = {v.name for v in _all_values(graph)} | {n.name for n in graph}
@@ -101,7 +104,9 @@ class Emitter:
             index[axis] = slice(start, stop)
         value = self._value_like(step.value, step.spec, head)
         shape = ir.Shape(piece_shape(static_shape(step.value), step.spec))
-        value.const_value = ir.LazyTensor(_SlicedTensor(tensor, tuple(index)), tensor.dtype, shape, name=value.name)
+        value.const_value = ir.LazyTensor(
+            _SlicedTensor(tensor, tuple(index)), tensor.dtype, shape, name=value.name
+        )
         self.graph.register_initializer(value)
         return value
 
@@ -110,18 +115,26 @@ class Emitter:
         shape = static_shape(step.value)
         if is_full_cover(step.spec, shape):
             (cut,) = step.spec
-            heads_of_piece = [next(h for h in itertools.count() if cut.index(h) == i) for i in range(cut.count)]
+            heads_of_piece = [
+                next(h for h in itertools.count() if cut.index(h) == i) for i in range(cut.count)
+            ]
             outputs = [self._value_like(step.value, step.spec, h) for h in heads_of_piece]
-            sizes = self.const_i64([cut.block] * cut.count, f"{step.value.name}.split_sizes")
-            node = ir.Node(
-                "",
-                "Split",
-                [step.value, sizes],
-                [ir.AttrInt64("axis", cut.axis)],
-                outputs=outputs,
-                name=self.unique(f"{step.value.name}.split_heads"),
-            )
-            self.add(node)
+            if step.kind == "input" and self.per_head_inputs:
+                position = list(self.graph.inputs).index(step.value) + 1
+                for offset, out in enumerate(outputs):
+                    self.graph.inputs.insert(position + offset, out)
+                self.input_pieces[step.value.name] = (step.value, cut.axis, outputs)
+            else:
+                sizes = self.const_i64([cut.block] * cut.count, f"{step.value.name}.split_sizes")
+                node = ir.Node(
+                    "",
+                    "Split",
+                    [step.value, sizes],
+                    [ir.AttrInt64("axis", cut.axis)],
+                    outputs=outputs,
+                    name=self.unique(f"{step.value.name}.split_heads"),
+                )
+                self.add(node)
             for h, out in zip(heads_of_piece, outputs, strict=True):
                 self._remember(step, h, out)
             return self._memo[(id(step.value), step.spec, piece_key(step.spec, head))]
@@ -150,14 +163,22 @@ class Emitter:
         if rule.kind == "slice" and is_identity_per_head(node, step.out_index, step.spec):
             k = next(i for i, s in enumerate(step.in_specs) if s)
             return self.piece(region, node.inputs[k], step.in_specs[k], head)
-        inputs = [self.piece(region, v, s, head) if v is not None else None for v, s in zip(node.inputs, step.in_specs, strict=False)]
+        inputs = [
+            self.piece(region, v, s, head) if v is not None else None
+            for v, s in zip(node.inputs, step.in_specs, strict=False)
+        ]
         inputs += list(node.inputs[len(inputs) :])
         if rule.kind == "reshape":
             return self._reshape(step, head, inputs[0])
         clone_key = (id(node), tuple(id(v) for v in inputs))
         clone = self._clones.get(clone_key)
         if clone is None:
-            outputs = [self._value_like(o, step.spec, head) if i == step.out_index else ir.Value(name=self.unique(o.name + _suffix(piece_key(step.spec, head))), type=o.type) for i, o in enumerate(node.outputs)]
+            outputs = [
+                self._value_like(o, step.spec, head)
+                if i == step.out_index
+                else ir.Value(name=self.unique(o.name + _suffix(piece_key(step.spec, head))), type=o.type)
+                for i, o in enumerate(node.outputs)
+            ]
             clone = ir.Node(
                 node.domain,
                 node.op_type,
@@ -207,6 +228,13 @@ class Emitter:
         value.type = ir.TensorType(ir.DataType.INT64)
         self.graph.register_initializer(value)
         return value
+
+    def concat(self, pieces: list[ir.Value], axis: int, like: ir.Value) -> ir.Value:
+        """Join pieces back into a tensor shaped like ``like``."""
+        out = ir.Value(name=self.unique(like.name + ".concat_heads"), shape=like.shape, type=like.type)
+        node = ir.Node("", "Concat", pieces, [ir.AttrInt64("axis", axis)], outputs=[out], name=out.name)
+        self.add(node)
+        return out
 
     def add(self, node: ir.Node) -> None:
         self.graph.append(node)

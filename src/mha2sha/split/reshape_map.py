@@ -54,7 +54,9 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
     return groups
 
 
-def _map_cut(cut: AxisCut, src_group: list[int], dst_group: list[int], src: tuple[int, ...], dst: tuple[int, ...]) -> list[AxisCut]:
+def _map_cut(
+    cut: AxisCut, src_group: list[int], dst_group: list[int], src: tuple[int, ...], dst: tuple[int, ...]
+) -> list[AxisCut]:
     src_dims = [src[a] for a in src_group]
     dst_dims = [dst[a] for a in dst_group]
     t = src_group.index(cut.axis)

@@ -191,7 +191,9 @@ def gemm(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
         else:
             b_cuts.append(cut.moved(0 if trans_b else 1))
     c = node.inputs[2] if len(node.inputs) > 2 else None
-    return [tuple(a_cuts) or None, tuple(b_cuts) or None] + ([_broadcast(spec, out_shape, c)] if c is not None else [])
+    return [tuple(a_cuts) or None, tuple(b_cuts) or None] + (
+        [_broadcast(spec, out_shape, c)] if c is not None else []
+    )
 
 
 def conv(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
@@ -234,7 +236,10 @@ def _slice_bounds(node: ir.Node) -> dict[int, tuple[int, int]]:
 
 def slice_(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     bounds = _slice_bounds(node)
-    cuts = [cut.moved(cut.axis, offset=cut.offset + bounds[cut.axis][0]) if cut.axis in bounds else cut for cut in spec]
+    cuts = [
+        cut.moved(cut.axis, offset=cut.offset + bounds[cut.axis][0]) if cut.axis in bounds else cut
+        for cut in spec
+    ]
     return [tuple(cuts)] + [None] * (len(node.inputs) - 1)
 
 
@@ -247,7 +252,9 @@ def _split_starts(node: ir.Node) -> tuple[int, list[int]]:
 
 def split(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     axis, starts = _split_starts(node)
-    cuts = [cut.moved(axis, offset=cut.offset + starts[out_index]) if cut.axis == axis else cut for cut in spec]
+    cuts = [
+        cut.moved(axis, offset=cut.offset + starts[out_index]) if cut.axis == axis else cut for cut in spec
+    ]
     return [tuple(cuts)] + [None] * (len(node.inputs) - 1)
 
 
@@ -328,7 +335,10 @@ RULES: dict[str, Rule] = {
     "LayerNormalization": Rule(normalization),
     "SimplifiedLayerNormalization": Rule(normalization),
     "RMSNormalization": Rule(normalization),
-    **{op: Rule(reduce) for op in "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL2 ReduceSumSquare".split()},
+    **{
+        op: Rule(reduce)
+        for op in "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL2 ReduceSumSquare".split()
+    },
     "Transpose": Rule(transpose),
     **{op: Rule(reshape, "reshape") for op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten")},
     "Expand": Rule(expand, "reshape"),

@@ -91,10 +91,15 @@ def _core_problem(region: Region, core: AttentionCore) -> str:
         return "Softmax is not computed per head" + (f" (walk stopped at {stops[0]})" if stops else "")
     # The scores must come from a per-head MatMul(Q, K^T) reached through the walk.
     softmax_step = next(s for s in region.steps.values() if s.node is core.softmax)
-    if any(s.node is not None and s.node.op_type in ("MatMul", "Gemm") for s in _steps_below(region, softmax_step)):
+    if any(
+        s.node is not None and s.node.op_type in ("MatMul", "Gemm")
+        for s in _steps_below(region, softmax_step)
+    ):
         return ""
     stops = [f"{s.value.name} ({s.reason})" for s in region.of_kind("activation")]
-    return "scores MatMul(Q, K^T) is not computed per head" + (f"; walk stopped at {stops[0]}" if stops else "")
+    return "scores MatMul(Q, K^T) is not computed per head" + (
+        f"; walk stopped at {stops[0]}" if stops else ""
+    )
 
 
 def _steps_below(region: Region, step: Step) -> list[Step]:
@@ -116,7 +121,14 @@ def _steps_below(region: Region, step: Step) -> list[Step]:
 def _kv_heads(region: Region, core: AttentionCore, heads: int) -> int:
     """Distinct key pieces below MatMul(Q, K^T): the KV head count (1 when K is shared, MQA)."""
     softmax_steps = [s for s in region.steps.values() if s.node is core.softmax]
-    qk = next((s for s in _steps_below(region, softmax_steps[0]) if s.node is not None and s.node.op_type == "MatMul"), None)
+    qk = next(
+        (
+            s
+            for s in _steps_below(region, softmax_steps[0])
+            if s.node is not None and s.node.op_type == "MatMul"
+        ),
+        None,
+    )
     if qk is None or len(qk.in_specs) < 2 or not qk.in_specs[1]:
         return 1
     k_steps = _steps_below(region, region.get(qk.node.inputs[1], qk.in_specs[1]))
@@ -138,9 +150,13 @@ def _describe(block: _Block) -> None:
 class SplitHeadsPass(ir.passes.InPlacePass):
     """Split multi-head attention into per-head single-head attention (see module docstring)."""
 
-    def __init__(self, record: SplitRecord | None = None):
+    def __init__(self, record: SplitRecord | None = None, *, per_head_io: bool = False):
         super().__init__()
         self.record = record if record is not None else SplitRecord()
+        self.per_head_io = per_head_io
+        # with per_head_io: original input/output name -> (head axis, per-head names in order)
+        self.input_pieces: dict[str, tuple[int, list[str]]] = {}
+        self.output_pieces: dict[str, tuple[int, list[str]]] = {}
         self.blocks: list[BlockReport] = []
         self.other_softmax: list[str] = []
 
@@ -151,7 +167,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         blocks = [b for b in (self._plan(core) for core in cores) if b is not None]
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
-        emitter = Emitter(graph, self.record)
+        emitter = Emitter(graph, self.record, per_head_inputs=self.per_head_io)
         for block in blocks:
             for head in range(block.heads):
                 emitter.piece(block.region, block.start, block.start_spec, head)
@@ -185,7 +201,8 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         return block
 
     def _join_escaping_values(self, graph: ir.Graph, blocks: list[_Block], emitter: Emitter) -> None:
-        """Tensors still used whole (o_proj input, present KV outputs) become a Concat of pieces."""
+        """Tensors still used whole (o_proj input, present KV outputs) become a Concat of pieces;
+        with per-head I/O, cut graph outputs become one output per head instead."""
         region_nodes: set[ir.Node] = set()
         for block in blocks:
             region_nodes |= block.region.nodes()
@@ -196,21 +213,35 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                 if step.kind != "node" or id(value) in joined:
                     continue
                 outside = [(n, i) for n, i in value.uses() if n not in region_nodes]
-                if not outside and not value.is_graph_output():
+                is_output = value.is_graph_output()
+                if not outside and not is_output:
                     continue
                 if not is_full_cover(step.spec, static_shape(value)):
                     continue  # the original computation stays alive for these users
                 joined.add(id(value))
                 (cut,) = step.spec
-                pieces = [emitter.piece(block.region, value, step.spec, i * cut.div) for i in range(cut.count)]
-                out = ir.Value(name=emitter.unique(value.name + ".concat_heads"), shape=value.shape, type=value.type)
-                emitter.add(ir.Node("", "Concat", pieces, [ir.AttrInt64("axis", cut.axis)], outputs=[out], name=emitter.unique(value.name + ".concat_heads")))
-                for node, index in outside:
-                    node.replace_input_with(index, out)
-                if value.is_graph_output():
+                pieces = [
+                    emitter.piece(block.region, value, step.spec, i * cut.div) for i in range(cut.count)
+                ]
+                if outside or (is_output and not self.per_head_io):
+                    whole = emitter.concat(pieces, cut.axis, value)
+                    for node, index in outside:
+                        node.replace_input_with(index, whole)
+                if not is_output:
+                    continue
+                position = [k for k, v in enumerate(graph.outputs) if v is value]
+                if self.per_head_io:
+                    self.output_pieces[value.name] = (cut.axis, [p.name for p in pieces])
+                    for k in reversed(position):
+                        graph.outputs[k : k + 1] = pieces
+                else:
                     original_name = value.name
                     value.name = emitter.unique(original_name + ".mha")
-                    out.name = original_name
-                    for k, graph_output in enumerate(graph.outputs):
-                        if graph_output is value:
-                            graph.outputs[k] = out
+                    whole.name = original_name
+                    for k in position:
+                        graph.outputs[k] = whole
+        for name, (value, axis, pieces) in emitter.input_pieces.items():
+            if value.uses():
+                value.replace_all_uses_with(emitter.concat(pieces, axis, value))
+            graph.inputs.remove(value)
+            self.input_pieces[name] = (axis, [p.name for p in pieces])

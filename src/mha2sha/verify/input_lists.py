@@ -77,8 +77,13 @@ def write_input_lists(
     inputs: Mapping[str, np.ndarray],
     goldens: Mapping[str, np.ndarray],
     input_order: Sequence[str],
+    *,
+    host_dir: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Write raw inputs, both input lists, golden outputs and shapes.json under ``out_dir``.
+
+    ``host_dir`` is where the files will finally live when ``out_dir`` is a staging folder that
+    is moved into place afterwards: ``input_list.txt`` names host paths under it.
 
     ``input_order`` is the model's input order (qnn-net-run maps by name, but a stable order makes
     the files diffable) and must name exactly the keys of ``inputs``.  Returns the written files,
@@ -93,6 +98,7 @@ def write_input_lists(
             )
 
     out = Path(out_dir).resolve()
+    host = Path(host_dir).resolve() if host_dir is not None else out
     (out / "inputs").mkdir(parents=True, exist_ok=True)
     (out / "goldens").mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -103,7 +109,7 @@ def write_input_lists(
         arr = np.asarray(inputs[name])
         rel = f"inputs/{in_stems[name]}.raw"
         _write(out / rel, _le_bytes(arr), written)
-        host_items.append(f"{name}:={(out / rel).as_posix()}")
+        host_items.append(f"{name}:={(host / rel).as_posix()}")
         device_items.append(f"{name}:={rel}")
         in_entries.append(_entry(name, rel, arr))
 
