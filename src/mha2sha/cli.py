@@ -64,6 +64,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens"
     )
     parser.add_argument(
+        "--per-head-kv-io",
+        action="store_true",
+        help="one past/present KV input/output per head (default: keep the model's I/O contract)",
+    )
+    parser.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"], type=str.lower
     )
 
