@@ -101,13 +101,17 @@ def _print_result(result: ConversionResult, allow_partial: bool) -> int:
         console.print("No attention found (no Softmax feeding a MatMul with V); nothing written.")
         return 0
     console.print(blocks_table(result.blocks))
+    if result.other_softmax:
+        console.print(f"Softmax not in an attention core (left as is): {', '.join(result.other_softmax)}")
     if result.verification is not None:
         console.print(verification_table(result.verification))
-    if not result.split_blocks:
-        console.print("No multi-head attention to split; nothing written (use --force to write anyway).")
-        return 0
     if result.files:
-        console.print(f"Wrote {', '.join(str(f) for f in result.files if f.suffix in ('.onnx', '.json'))}")
+        written = ", ".join(
+            str(f) for f in result.files if f.suffix in (".onnx", ".json") and f.parent.name != "goldens"
+        )
+        console.print(f"Wrote {written}")
+    elif not result.split_blocks:
+        console.print("No multi-head attention was split; nothing written (use --force to write anyway).")
     unsupported = result.unsupported_blocks
     if unsupported:
         console.print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ CLI = [sys.executable, "-m", "mha2sha.cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "COLUMNS": "300"}  # no table wrapping in the assertions below
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def digest(path: Path) -> str:
@@ -173,3 +175,27 @@ def test_python_api(tmp_path, model_path):
     model, status = MHA2SHAConverter("api", tmp_path / "sha", model_path, handle_rope_ops=True).convert()
     assert status is True
     assert sum(n.op_type == "Softmax" for n in model.graph) == 4
+
+
+def test_unsupported_attention_is_left_untouched_and_reported(tmp_path):
+    src = tmp_path / "odd.onnx"
+    onnx.save(attention_model(4, 6, 8, None, softmax_axis=1), src)  # softmax across heads: not splittable
+    out = tmp_path / "out"
+    proc = run("convert", str(src), "-o", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "left as MHA" in proc.stdout and "Softmax" in proc.stdout
+    assert_nothing_written(out)
+    assert run("convert", str(src), "-o", str(out), "--allow-partial").returncode == 0
+    assert not (out / "odd.onnx").exists()  # nothing split: nothing to write
+
+
+def test_fused_attention_is_reported_not_ignored(tmp_path):
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4)
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 6, 32]) for x in "qkv"]
+    graph = helper.make_graph([node], "fused", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 32])])
+    src = tmp_path / "fused.onnx"
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), src)
+    proc = run("convert", str(src), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    assert "fused com.microsoft.MultiHeadAttention op" in proc.stdout

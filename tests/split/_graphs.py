@@ -8,7 +8,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def attention_model(
-    heads: int, seq: int, head_dim: int, mask_shape: tuple[int, ...] | None, seed: int = 0
+    heads: int,
+    seq: int,
+    head_dim: int,
+    mask_shape: tuple[int, ...] | None,
+    seed: int = 0,
+    softmax_axis: int = -1,
 ) -> onnx.ModelProto:
     """x[1,S,C] -> q/k/v MatMul -> [1,H,S,D] -> softmax(q k^T / sqrt(D) + mask) v -> o_proj."""
     rng = np.random.default_rng(seed)
@@ -44,7 +49,7 @@ def attention_model(
         nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"], name="mask_add"))
         logits = "masked"
     nodes += [
-        helper.make_node("Softmax", [logits], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("Softmax", [logits], ["probs"], axis=softmax_axis, name="softmax"),
         helper.make_node("MatMul", ["probs", "v"], ["attn"], name="pv"),
         helper.make_node("Transpose", ["attn"], ["attn_t"], perm=[0, 2, 1, 3], name="attn_t"),
         helper.make_node("Reshape", ["attn_t", "merge_shape"], ["attn_merged"], name="merge"),

@@ -12,7 +12,18 @@ import onnx_ir as ir
 
 from mha2sha.split.spec import AxisCut, HeadSpec
 
-__all__ = ["AttentionCore", "find_attention_cores", "head_spec_of_output"]
+__all__ = ["AttentionCore", "find_attention_cores", "find_fused_attention", "head_spec_of_output"]
+
+# Fused attention ops: reported as multi-head blocks the split does not handle (yet), never ignored.
+FUSED_ATTENTION_OPS = {
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
+    "PackedMultiHeadAttention",
+    "PackedAttention",
+    "DecoderMaskedMultiHeadAttention",
+    "SparseAttention",
+}
 
 # Ops allowed between the Softmax and the MatMul with V: they move or retype the probabilities.
 _PROBABILITY_PASSTHROUGH = {"Cast", "Dropout", "Identity", "Reshape", "Where", "Squeeze", "Unsqueeze"}
@@ -59,6 +70,10 @@ def find_attention_cores(graph: ir.Graph) -> tuple[list[AttentionCore], list[ir.
         else:
             cores.append(AttentionCore(node, pv))
     return cores, others
+
+
+def find_fused_attention(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.op_type in FUSED_ATTENTION_OPS]
 
 
 def head_spec_of_output(value: ir.Value) -> HeadSpec:

@@ -44,11 +44,15 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         file = Path(tensor.base_dir) / tensor.location
         if file not in sizes:
             if not file.is_file():
-                raise UserError(f"external data file missing: {file} (needed by '{value.name}' of {path.name})")
+                raise UserError(
+                    f"external data file missing: {file} (needed by '{value.name}' of {path.name})"
+                )
             sizes[file] = file.stat().st_size
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if end > sizes[file]:
-            raise UserError(f"external data file truncated: {file} ends before '{value.name}' (needs {end} bytes)")
+            raise UserError(
+                f"external data file truncated: {file} ends before '{value.name}' (needs {end} bytes)"
+            )
 
 
 def fix_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -56,10 +60,14 @@ def fix_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> 
     inputs = {v.name: v for v in model.graph.inputs}
     for name, dims in shapes.items():
         if name not in inputs:
-            raise UserError(f"--input-shape names '{name}', which is not a model input (inputs: {', '.join(inputs)})")
+            raise UserError(
+                f"--input-shape names '{name}', which is not a model input (inputs: {', '.join(inputs)})"
+            )
         value = inputs[name]
         if value.shape is not None and len(value.shape) != len(dims):
-            raise UserError(f"--input-shape {name}: rank {len(dims)} given, the input has rank {len(value.shape)}")
+            raise UserError(
+                f"--input-shape {name}: rank {len(dims)} given, the input has rank {len(value.shape)}"
+            )
         value.shape = ir.Shape(dims)
 
 

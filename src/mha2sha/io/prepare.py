@@ -25,7 +25,14 @@ __all__ = ["FoldSmallConstantsPass", "prepare_for_split", "remove_unused_initial
 logger = logging.getLogger(__name__)
 
 _MAX_ELEMENTS = 1 << 16  # constants larger than this are never created by folding
-_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NEVER_FOLD = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 
 
 def _small(value: ir.Value | None) -> bool:
@@ -41,13 +48,18 @@ def _evaluate(node: ir.Node) -> list[np.ndarray] | None:
     outputs = [f"out{i}" for i in range(len(node.outputs))]
     proto_node = onnx.helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
     proto_node.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
-    feeds = {name: v.const_value.numpy() for name, v in zip(inputs, node.inputs, strict=True) if v is not None}  # type: ignore[union-attr]
+    feeds = {
+        name: v.const_value.numpy() for name, v in zip(inputs, node.inputs, strict=True) if v is not None
+    }  # type: ignore[union-attr]
     try:
         opset = 21 if node.version is None else node.version
         graph = onnx.helper.make_graph(
             [proto_node],
             "fold",
-            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in feeds.items()],
+            [
+                onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                for n, a in feeds.items()
+            ],
             [onnx.helper.make_tensor_value_info(n, 0, None) for n in outputs],
         )
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", max(opset, 13))])
@@ -64,7 +76,11 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
         modified = False
         opset = model.opset_imports.get("", 17)
         for node in list(model.graph):
-            if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD or node.op_type == "Constant":
+            if (
+                node.domain not in ("", "ai.onnx")
+                or node.op_type in _NEVER_FOLD
+                or node.op_type == "Constant"
+            ):
                 continue
             if node.op_type == "Shape":
                 results = _fold_shape(node)

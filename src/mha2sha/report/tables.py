@@ -27,9 +27,18 @@ def blocks_table(blocks: Sequence[BlockReport]) -> Table:
     for column in ("block", "status", "heads", "kv heads", "head dim", "split at"):
         table.add_column(column)
     for block in blocks:
-        status = {"split": "[green]split[/]", "unsupported": "[red]left as MHA[/]"}.get(block.status, block.status)
+        status = {"split": "[green]split[/]", "unsupported": "[red]left as MHA[/]"}.get(
+            block.status, block.status
+        )
         detail = _what_was_split(block) if block.status == "split" else block.reason
-        table.add_row(block.name, status, str(block.heads or "-"), str(block.kv_heads or "-"), str(block.head_dim or "-"), detail)
+        table.add_row(
+            block.name,
+            status,
+            str(block.heads or "-"),
+            str(block.kv_heads or "-"),
+            str(block.head_dim or "-"),
+            detail,
+        )
     return table
 
 

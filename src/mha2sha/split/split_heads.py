@@ -23,7 +23,12 @@ import math
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.find.anchors import AttentionCore, find_attention_cores, head_spec_of_output
+from mha2sha.find.anchors import (
+    AttentionCore,
+    find_attention_cores,
+    find_fused_attention,
+    head_spec_of_output,
+)
 from mha2sha.split.emit import Emitter
 from mha2sha.split.record import SplitRecord
 from mha2sha.split.rules import RULES, Unsplittable, forward_spec, static_shape
@@ -164,6 +169,9 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         graph = model.graph
         cores, others = find_attention_cores(graph)
         self.other_softmax = [n.name or n.outputs[0].name for n in others]
+        for node in find_fused_attention(graph):
+            reason = f"fused {node.domain + '.' if node.domain else ''}{node.op_type} op: lower it to MatMul/Softmax first"
+            self.blocks.append(BlockReport(node.name or node.outputs[0].name, "unsupported", reason=reason))
         blocks = [b for b in (self._plan(core) for core in cores) if b is not None]
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
