@@ -20,9 +20,11 @@ import onnx
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.find.anchors import find_attention_cores
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
 from mha2sha.io.save import save_model, staging_dir
+from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import blocks_json
 from mha2sha.split.record import SplitRecord
 from mha2sha.split.split_heads import BlockReport, SplitHeadsPass
@@ -64,6 +66,7 @@ class ConversionResult:
     verification: Verification | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     other_softmax: list[str] = dataclasses.field(default_factory=list)
+    timer: PhaseTimer | None = None
 
     @property
     def split_blocks(self) -> list[BlockReport]:
@@ -92,6 +95,7 @@ def convert(
     *,
     name: str | None = None,
     options: ConvertOptions | None = None,
+    timer: PhaseTimer | None = None,
 ) -> ConversionResult:
     """Split every multi-head attention of ``model_path`` and write the result to ``out_dir``.
 
@@ -107,26 +111,31 @@ def convert(
             f"output {out_model} would overwrite the input model; choose another -o folder or --name"
         )
 
-    model = load_model(model_path)
-    fix_input_shapes(model, options.input_shapes)
-    require_static_inputs(model)
-    inputs = _verification_inputs(model, options) if options.verify else None
-
-    prepare_for_split(model)
+    timer = timer or PhaseTimer()
+    with timer.phase("load"):
+        model = load_model(model_path)
+        fix_input_shapes(model, options.input_shapes)
+        require_static_inputs(model)
+        inputs = _verification_inputs(model, options) if options.verify else None
+    with timer.phase("prepare (fold shapes, infer)"):
+        prepare_for_split(model)
     record = SplitRecord()
-    split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io)
-    split(model)
-    remove_unused_initializers(model)
-    result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax)
+    with timer.phase("split heads", total=len(find_attention_cores(model.graph)[0])) as advance:
+        split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io, on_block=advance)
+        split(model)
+        remove_unused_initializers(model)
+    result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax, timer=timer)
     if not result.split_blocks and not options.force:
         return result
 
     with staging_dir(out_dir) as stage:
-        staged = save_model(model, stage / out_model.name)
-        _check_model(staged[0])
-        (stage / NAME_MAP_FILE).write_text(json.dumps(record.name_map(), indent=1))
+        with timer.phase("save"):
+            staged = save_model(model, stage / out_model.name)
+            _check_model(staged[0])
+            (stage / NAME_MAP_FILE).write_text(json.dumps(record.name_map(), indent=1))
         if inputs is not None:
-            result.verification = _verify(model_path, staged[0], inputs, split, options.rtol)
+            with timer.phase("verify (onnxruntime)"):
+                result.verification = _verify(model_path, staged[0], inputs, split, options.rtol)
             if not result.verification.ok:
                 raise ConversionFailed(_failure_line(result.verification))
             if options.create_input_lists and result.verification.reference is not None:
@@ -201,6 +210,7 @@ def _report(result: ConversionResult) -> dict[str, Any]:
     return {
         "blocks": blocks_json(result.blocks),
         "non_attention_softmax": result.other_softmax,
+        "phases": [dataclasses.asdict(r) for r in result.timer.records] if result.timer else [],
         "verification": None
         if v is None
         else {

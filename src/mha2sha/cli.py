@@ -15,6 +15,7 @@ from rich.console import Console
 
 from mha2sha.api import ConversionFailed, ConversionResult, ConvertOptions, convert
 from mha2sha.errors import UserError
+from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import blocks_table
 from mha2sha.verify.inputs import parse_input_shapes
 from mha2sha.verify.runner import verification_table
@@ -123,15 +124,21 @@ def _print_result(result: ConversionResult, allow_partial: bool) -> int:
 
 def _run(model: str, out: str, name: str | None, options: ConvertOptions, log_level: str) -> int:
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    timer = PhaseTimer(show=True)
     try:
-        result = convert(model, out, name=name, options=options)
+        result = convert(model, out, name=name, options=options, timer=timer)
     except UserError as e:
         _error(e)
         return e.exit_code
     except ConversionFailed as e:
         _error(e)
         return e.exit_code
-    return _print_result(result, options.allow_partial)
+    finally:
+        timer.close()
+    code = _print_result(result, options.allow_partial)
+    if result.files:
+        console.print(timer.table())
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,8 @@ def _what_was_split(block: BlockReport) -> str:
 
 def blocks_table(blocks: Sequence[BlockReport]) -> Table:
     table = Table(title="Attention blocks", title_justify="left")
-    for column in ("block", "status", "heads", "kv heads", "head dim", "split at"):
+    table.add_column("block", overflow="fold")
+    for column in ("status", "heads", "kv heads", "head dim", "split at"):
         table.add_column(column)
     for block in blocks:
         status = {"split": "[green]split[/]", "unsupported": "[red]left as MHA[/]"}.get(

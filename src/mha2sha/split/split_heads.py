@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
@@ -155,8 +156,15 @@ def _describe(block: _Block) -> None:
 class SplitHeadsPass(ir.passes.InPlacePass):
     """Split multi-head attention into per-head single-head attention (see module docstring)."""
 
-    def __init__(self, record: SplitRecord | None = None, *, per_head_io: bool = False):
+    def __init__(
+        self,
+        record: SplitRecord | None = None,
+        *,
+        per_head_io: bool = False,
+        on_block: Callable[[int], None] | None = None,
+    ):
         super().__init__()
+        self.on_block = on_block  # progress: called once per attention core handled
         self.record = record if record is not None else SplitRecord()
         self.per_head_io = per_head_io
         # with per_head_io: original input/output name -> (head axis, per-head names in order)
@@ -173,12 +181,16 @@ class SplitHeadsPass(ir.passes.InPlacePass):
             reason = f"fused {node.domain + '.' if node.domain else ''}{node.op_type} op: lower it to MatMul/Softmax first"
             self.blocks.append(BlockReport(node.name or node.outputs[0].name, "unsupported", reason=reason))
         blocks = [b for b in (self._plan(core) for core in cores) if b is not None]
+        if self.on_block is not None:
+            self.on_block(len(cores) - len(blocks))  # cores left alone are done already
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
         emitter = Emitter(graph, self.record, per_head_inputs=self.per_head_io)
         for block in blocks:
             for head in range(block.heads):
                 emitter.piece(block.region, block.start, block.start_spec, head)
+            if self.on_block is not None:
+                self.on_block(1)
         self._join_escaping_values(graph, blocks, emitter)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)

@@ -1,0 +1,88 @@
+"""Phase timing and progress: a bar per phase (and per attention block) on a terminal, and a
+time/memory summary for every run."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["PhaseTimer", "PhaseRecord"]
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak / 1024 if sys.platform != "darwin" else peak / (1024 * 1024)
+
+
+@dataclasses.dataclass
+class PhaseRecord:
+    name: str
+    seconds: float
+    peak_rss_mb: float
+
+
+class PhaseTimer:
+    """Times named phases; shows a transient progress bar when ``show`` and stderr is a terminal."""
+
+    def __init__(self, show: bool = False):
+        self.records: list[PhaseRecord] = []
+        console = Console(stderr=True)
+        self._bar = (
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            if show and console.is_terminal
+            else None
+        )
+
+    @contextlib.contextmanager
+    def phase(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """Time ``name``; the yielded function advances its bar by n steps (e.g. one per block)."""
+        start = time.perf_counter()
+        task = None
+        if self._bar is not None:
+            if not self._bar.live.is_started:
+                self._bar.start()
+            task = self._bar.add_task(name, total=total)
+
+        def advance(n: int = 1) -> None:
+            if task is not None and self._bar is not None:
+                self._bar.advance(task, n)
+
+        try:
+            yield advance
+        finally:
+            if task is not None and self._bar is not None:
+                self._bar.remove_task(task)
+            self.records.append(PhaseRecord(name, time.perf_counter() - start, _peak_rss_mb()))
+
+    def close(self) -> None:
+        if self._bar is not None and self._bar.live.is_started:
+            self._bar.stop()
+
+    def table(self) -> Table:
+        table = Table(title="Time and memory", title_justify="left")
+        table.add_column("phase")
+        table.add_column("seconds", justify="right")
+        table.add_column("peak RSS (MB)", justify="right")
+        for r in self.records:
+            table.add_row(r.name, f"{r.seconds:.2f}", f"{r.peak_rss_mb:.0f}")
+        table.add_row(
+            "total",
+            f"{sum(r.seconds for r in self.records):.2f}",
+            f"{max((r.peak_rss_mb for r in self.records), default=0):.0f}",
+        )
+        return table
