@@ -19,6 +19,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from mha2sha.encodings import (
+    CoverageReport,
+    EncodingSet,
+    channel_axes,
+    load_encodings,
+    propagate,
+    save_encodings,
+)
 from mha2sha.errors import UserError
 from mha2sha.find.anchors import find_attention_cores
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
@@ -30,6 +38,7 @@ from mha2sha.split.record import SplitRecord
 from mha2sha.split.split_heads import BlockReport, SplitHeadsPass
 from mha2sha.verify.input_lists import write_input_lists
 from mha2sha.verify.inputs import load_inputs, make_inputs
+from mha2sha.verify.qdq import run_qdq_compare
 from mha2sha.verify.runner import Verification, compare_outputs, run_model, verify
 
 __all__ = ["ConvertOptions", "ConversionResult", "ConversionFailed", "convert", "MHA2SHAConverter"]
@@ -56,6 +65,10 @@ class ConvertOptions:
     force: bool = False  # write the model even when there is no attention to split
     create_input_lists: bool = False
     per_head_kv_io: bool = False  # past KV inputs / present KV outputs as one tensor per head
+    encodings: str | None = None  # AIMET .encodings of the input model
+    encodings_version: str | None = None  # write this version (default: the version read)
+    strict_encodings: bool = False  # any coverage gap is an error
+    max_lsb: float = 1.0  # quantized (QDQ) outputs may differ by at most this many LSBs
 
 
 @dataclasses.dataclass
@@ -67,6 +80,8 @@ class ConversionResult:
     files: list[Path] = dataclasses.field(default_factory=list)
     other_softmax: list[str] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
+    coverage: CoverageReport | None = None
+    qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
 
     @property
     def split_blocks(self) -> list[BlockReport]:
@@ -117,8 +132,10 @@ def convert(
         fix_input_shapes(model, options.input_shapes)
         require_static_inputs(model)
         inputs = _verification_inputs(model, options) if options.verify else None
+        encodings = load_encodings(options.encodings, model=model) if options.encodings else None
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
+        weight_axes = channel_axes(model) if encodings is not None else None
     record = SplitRecord()
     with timer.phase("split heads", total=len(find_attention_cores(model.graph)[0])) as advance:
         split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io, on_block=advance)
@@ -127,17 +144,37 @@ def convert(
     result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax, timer=timer)
     if not result.split_blocks and not options.force:
         return result
+    sha_encodings = None
+    if encodings is not None:
+        with timer.phase("propagate encodings"):
+            sha_encodings, result.coverage = propagate(
+                encodings, record, model, channel_axes_map=weight_axes, strict=options.strict_encodings
+            )
 
     with staging_dir(out_dir) as stage:
         with timer.phase("save"):
             staged = save_model(model, stage / out_model.name)
             _check_model(staged[0])
             (stage / NAME_MAP_FILE).write_text(json.dumps(record.name_map(), indent=1))
+            if sha_encodings is not None:
+                version = options.encodings_version or sha_encodings.version
+                save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
         if inputs is not None:
             with timer.phase("verify (onnxruntime)"):
                 result.verification = _verify(model_path, staged[0], inputs, split, options.rtol)
             if not result.verification.ok:
                 raise ConversionFailed(_failure_line(result.verification))
+            if encodings is not None and sha_encodings is not None:
+                with timer.phase("verify quantized (QDQ)"):
+                    result.qdq_lsb = _verify_qdq(
+                        model_path, encodings, staged[0], sha_encodings, inputs, split
+                    )
+                worst = max(result.qdq_lsb.items(), key=lambda kv: kv[1], default=("", 0.0))
+                if worst[1] > options.max_lsb:
+                    raise ConversionFailed(
+                        f"quantized verification failed: output '{worst[0]}' differs by {worst[1]:.3g} LSB "
+                        f"(> {options.max_lsb:g}); nothing was written"
+                    )
             if options.create_input_lists and result.verification.reference is not None:
                 feeds = _per_head_feeds(inputs, split)
                 goldens = _per_head_outputs(result.verification.reference, split)
@@ -154,6 +191,20 @@ def _per_head_feeds(inputs: Mapping[str, np.ndarray], split: SplitHeadsPass) -> 
     for name, (axis, names) in split.input_pieces.items():
         feeds.update(zip(names, np.split(inputs[name], len(names), axis=axis), strict=True))
     return feeds
+
+
+def _verify_qdq(
+    original: Path,
+    encodings: EncodingSet,
+    converted: Path,
+    sha_encodings: EncodingSet,
+    inputs: Mapping[str, np.ndarray],
+    split: SplitHeadsPass,
+) -> dict[str, float]:
+    """Max difference per output between the MHA and SHA models with encodings applied as QDQ."""
+    if split.input_pieces or split.output_pieces:
+        raise UserError("quantized verification with --per-head-kv-io is not supported yet; add --no-verify")
+    return run_qdq_compare(original, encodings, converted, sha_encodings, inputs)
 
 
 def _per_head_outputs(outputs: Mapping[str, np.ndarray], split: SplitHeadsPass) -> dict[str, np.ndarray]:
@@ -211,6 +262,8 @@ def _report(result: ConversionResult) -> dict[str, Any]:
         "blocks": blocks_json(result.blocks),
         "non_attention_softmax": result.other_softmax,
         "phases": [dataclasses.asdict(r) for r in result.timer.records] if result.timer else [],
+        "encodings_coverage": result.coverage.to_dict() if result.coverage else None,
+        "quantized_max_lsb": result.qdq_lsb,
         "verification": None
         if v is None
         else {

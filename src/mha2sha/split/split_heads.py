@@ -239,27 +239,28 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                 if not is_full_cover(step.spec, static_shape(value)):
                     continue  # the original computation stays alive for these users
                 joined.add(id(value))
+                original_name = value.name
                 (cut,) = step.spec
                 pieces = [
                     emitter.piece(block.region, value, step.spec, i * cut.div) for i in range(cut.count)
                 ]
                 if outside or (is_output and not self.per_head_io):
+                    # The joined tensor takes over the original name: encodings and users refer to it.
                     whole = emitter.concat(pieces, cut.axis, value)
                     for node, index in outside:
                         node.replace_input_with(index, whole)
+                    value.name = emitter.unique(original_name + ".mha")
+                    whole.name = original_name
                 if not is_output:
                     continue
                 position = [k for k, v in enumerate(graph.outputs) if v is value]
-                if self.per_head_io:
-                    self.output_pieces[value.name] = (cut.axis, [p.name for p in pieces])
-                    for k in reversed(position):
+                for k in reversed(position):
+                    if self.per_head_io:
                         graph.outputs[k : k + 1] = pieces
-                else:
-                    original_name = value.name
-                    value.name = emitter.unique(original_name + ".mha")
-                    whole.name = original_name
-                    for k in position:
+                    else:
                         graph.outputs[k] = whole
+                if self.per_head_io:
+                    self.output_pieces[original_name] = (cut.axis, [p.name for p in pieces])
         for name, (value, axis, pieces) in emitter.input_pieces.items():
             if value.uses():
                 value.replace_all_uses_with(emitter.concat(pieces, axis, value))

@@ -1,0 +1,324 @@
+"""Carry AIMET encodings from the MHA model to its per-head (SHA) tensors.
+
+Rules (DESIGN.md section 3), applied to every tensor in the :class:`SplitRecord`:
+
+- per-tensor encodings (activations and params) are **copied** to every piece: a weight slice
+  keeps the MHA scale, never a re-derived one (re-deriving moved HTP output by 387 LSB);
+- per-channel / per-block / LPBQ encodings are **sliced**: a range on the channel axis takes those
+  channels' scales/offsets; a range on the block axis takes whole blocks (an unaligned cut cannot be
+  expressed and is reported); a range on any other axis (e.g. the input rows of ``W_o`` handed to
+  each head) leaves every output channel in the piece, so the encoding is copied whole;
+- encodings of tensors that survive unchanged are kept; encodings naming a tensor that no longer
+  exists in the output model are dropped and listed, so every written encoding names a real tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from mha2sha.encodings.axes import AxisPair, as_ir_model, channel_axes, tensor_shapes
+from mha2sha.encodings.model import Encoding, EncodingSet
+from mha2sha.errors import UserError
+from mha2sha.split.record import SplitRecord, TensorSplit
+
+__all__ = ["CoverageReport", "propagate", "slice_encoding", "EncodingCoverageError"]
+
+logger = logging.getLogger(__name__)
+
+
+class EncodingCoverageError(UserError):
+    """Strict propagation found quantized tensors whose per-head counterparts are not encoded."""
+
+
+@dataclasses.dataclass
+class CoverageReport:
+    """What propagation did, for the conversion report (rich table) and ``--json`` output."""
+
+    mha_encoded: list[str] = dataclasses.field(default_factory=list)
+    sha_encoded: list[str] = dataclasses.field(default_factory=list)
+    missing: dict[str, str] = dataclasses.field(default_factory=dict)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    unknown: list[str] = dataclasses.field(default_factory=list)
+    unencoded_splits: list[str] = dataclasses.field(default_factory=list)
+    kept: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No gap: every quantized MHA tensor has all its per-head tensors encoded, nothing dropped."""
+        return not self.missing and not self.dropped
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "counts": {
+                "mha_encoded": len(self.mha_encoded),
+                "sha_encoded": len(self.sha_encoded),
+                "missing": len(self.missing),
+                "dropped": len(self.dropped),
+                "unknown": len(self.unknown),
+                "unencoded_splits": len(self.unencoded_splits),
+                "kept": len(self.kept),
+            },
+            "mha_encoded": list(self.mha_encoded),
+            "sha_encoded": list(self.sha_encoded),
+            "missing": dict(self.missing),
+            "dropped": dict(self.dropped),
+            "unknown": list(self.unknown),
+            "unencoded_splits": list(self.unencoded_splits),
+            "kept": list(self.kept),
+            "warnings": list(self.warnings),
+        }
+
+    def table(self, examples: int = 3):  # -> rich.table.Table
+        """A rich table: one row per category with its count and the first few names."""
+        from rich.table import Table
+
+        t = Table(title="Encodings coverage" + ("" if self.ok else " (GAPS)"))
+        t.add_column("category")
+        t.add_column("count", justify="right")
+        t.add_column("examples")
+
+        def names(items: list[str] | dict[str, str]) -> str:
+            if isinstance(items, dict):
+                shown = [f"{k} ({v})" for k, v in list(items.items())[:examples]]
+            else:
+                shown = list(items)[:examples]
+            more = f" +{len(items) - examples}" if len(items) > examples else ""
+            return ", ".join(shown) + more
+
+        rows = [
+            ("MHA tensors with encodings (split)", self.mha_encoded, ""),
+            ("per-head tensors encoded", self.sha_encoded, ""),
+            ("per-head tensors missing an encoding", self.missing, "red"),
+            ("encodings dropped (tensor gone)", self.dropped, "red"),
+            ("encodings naming no original tensor", self.unknown, "yellow"),
+            ("split tensors without encoding", self.unencoded_splits, "dim"),
+            ("encodings kept unchanged", self.kept, ""),
+        ]
+        for label, items, style in rows:
+            t.add_row(label, str(len(items)), names(items) if items else "", style=style if items else None)
+        return t
+
+
+def _ranges_ok(shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], ...]) -> str | None:
+    for axis, start, stop in ranges:
+        if not -len(shape) <= axis < len(shape):
+            return f"range axis {axis} out of rank {len(shape)}"
+        dim = shape[axis]
+        if not 0 <= start < stop <= dim:
+            return f"range {start}:{stop} outside axis {axis} of size {dim}"
+    return None
+
+
+def slice_encoding(
+    enc: Encoding, shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], ...], name: str
+) -> Encoding | str:
+    """The encoding of ``original[ranges]`` under ``name``, or the reason it cannot be expressed.
+
+    ``enc.axis`` (and ``block_axis`` for blocked encodings) must already be resolved.
+    """
+    bad = _ranges_ok(shape, ranges)
+    if bad:
+        return bad
+    if enc.enc_type == "PER_TENSOR" or not enc.has_scale:
+        return enc.renamed(name)
+    if enc.axis is None:
+        return "channel axis unknown (no model / channel_axes for this weight)"
+    rank = len(shape)
+    new = enc.renamed(name)
+    new.rank = rank
+    blocked = enc.enc_type in ("PER_BLOCK", "LPBQ")
+    if blocked and enc.block_axis is None:
+        return "block axis unknown"
+    if enc.enc_type == "PER_BLOCK" and enc.scale.ndim == 1:
+        new.resolve_blocks(shape[enc.axis])
+    for axis, start, stop in ranges:
+        axis %= rank
+        if axis == enc.axis:
+            sl = slice(start, stop)
+            new.scale = new.scale[sl]
+            if new.offset is not None and new.offset.ndim > 0:
+                new.offset = new.offset[sl]
+            if new.per_block_int_scale is not None:
+                new.per_block_int_scale = new.per_block_int_scale[sl]
+            for attr in ("min", "max"):
+                if getattr(new, attr) is not None and np.ndim(getattr(new, attr)) > 0:
+                    setattr(new, attr, getattr(new, attr)[sl])
+            extras = new.style.get("elem_extra")
+            if extras is not None and len(extras) == shape[axis]:
+                new.style["elem_extra"] = extras[sl]
+        elif blocked and axis == enc.block_axis:
+            bs = enc.block_size
+            assert bs
+            if start % bs or (stop % bs and stop != shape[axis]):
+                return f"cut {start}:{stop} on the block axis is not aligned to block size {bs}"
+            sl = slice(start // bs, -(-stop // bs))
+            if enc.enc_type == "PER_BLOCK":
+                new.scale = new.scale[:, sl]
+                new.offset = new.offset[:, sl]
+            else:
+                assert new.per_block_int_scale is not None
+                new.per_block_int_scale = new.per_block_int_scale[:, sl]
+        # any other axis: every channel (and block) of the original is still whole in the piece
+    return new
+
+
+def _expected_shape(shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], ...]) -> tuple[int, ...]:
+    out = list(shape)
+    for axis, start, stop in ranges:
+        out[axis] = stop - start
+    return tuple(out)
+
+
+def _all_names(model: ir.Model) -> set[str]:
+    names: set[str] = set()
+    graphs = [model.graph]
+    for node in model.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    for g in graphs:
+        names.update(v.name for v in g.inputs if v.name)
+        names.update(n for n in g.initializers if n)
+        for node in g:
+            names.update(o.name for o in node.outputs if o.name)
+    return names
+
+
+def propagate(
+    encodings: EncodingSet,
+    record: SplitRecord,
+    model: Any,
+    *,
+    original: Any = None,
+    channel_axes_map: Mapping[str, int | AxisPair] | None = None,
+    strict: bool = False,
+) -> tuple[EncodingSet, CoverageReport]:
+    """Encodings for the split ``model`` from the MHA ``encodings`` and the split's ``record``.
+
+    ``model`` is the output (per-head) model. Channel axes of 0.6.1/1.0.0 per-channel weights
+    come from ``channel_axes_map`` (computed by the caller on the original model, e.g. with
+    :func:`mha2sha.encodings.axes.channel_axes` before an in-place split), else from ``original``,
+    else from how the first piece is consumed in ``model``, else from the unique dimension of
+    the recorded shape that matches the channel count. ``original`` also enables the check
+    that every encoding names a tensor of the original model. With ``strict``, any missing or
+    dropped encoding raises :class:`EncodingCoverageError` (a UserError).
+    """
+    out_model = as_ir_model(model)
+    out_names = _all_names(out_model)
+    out_shapes = tensor_shapes(out_model)
+    orig_model = as_ir_model(original) if original is not None else None
+    orig_names = _all_names(orig_model) if orig_model is not None else None
+
+    axes: dict[str, AxisPair] = {}
+    if orig_model is not None:
+        axes.update(channel_axes(orig_model))
+    for n, a in (channel_axes_map or {}).items():
+        axes[n] = a if isinstance(a, tuple) else (a, None)
+    piece_axes = channel_axes(out_model)
+
+    src = encodings.copy()
+    report = CoverageReport()
+    result = EncodingSet(version=src.version, extra=src.extra, style=src.style)
+    new_order: list[str] = []
+
+    def resolve(enc: Encoding, split: TensorSplit) -> None:
+        """Fill the axes of a per-channel/blocked encoding of a split weight."""
+        rank = len(split.shape)
+        if enc.enc_type == "PER_TENSOR" or not enc.has_scale:
+            return
+        pair = axes.get(split.original)
+        if pair is None:
+            for p in split.pieces:
+                if p.name in piece_axes and len(out_shapes.get(p.name, split.shape)) == rank:
+                    pair = piece_axes[p.name]
+                    break
+        if enc.axis is None and pair is not None:
+            enc.axis = pair[0] % rank
+        if enc.block_axis is None and enc.enc_type in ("PER_BLOCK", "LPBQ"):
+            if pair is not None and pair[1] is not None:
+                enc.block_axis = pair[1] % rank
+            elif enc.axis is not None and rank == 2:
+                enc.block_axis = 1 - enc.axis
+        if enc.axis is None:
+            n = enc.num_channels
+            matches = [i for i, d in enumerate(split.shape) if n is not None and d == n]
+            if len(matches) == 1:
+                enc.axis = matches[0]
+                report.warnings.append(
+                    f"{split.original}: channel axis {enc.axis} guessed from shape {split.shape}"
+                )
+        if enc.axis is not None and enc.enc_type == "PER_BLOCK" and enc.scale.ndim == 1:
+            enc.resolve_blocks(split.shape[enc.axis])
+        if enc.axis is not None and enc.num_channels not in (None, split.shape[enc.axis]):
+            report.warnings.append(
+                f"{split.original}: {enc.num_channels} channels do not match axis {enc.axis} of {split.shape}"
+            )
+            enc.axis = None
+
+    for name in src.names():
+        enc = src.get(name)
+        assert enc is not None
+        kind = src.kind_of(name)
+        target = result.params if kind == "param" else result.activations
+        if orig_names is not None and name not in orig_names:
+            report.unknown.append(name)
+            report.warnings.append(f"encoding {name} names no tensor of the original model")
+        split = record.tensors.get(name)
+        if split is None:
+            if name in out_names:
+                target[name] = enc
+                new_order.append(name)
+                report.kept.append(name)
+            else:
+                report.dropped[name] = "tensor not in output model"
+            continue
+        report.mha_encoded.append(name)
+        if name in out_names:  # e.g. a graph input that is sliced inside the graph: keep both
+            target[name] = enc
+            new_order.append(name)
+        resolve(enc, split)
+        for piece in split.pieces:
+            if piece.name not in out_names:
+                report.missing[piece.name] = f"per-head tensor of {name} not in output model"
+                continue
+            sliced = slice_encoding(enc, tuple(split.shape), piece.ranges, piece.name)
+            if isinstance(sliced, str):
+                report.missing[piece.name] = f"{name}: {sliced}"
+                continue
+            got = out_shapes.get(piece.name)
+            want = _expected_shape(tuple(split.shape), piece.ranges)
+            if got is not None and got != want and sliced.enc_type != "PER_TENSOR":
+                report.missing[piece.name] = f"{name}: piece shape {list(got)} is not the slice {list(want)}"
+                continue
+            if piece.name in target or piece.name in result:
+                report.warnings.append(f"{piece.name} receives encodings from two originals; first kept")
+                continue
+            target[piece.name] = sliced
+            new_order.append(piece.name)
+            report.sha_encoded.append(piece.name)
+
+    for name in record.tensors:
+        if name not in src:
+            report.unencoded_splits.append(name)
+    if src.order is not None:
+        result.order = new_order
+    for w in report.warnings:
+        logger.warning("%s", w)
+    if strict and not report.ok:
+        first = [*report.missing.items(), *report.dropped.items()][:3]
+        detail = "; ".join(f"{n}: {r}" for n, r in first)
+        raise EncodingCoverageError(
+            f"encodings coverage: {len(report.missing)} per-head tensors missing an encoding, "
+            f"{len(report.dropped)} encodings dropped ({detail})"
+        )
+    return result, report

@@ -1,0 +1,381 @@
+"""Apply AIMET encodings to a float model as QuantizeLinear/DequantizeLinear, and compare two.
+
+This is how quantized equivalence is checked on the host: the MHA model with its encodings and
+the SHA model with the propagated encodings both become QDQ models, run on onnxruntime's CPU
+provider with graph optimisations off, and their outputs are compared in LSBs.
+
+Placement (the same as ``aimet_onnx.quantsim.encodings_to_onnx_qdq``): an activation gets
+``Q -> DQ`` right after its producer (or at the graph input) and every consumer reads the DQ
+output; a graph output keeps its name on the DQ output. A parameter gets ``Q -> DQ`` on the
+initializer; an int32 bias (``QuantizeLinear`` cannot produce int32) is quantized offline and
+only a ``DQ`` is inserted. Plain-cast float encodings (fp16) become ``Cast -> Cast``.
+
+AIMET's sign convention (verified against ``aimet_onnx`` QuantizationSimModel in the tests):
+``q = clamp(round(x / scale) - offset, 0, 2**bw - 1)`` on the unsigned grid, so the ONNX zero
+point is ``-offset`` (uint) or ``-offset - 2**(bw-1)`` (int): offset -128 at 8 bits is the
+symmetric int8 grid with zero point 0; 2.x files store that zero point directly.
+
+Dtypes: standard ``ai.onnx`` Q/DQ when the model's opset can express the encoding (8-bit from
+opset 10/13, 16-bit, 4-bit and blocked from 21); below opset 21, 16/4-bit encodings use ORT's
+``com.microsoft`` Q/DQ (same arithmetic, no opset conversion of the rest of the model) and
+blocked weights (per-block, LPBQ) are fake-quantized offline with numpy (round half to even,
+like ORT), because ``com.microsoft`` Q/DQ has no ``block_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from mha2sha.encodings.axes import as_ir_model, resolve_axes
+from mha2sha.encodings.model import Encoding, EncodingSet, dtype_bits, dtype_is_signed
+from mha2sha.errors import UserError
+
+__all__ = ["to_qdq", "to_qdq_ir", "run_qdq", "run_qdq_compare", "fake_quantize"]
+
+logger = logging.getLogger(__name__)
+
+_NP_QDTYPE: dict[str, Any] = {
+    "int4": ml_dtypes.int4,
+    "uint4": ml_dtypes.uint4,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int16": np.int16,
+    "uint16": np.uint16,
+    "int32": np.int32,
+}
+_FLOAT_CAST = {16: ir.DataType.FLOAT16}
+
+
+def _qrange(dtype: str) -> tuple[int, int]:
+    bits = dtype_bits(dtype)
+    assert bits is not None
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if dtype_is_signed(dtype) else (0, 2**bits - 1)
+
+
+def _layout(enc: Encoding, arr: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Encoding-layout array -> the shape ONNX wants (scalar, 1-D per channel, blocked = input rank)."""
+    if enc.enc_type == "PER_TENSOR":
+        return np.asarray(arr).reshape(())
+    if enc.enc_type == "PER_CHANNEL":
+        return np.asarray(arr).reshape(-1)
+    assert shape is not None and enc.axis is not None and enc.block_axis is not None
+    arr = np.asarray(arr)
+    if arr.ndim == 1:
+        arr = arr.reshape(shape[enc.axis], -1)
+    rank = len(shape)
+    moved = np.moveaxis(
+        arr.reshape(arr.shape[0], arr.shape[1], *([1] * (rank - 2))), [0, 1], [enc.axis, enc.block_axis]
+    )
+    full = list(shape)
+    full[enc.block_axis] = moved.shape[enc.block_axis]
+    return np.ascontiguousarray(np.broadcast_to(moved, full))
+
+
+def fake_quantize(
+    x: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    dtype: str,
+    axis: int | None = None,
+    block_size: int | None = None,
+) -> np.ndarray:
+    """``DequantizeLinear(QuantizeLinear(x))`` in numpy with ORT's arithmetic (float32, half-to-even)."""
+    x = np.asarray(x, np.float32)
+    s = np.asarray(scale, np.float32)
+    z = np.asarray(zero_point, np.float32)
+    if block_size:
+        assert axis is not None
+        s = np.repeat(s, block_size, axis=axis).take(np.arange(x.shape[axis]), axis=axis)
+        z = np.repeat(z, block_size, axis=axis).take(np.arange(x.shape[axis]), axis=axis)
+    elif s.ndim == 1 and axis is not None:
+        bshape = [1] * x.ndim
+        bshape[axis] = -1
+        s, z = s.reshape(bshape), z.reshape(bshape)
+    lo, hi = _qrange(dtype)
+    q = np.clip(np.rint(x / s) + z, lo, hi)
+    return ((q - z) * s).astype(np.float32)
+
+
+class _Builder:
+    """Inserts Q/DQ pairs into one graph."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.values: dict[str, ir.Value] = {}
+        for v in self.graph.inputs:
+            self.values[v.name] = v
+        for name, v in self.graph.initializers.items():
+            self.values[name] = v
+        for node in self.graph:
+            for o in node.outputs:
+                if o.name:
+                    self.values[o.name] = o
+        self.front: list[ir.Node] = []
+        self.uses_ms = False
+
+    def const(self, name: str, arr: np.ndarray) -> ir.Value:
+        tensor = ir.tensor(arr, name=name)
+        v = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(v)
+        return v
+
+    def domain_for(self, qdtype: str, enc: Encoding) -> str | None:
+        """``""`` (standard), ``"com.microsoft"``, or None when only offline folding works."""
+        need = 10
+        if enc.enc_type != "PER_TENSOR":
+            need = 13
+        if enc.enc_type in ("PER_BLOCK", "LPBQ") or qdtype not in ("int8", "uint8", "int32"):
+            need = 21
+        if self.opset >= need:
+            return ""
+        if enc.enc_type in ("PER_BLOCK", "LPBQ"):
+            return None
+        return "com.microsoft"
+
+    def insert(self, value: ir.Value, nodes: list[ir.Node], out: ir.Value) -> None:
+        """Make every reader of ``value`` (except ``nodes``) read ``out``; graph outputs keep the name."""
+        own = set(map(id, nodes))
+        for user, idx in list(value.uses()):
+            if id(user) not in own:
+                user.replace_input_with(idx, out)
+        name = value.name
+        for i, gout in enumerate(self.graph.outputs):
+            if gout is value:
+                self.graph.outputs[i] = out
+                value.name = f"{name}__pre_qdq"
+                out.name = name
+        producer = value.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, nodes)
+        else:
+            self.front.extend(nodes)
+
+    def finish(self) -> None:
+        if self.front:
+            first = next(iter(self.graph), None)
+            if first is None:
+                self.graph.extend(self.front)
+            else:
+                self.graph.insert_before(first, self.front)
+        if self.uses_ms:
+            self.graph.opset_imports.setdefault("com.microsoft", 1)
+        self.graph.sort()
+
+
+def _float_dtype(value: ir.Value) -> ir.DataType:
+    dt = value.dtype
+    if dt is None and value.const_value is not None:
+        dt = value.const_value.dtype
+    return dt or ir.DataType.FLOAT
+
+
+def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None:
+    value = b.values.get(name)
+    if value is None:
+        raise UserError(f"encoding {name} names no tensor of the model")
+    fdt = _float_dtype(value)
+    np_float = fdt.numpy()
+    shape = None
+    if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+        shape = tuple(int(d) for d in value.shape)
+    elif value.const_value is not None:
+        shape = tuple(value.const_value.shape)
+    if enc.is_float:
+        if enc.has_scale:
+            raise UserError(f"encoding {name}: scaled float ({enc.output_dtype}) QDQ is not supported")
+        to = _FLOAT_CAST.get(enc.bitwidth)
+        if enc.output_dtype == "bfloat16":
+            to = ir.DataType.BFLOAT16
+        if to is None:
+            raise UserError(f"encoding {name}: float{enc.bitwidth} cast is not supported")
+        c1 = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to)], name=f"{name}_cast_q")
+        c1.outputs[0].name = f"{name}_fp{enc.bitwidth}"
+        c2 = ir.Node("", "Cast", [c1.outputs[0]], [ir.AttrInt64("to", fdt)], name=f"{name}_cast_dq")
+        c2.outputs[0].name = f"{name}_qdq"
+        c2.outputs[0].dtype = fdt
+        b.insert(value, [c1, c2], c2.outputs[0])
+        return
+
+    qdtype = enc.qdtype()
+    scale = enc.effective_scale()
+    zp = np.asarray(enc.zero_point(qdtype), np.float64)
+    if np.any(np.mod(zp, 1.0) != 0):
+        raise UserError(f"encoding {name}: fractional zero point (int2 custom grid) has no ONNX QDQ form")
+    lo, hi = _qrange(qdtype)
+    if np.any(zp < lo) or np.any(zp > hi):
+        raise UserError(f"encoding {name}: zero point outside the {qdtype} range")
+    blocked = enc.enc_type in ("PER_BLOCK", "LPBQ")
+    if enc.enc_type != "PER_TENSOR" and (enc.axis is None or (blocked and enc.block_axis is None)):
+        raise UserError(f"encoding {name}: channel axis unknown; pass channel_axes")
+    if blocked and shape is None:
+        raise UserError(f"encoding {name}: blocked encoding on a tensor without a static shape")
+    s_arr = _layout(enc, scale, shape).astype(np_float)
+    z_arr = _layout(enc, zp, shape).astype(np.int64)
+    if enc.enc_type == "PER_CHANNEL" and shape is not None and s_arr.size != shape[enc.axis]:  # type: ignore[index]
+        raise UserError(f"encoding {name}: {s_arr.size} channels, axis {enc.axis} of {list(shape)}")
+    attrs: list[ir.Attr] = []
+    if enc.enc_type != "PER_TENSOR":
+        attrs.append(ir.AttrInt64("axis", enc.block_axis if blocked else enc.axis))  # type: ignore[arg-type]
+    if blocked:
+        attrs.append(ir.AttrInt64("block_size", int(enc.block_size)))  # type: ignore[arg-type]
+    const = value.const_value if is_param or value.is_initializer() else None
+    domain = b.domain_for(qdtype, enc)
+
+    if qdtype == "int32" or domain is None:
+        if const is None:
+            raise UserError(
+                f"encoding {name}: {qdtype} {enc.enc_type} activation cannot be expressed at opset {b.opset}"
+            )
+        x = const.numpy().astype(np.float32)
+        axis = enc.block_axis if blocked else enc.axis
+        if domain is None:  # fold the fake-quantized weight
+            folded = fake_quantize(
+                x, s_arr, z_arr, qdtype, axis=axis, block_size=enc.block_size if blocked else None
+            )
+            value.const_value = ir.tensor(folded.astype(np_float), name=name)
+            logger.info("%s: blocked encoding folded offline (opset %d < 21)", name, b.opset)
+            return
+        # int32 bias: quantize offline, DequantizeLinear only
+        s32 = s_arr.astype(np.float32)
+        z32 = z_arr.astype(np.float32)
+        if s32.ndim == 1 and axis is not None:
+            bshape = [1] * x.ndim
+            bshape[axis] = -1
+            s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
+        q = np.clip(np.rint(x / s32) + z32, lo, hi).astype(np.int32)
+        qv = b.const(f"{name}_q", q)
+        sv = b.const(f"{name}_scale", s_arr)
+        zv = b.const(f"{name}_zero_point", z_arr.astype(np.int32))
+        dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attrs, name=f"{name}_dq")
+        dq.outputs[0].name = f"{name}_qdq"
+        dq.outputs[0].dtype = fdt
+        b.insert(value, [dq], dq.outputs[0])
+        return
+
+    if domain == "com.microsoft":
+        b.uses_ms = True
+    sv = b.const(f"{name}_scale", s_arr)
+    zv = b.const(f"{name}_zero_point", z_arr.astype(_NP_QDTYPE[qdtype]))
+    qn = ir.Node(domain, "QuantizeLinear", [value, sv, zv], attrs, name=f"{name}_q")
+    qn.outputs[0].name = f"{name}_q"
+    dqn = ir.Node(domain, "DequantizeLinear", [qn.outputs[0], sv, zv], attrs, name=f"{name}_dq")
+    dqn.outputs[0].name = f"{name}_qdq"
+    dqn.outputs[0].dtype = fdt
+    if value.shape is not None:
+        dqn.outputs[0].shape = value.shape
+    b.insert(value, [qn, dqn], dqn.outputs[0])
+
+
+def to_qdq_ir(
+    model: Any, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None
+) -> ir.Model:
+    """A copy of ``model`` (onnx_ir.Model, ModelProto or path) with ``encodings`` applied as QDQ."""
+    # never mutate the caller's model: an ir.Model is copied through its proto
+    model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else as_ir_model(model)
+    es = encodings.copy()
+    resolve_axes(es, model=model, channel_axes=channel_axes)
+    b = _Builder(model)
+    for name, enc in es.items():
+        _add_encoding(b, name, enc, es.kind_of(name) == "param")
+    b.finish()
+    return model
+
+
+def to_qdq(
+    model: Any, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None
+) -> onnx.ModelProto:
+    """:func:`to_qdq_ir` as an ``onnx.ModelProto``."""
+    return ir.to_proto(to_qdq_ir(model, encodings, channel_axes=channel_axes))
+
+
+def _session(model: ir.Model, workdir: str):  # -> ort.InferenceSession
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    path = os.path.join(workdir, f"qdq_{id(model)}.onnx")
+    ir.save(model, path, external_data=os.path.basename(path) + ".data", size_threshold_bytes=1 << 20)
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UserError(
+            f"onnxruntime cannot load the QDQ model: {' '.join(str(exc).split())[:300]}"
+        ) from None
+
+
+def run_qdq(
+    model: Any,
+    encodings: EncodingSet,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    channel_axes: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Outputs of the QDQ version of ``model`` on ``inputs`` (ORT CPU, optimisations off)."""
+    qdq = to_qdq_ir(model, encodings, channel_axes=channel_axes)
+    with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-") as tmp:
+        sess = _session(qdq, tmp)
+        names = {i.name for i in sess.get_inputs()}
+        feeds = {k: v for k, v in inputs.items() if k in names}
+        outs = sess.run(None, feeds)
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+
+def _lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if enc is None or enc.is_float or not enc.has_scale:
+        return None
+    if enc.enc_type == "PER_TENSOR":
+        return np.asarray(enc.scale, np.float64)
+    if enc.enc_type == "PER_CHANNEL" and enc.axis is not None and enc.axis < len(shape):
+        bshape = [1] * len(shape)
+        bshape[enc.axis] = -1
+        return np.asarray(enc.scale, np.float64).reshape(bshape)
+    return None
+
+
+def run_qdq_compare(
+    model_a: Any,
+    enc_a: EncodingSet,
+    model_b: Any,
+    enc_b: EncodingSet,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    output_map: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """``{output: max |a - b|}`` between the QDQ versions of two models on the same inputs.
+
+    The unit is LSBs of the output's encoding in ``enc_a`` (per-tensor, or per-channel with a
+    known axis), so 0 is bit-identical and 1 is one quantization step; an output without an
+    integer encoding is compared in absolute float difference. Outputs are matched by name
+    (``output_map`` renames a's outputs to b's).
+    """
+    out_a = run_qdq(model_a, enc_a, inputs)
+    out_b = run_qdq(model_b, enc_b, inputs)
+    mapping = dict(output_map) if output_map else {n: n for n in out_a if n in out_b}
+    if not mapping:
+        raise UserError("the two models share no output name; pass output_map")
+    result: dict[str, float] = {}
+    for na, nb in mapping.items():
+        if na not in out_a or nb not in out_b:
+            raise UserError(f"output {na!r} / {nb!r} not produced by both models")
+        a = np.asarray(out_a[na], np.float64)
+        bb = np.asarray(out_b[nb], np.float64)
+        if a.shape != bb.shape:
+            raise UserError(f"output {na}: shapes differ {list(a.shape)} vs {list(bb.shape)}")
+        diff = np.abs(a - bb)
+        lsb = _lsb(enc_a.get(na), a.shape)
+        if lsb is not None:
+            diff = diff / lsb
+        result[na] = float(np.max(diff)) if diff.size else 0.0
+    return result

@@ -1,0 +1,79 @@
+"""Turn a :class:`Built` module into a self-contained static-shape ONNX file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from .spec import EXPORTERS, Built
+
+TORCHSCRIPT_OPSET = 17
+
+
+def export(built: Built, path: Path, exporter: str) -> None:
+    """Export with static shapes (no dynamic axes) and the weights embedded in ``path``.
+
+    The dynamo path runs the onnxscript optimizer (constant folding, dead-code removal) because
+    the raw torch.export translation is full of no-op casts and shape arithmetic that a graph
+    rewrite would otherwise have to look through.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    args = tuple(built.inputs.values())
+    names = list(built.inputs)
+    with torch.no_grad(), warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                built.module,
+                args,
+                str(path),
+                input_names=names,
+                output_names=built.output_names,
+                opset_version=TORCHSCRIPT_OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+        else:
+            program = torch.onnx.export(
+                built.module,
+                args,
+                input_names=names,
+                output_names=built.output_names,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(path), external_data=False)
+    _check_names(built, path)
+
+
+def _check_names(built: Built, path: Path) -> None:
+    """Fail at build time, not in a converter test, if an exporter renamed or dropped an I/O."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    got_in = [v.name for v in model.graph.input]
+    got_out = [v.name for v in model.graph.output]
+    if got_in != list(built.inputs) or got_out != built.output_names:
+        raise RuntimeError(
+            f"exported I/O {got_in} -> {got_out} differs from {list(built.inputs)} -> {built.output_names}"
+        )
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress lines and registry warnings; keep test logs readable."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)

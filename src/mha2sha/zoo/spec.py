@@ -1,0 +1,51 @@
+"""Case metadata and the in-memory form of a built test model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """What a zoo case is, so a test can pick cases by property instead of by name.
+
+    ``heads``/``kv_heads``/``head_dim`` describe the (self-)attention the converter must split.
+    ``exporters`` lists the exporters known to work; ``notes`` says why one is missing, and any
+    graph-structure quirk worth knowing.
+    """
+
+    name: str
+    family: str
+    description: str
+    kind: str  # "prefill" | "step" | "encoder" | "decoder" | "seq2seq" | "block" | "prepared_step"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int = 2
+    seq_len: int = 0  # tokens processed per call (AR for step graphs)
+    past_len: int = 0  # KV entries supplied as input (step graphs)
+    vocab_size: int = 0  # token-id inputs are drawn from [0, vocab_size); 0 if none
+    notes: str = ""
+    exporters: tuple[str, ...] = EXPORTERS
+
+
+@dataclass
+class Built:
+    """A ready-to-export module: ``module(*inputs.values())`` returns tensors named ``output_names``."""
+
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    output_names: list[str]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A registry entry: metadata plus the zero-argument function that builds the model."""
+
+    info: CaseInfo
+    builder: Callable[[], Built] = field(repr=False)
