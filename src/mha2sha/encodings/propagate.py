@@ -47,6 +47,7 @@ class CoverageReport:
     unknown: list[str] = dataclasses.field(default_factory=list)
     unencoded_splits: list[str] = dataclasses.field(default_factory=list)
     kept: list[str] = dataclasses.field(default_factory=list)
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)  # vanished data movement -> source
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -65,6 +66,7 @@ class CoverageReport:
                 "unknown": len(self.unknown),
                 "unencoded_splits": len(self.unencoded_splits),
                 "kept": len(self.kept),
+                "folded": len(self.folded),
             },
             "mha_encoded": list(self.mha_encoded),
             "sha_encoded": list(self.sha_encoded),
@@ -73,6 +75,7 @@ class CoverageReport:
             "unknown": list(self.unknown),
             "unencoded_splits": list(self.unencoded_splits),
             "kept": list(self.kept),
+            "folded": dict(self.folded),
             "warnings": list(self.warnings),
         }
 
@@ -101,6 +104,7 @@ class CoverageReport:
             ("encodings naming no original tensor", self.unknown, "yellow"),
             ("split tensors without encoding", self.unencoded_splits, "dim"),
             ("encodings kept unchanged", self.kept, ""),
+            ("data movement removed, same encoding as its input", self.folded, "dim"),
         ]
         for label, items, style in rows:
             t.add_row(label, str(len(items)), names(items) if items else "", style=style if items else None)
@@ -194,6 +198,19 @@ def _all_names(model: ir.Model) -> set[str]:
     return names
 
 
+def _folded_source(name: str, record: SplitRecord, encodings: EncodingSet) -> str | None:
+    """The encoded tensor a removed data-movement tensor copied (following chains), if any."""
+    seen = {name}
+    while name in record.folded:
+        name = record.folded[name]
+        if name in seen:
+            return None
+        seen.add(name)
+        if encodings.get(name) is not None:
+            return name
+    return None
+
+
 def propagate(
     encodings: EncodingSet,
     record: SplitRecord,
@@ -280,7 +297,13 @@ def propagate(
                 new_order.append(name)
                 report.kept.append(name)
             else:
-                report.dropped[name] = "tensor not in output model"
+                source = _folded_source(name, record, src)
+                if source is not None and enc.same_numbers(src.get(source)):
+                    report.folded[name] = source
+                elif source is not None:
+                    report.dropped[name] = f"removed data movement of {source} had a different encoding"
+                else:
+                    report.dropped[name] = "tensor not in output model"
             continue
         report.mha_encoded.append(name)
         if name in out_names:  # e.g. a graph input that is sliced inside the graph: keep both
@@ -301,7 +324,12 @@ def propagate(
                 report.missing[piece.name] = f"{name}: piece shape {list(got)} is not the slice {list(want)}"
                 continue
             if piece.name in target or piece.name in result:
-                report.warnings.append(f"{piece.name} receives encodings from two originals; first kept")
+                # One per-head tensor can stand for several originals (a reshape that is the identity
+                # per head); equal encodings agree, different ones are a real conflict.
+                if not sliced.same_numbers(result.get(piece.name) or target[piece.name]):
+                    report.warnings.append(
+                        f"{piece.name} receives different encodings from two originals; first kept"
+                    )
                 continue
             target[piece.name] = sliced
             new_order.append(piece.name)

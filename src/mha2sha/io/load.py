@@ -1,16 +1,89 @@
-"""Load a model lazily (external weights stay memory-mapped) and reject bad input with one line."""
+"""Load a model lazily (external weights stay on disk) and reject bad input with one line.
+
+External weights are :class:`StreamedExternalTensor` s: ``numpy()`` maps only that tensor's bytes
+and the mapping goes away with the array, so reading weights one after the other (slicing every
+head's piece while saving) never keeps more than the tensor being read resident. onnx_ir's own
+``ExternalTensor`` caches a mapping of the whole file per tensor; every page read through it stays
+in the process's RSS until the model is freed (3.2 GB for the q/k/v weights of a 7B model).
+Copying an unchanged weight to the output goes through ``tofile`` (``copy_file_range``, in the
+kernel) and never maps it at all.
+"""
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
 
-__all__ = ["load_model", "fix_input_shapes", "require_static_inputs"]
+__all__ = ["load_model", "fix_input_shapes", "require_static_inputs", "StreamedExternalTensor"]
+
+
+class StreamedExternalTensor(ir.ExternalTensor):
+    """An external tensor whose data is mapped per call and never cached on the tensor.
+
+    ``numpy()`` returns a read-only array over a private mapping of just this tensor's byte range;
+    when the caller drops the array the mapping is closed, so the pages leave the process RSS
+    (they stay in the page cache, shared and reclaimable). Sub-byte types use the cached path.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def like(cls, tensor: ir.ExternalTensor) -> StreamedExternalTensor:
+        return cls(
+            tensor.location,
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=tensor.name,
+            doc_string=tensor.doc_string,
+            metadata_props=tensor.metadata_props,
+            base_dir=tensor.base_dir,
+        )
+
+    def _map(self) -> np.ndarray:
+        self._check_validity()
+        self._check_path_containment()
+        shape = self.shape.numpy()
+        dtype = np.dtype(self.dtype.numpy()).newbyteorder("<")
+        nbytes = self.nbytes
+        if nbytes == 0:
+            return np.empty(shape, dtype=dtype)
+        offset = self.offset or 0
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            raw = mmap.mmap(f.fileno(), offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
+        return np.frombuffer(raw, dtype=dtype, count=self.size, offset=offset - start).reshape(shape)
+
+    def _streamable(self) -> bool:
+        return self.dtype.bitwidth >= 8 and self.dtype != ir.DataType.STRING
+
+    def numpy(self) -> np.ndarray:
+        return self._map() if self._streamable() else super().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        if not self._streamable():
+            return super().tobytes()
+        return self._map().tobytes()
+
+
+def _stream_external_tensors(model: ir.Model) -> None:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if type(tensor) is ir.ExternalTensor:
+                value.const_value = StreamedExternalTensor.like(tensor)
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -26,6 +99,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not model.graph.outputs:
         raise UserError(f"not a valid ONNX model: {path} (the graph has no outputs)")
     _check_external_data(model, path)
+    _stream_external_tensors(model)
     return model
 
 

@@ -1,8 +1,9 @@
 """Make every shape static and visible before the split.
 
-Exporters compute reshape targets and masks at run time from ``Shape`` ops. With static input
-shapes those computations are constants: fold the small ones (never a weight-sized tensor), then
-run ONNX shape inference, and repeat until nothing changes. Constants become initializers so every
+Exporters compute reshape targets at run time from ``Shape`` ops. With static input shapes those
+computations are constants: fold the small integer ones (never a weight, never a float tensor that
+could carry a quantization encoding), then run ONNX shape inference, and repeat until nothing
+changes. Constants become initializers so every
 rule sees one kind of constant.
 """
 
@@ -91,6 +92,10 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
             else:
                 continue
             if results is None or any(np.asarray(r).size > _MAX_ELEMENTS for r in results):
+                continue
+            if any(np.issubdtype(np.asarray(r).dtype, np.floating) for r in results):
+                # Float tensors may carry activation encodings (a quantized model's QDQ would then
+                # change); only index and shape arithmetic is folded.
                 continue
             for out, array in zip(node.outputs, results, strict=True):
                 array = np.asarray(array)

@@ -47,11 +47,15 @@ def _weight_bytes(model: ir.Model) -> int:
 def save_model(model: ir.Model, path: Path) -> list[Path]:
     """Save ``model`` to ``path``; large models get a single ``<name>.data`` external file."""
     try:
+        data = path.with_suffix(".data")
         if _weight_bytes(model) > EMBED_LIMIT_BYTES:
-            data = path.with_suffix(".data")
             ir.save(model, path, external_data=data.name, alignment=64)
             return [path, data]
-        ir.save(model, path)
+        # Naming an external file with a threshold above every tensor embeds them all, including
+        # weights the input kept in external files (a plain save would keep dangling references).
+        ir.save(model, path, external_data=data.name, size_threshold_bytes=EMBED_LIMIT_BYTES + 1)
+        if data.exists() and data.stat().st_size == 0:
+            data.unlink()
         return [path]
     except OSError as e:
         raise UserError(f"could not write {path}: {e.strerror or e}") from None

@@ -45,6 +45,17 @@ class SplitRecord:
     """All tensor splits of one conversion, keyed by original tensor name."""
 
     tensors: dict[str, TensorSplit] = dataclasses.field(default_factory=dict)
+    # data-movement tensors (Reshape, Expand, (Un)Squeeze, Transpose) the split made vanish, mapped
+    # to the tensor they copied: their encodings are their input's (DESIGN: data movement inherits)
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def prune(self, existing: set[str]) -> None:
+        """Forget pieces that the cleanup removed (intermediates of collapsed reshape chains)."""
+        for name in list(self.tensors):
+            split = self.tensors[name]
+            split.pieces = [p for p in split.pieces if p.name in existing]
+            if not split.pieces:
+                del self.tensors[name]
 
     def name_map(self) -> dict[str, dict[str, list[str]]]:
         """The ``mha_to_sha_names.json`` content: original name -> per-head names, by kind."""

@@ -40,6 +40,7 @@ __all__ = ["BlockReport", "SplitHeadsPass"]
 
 logger = logging.getLogger(__name__)
 
+_DATA_MOVEMENT = {"Reshape", "Expand", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity"}
 _FORWARD_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
 
@@ -153,6 +154,12 @@ def _describe(block: _Block) -> None:
     report.activations = sorted({f"{s.value.name} ({s.reason})" for s in region.of_kind("activation")})
 
 
+def _value_names(graph: ir.Graph) -> set[str]:
+    names = {v.name for v in graph.inputs} | set(graph.initializers)
+    names.update(out.name for node in graph for out in node.outputs)
+    return {n for n in names if n}
+
+
 class SplitHeadsPass(ir.passes.InPlacePass):
     """Split multi-head attention into per-head single-head attention (see module docstring)."""
 
@@ -191,9 +198,22 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                 emitter.piece(block.region, block.start, block.start_spec, head)
             if self.on_block is not None:
                 self.on_block(1)
+        copies = {  # data-movement tensor -> the tensor it copies (read before joins rename and cleanup detaches)
+            step.value.name: step.node.inputs[0].name
+            for block in blocks
+            for step in block.region.of_kind("node")
+            if step.node is not None
+            and step.node.op_type in _DATA_MOVEMENT
+            and step.node.inputs[0] is not None
+        }
         self._join_escaping_values(graph, blocks, emitter)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
+        existing = _value_names(graph)
+        self.record.prune(existing)
+        for name, source in copies.items():
+            if name not in existing and name not in self.record.tensors:
+                self.record.folded[name] = source
         return ir.passes.PassResult(model, modified=True)
 
     def _plan(self, core: AttentionCore) -> _Block | None:
