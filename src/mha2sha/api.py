@@ -36,9 +36,10 @@ from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import blocks_json
 from mha2sha.split.record import SplitRecord
 from mha2sha.split.split_heads import BlockReport, SplitHeadsPass
+from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
 from mha2sha.verify.input_lists import write_input_lists
 from mha2sha.verify.inputs import load_inputs, make_inputs
-from mha2sha.verify.qdq import run_qdq_compare
+from mha2sha.verify.qdq import output_lsb, run_qdq_compare, to_qdq_ir
 from mha2sha.verify.runner import Verification, compare_outputs, run_model, verify
 
 __all__ = ["ConvertOptions", "ConversionResult", "ConversionFailed", "convert", "MHA2SHAConverter"]
@@ -69,6 +70,8 @@ class ConvertOptions:
     encodings_version: str | None = None  # write this version (default: the version read)
     strict_encodings: bool = False  # any coverage gap is an error
     max_lsb: float = 1.0  # quantized (QDQ) outputs may differ by at most this many LSBs
+    verify_htp: bool = False  # also compare MHA-QDQ and SHA-QDQ on the HTP emulator (onnxruntime-qnn)
+    soc: str = DEFAULT_SOC
 
 
 @dataclasses.dataclass
@@ -82,6 +85,7 @@ class ConversionResult:
     timer: PhaseTimer | None = None
     coverage: CoverageReport | None = None
     qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
+    htp: HtpCheck | None = None
 
     @property
     def split_blocks(self) -> list[BlockReport]:
@@ -169,12 +173,15 @@ def convert(
                     result.qdq_lsb = _verify_qdq(
                         model_path, encodings, staged[0], sha_encodings, inputs, split
                     )
-                worst = max(result.qdq_lsb.items(), key=lambda kv: kv[1], default=("", 0.0))
-                if worst[1] > options.max_lsb:
-                    raise ConversionFailed(
-                        f"quantized verification failed: output '{worst[0]}' differs by {worst[1]:.3g} LSB "
-                        f"(> {options.max_lsb:g}); nothing was written"
-                    )
+                _require_within_lsb("quantized verification", result.qdq_lsb, options.max_lsb)
+                if options.verify_htp:
+                    with timer.phase(f"verify on HTP emulator ({options.soc})"):
+                        result.htp = _verify_htp(
+                            model_path, encodings, staged[0], sha_encodings, inputs, options.soc
+                        )
+                    if result.htp.error:
+                        raise ConversionFailed(f"HTP verification could not run: {result.htp.error}")
+                    _require_within_lsb("HTP verification", result.htp.max_lsb, options.max_lsb)
             if options.create_input_lists and result.verification.reference is not None:
                 feeds = _per_head_feeds(inputs, split)
                 goldens = _per_head_outputs(result.verification.reference, split)
@@ -205,6 +212,34 @@ def _verify_qdq(
     if split.input_pieces or split.output_pieces:
         raise UserError("quantized verification with --per-head-kv-io is not supported yet; add --no-verify")
     return run_qdq_compare(original, encodings, converted, sha_encodings, inputs)
+
+
+def _require_within_lsb(what: str, diffs: Mapping[str, float], max_lsb: float) -> None:
+    name, worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    if worst > max_lsb:
+        raise ConversionFailed(
+            f"{what} failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}); nothing was written"
+        )
+
+
+def _verify_htp(
+    original: Path,
+    encodings: EncodingSet,
+    converted: Path,
+    sha_encodings: EncodingSet,
+    inputs: Mapping[str, np.ndarray],
+    soc: str,
+) -> HtpCheck:
+    """Both models as QDQ on the HTP emulator: unsupported nodes, and MHA vs SHA in LSBs."""
+    with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-") as tmp:
+        paths = []
+        for tag, path, es in (("mha", original, encodings), ("sha", converted, sha_encodings)):
+            target = Path(tmp) / f"{tag}.onnx"
+            save_model(to_qdq_ir(path, es), target)
+            paths.append(target)
+        shapes = {v.name: tuple(v.shape or ()) for v in ir.load(converted).graph.outputs}
+        lsb = {name: output_lsb(encodings.get(name), shape) for name, shape in shapes.items()}
+        return compare_on_htp(paths[0], paths[1], inputs, lsb, soc)
 
 
 def _per_head_outputs(outputs: Mapping[str, np.ndarray], split: SplitHeadsPass) -> dict[str, np.ndarray]:
@@ -264,6 +299,7 @@ def _report(result: ConversionResult) -> dict[str, Any]:
         "phases": [dataclasses.asdict(r) for r in result.timer.records] if result.timer else [],
         "encodings_coverage": result.coverage.to_dict() if result.coverage else None,
         "quantized_max_lsb": result.qdq_lsb,
+        "htp": result.htp.to_dict() if result.htp else None,
         "verification": None
         if v is None
         else {

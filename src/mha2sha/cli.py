@@ -65,6 +65,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens"
     )
     parser.add_argument(
+        "--encodings", metavar="FILE", help="AIMET .encodings of the model: propagated per head"
+    )
+    parser.add_argument(
+        "--encodings-version", choices=["0.6.1", "1.0.0", "2.0.0"], help="write this encodings version"
+    )
+    parser.add_argument(
+        "--strict-encodings", action="store_true", help="any encodings coverage gap is an error"
+    )
+    parser.add_argument(
+        "--verify-htp", action="store_true", help="also compare on the HTP emulator (needs mha2sha[htp])"
+    )
+    parser.add_argument("--soc", default="SM8650", help="HTP SoC model for --verify-htp (default SM8650)")
+    parser.add_argument(
         "--per-head-kv-io",
         action="store_true",
         help="one past/present KV input/output per head (default: keep the model's I/O contract)",
@@ -94,6 +107,11 @@ def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
         force=args.force,
         create_input_lists=args.create_input_lists,
         per_head_kv_io=args.per_head_kv_io,
+        encodings=args.encodings or getattr(args, "exported_model_encoding_path", None),
+        encodings_version=args.encodings_version,
+        strict_encodings=args.strict_encodings,
+        verify_htp=args.verify_htp,
+        soc=args.soc,
     )
 
 
@@ -104,12 +122,18 @@ def _print_result(result: ConversionResult, allow_partial: bool) -> int:
     console.print(blocks_table(result.blocks))
     if result.other_softmax:
         console.print(f"Softmax not in an attention core (left as is): {', '.join(result.other_softmax)}")
+    if result.coverage is not None:
+        console.print(result.coverage.table())
     if result.verification is not None:
         console.print(verification_table(result.verification))
-    if result.files:
-        written = ", ".join(
-            str(f) for f in result.files if f.suffix in (".onnx", ".json") and f.parent.name != "goldens"
+    if result.qdq_lsb is not None:
+        worst = max(result.qdq_lsb.values(), default=0.0)
+        verdict = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
+        console.print(
+            f"Quantized (QDQ, onnxruntime CPU) MHA vs SHA: [green]{verdict}[/] over {len(result.qdq_lsb)} outputs"
         )
+    if result.files:
+        written = ", ".join(str(f) for f in result.files if f.parent.name not in ("goldens", "inputs"))
         console.print(f"Wrote {written}")
     elif not result.split_blocks:
         console.print("No multi-head attention was split; nothing written (use --force to write anyway).")
@@ -164,7 +188,7 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", required=True)
     parser.add_argument("--exported-model-path", required=True)
     parser.add_argument("--sha-export-path", required=True)
-    parser.add_argument("--exported-model-encoding-path")
+    parser.add_argument("--exported-model-encoding-path", help="AIMET .encodings (same as --encodings)")
     parser.add_argument("--base-llm")
     parser.add_argument("--no-verification", action="store_true")
     for flag in _LEGACY_HINTS:
@@ -176,10 +200,8 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
     _add_common(parser)
     args = parser.parse_args(argv)
     later = [f for f in _LEGACY_LATER if getattr(args, f.lstrip("-").replace("-", "_")) is not None]
-    if args.exported_model_encoding_path:
-        later.append("--exported-model-encoding-path")
     if later:
-        _error(f"{', '.join(later)} not supported yet by this release (planned: encodings and HTP layout)")
+        _error(f"{', '.join(later)} not supported yet by this release (planned: HTP layout)")
         return 2
     try:
         options = _options(args, verify=not args.no_verification)

@@ -127,7 +127,8 @@ def test_placement_and_dtypes() -> None:
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "q_b" for n in q17.graph.node)
     doms17 = {(n.op_type, n.domain, n.input[0]) for n in q17.graph.node if n.op_type == "QuantizeLinear"}
     assert ("QuantizeLinear", "com.microsoft", "x") in doms17  # uint16 below opset 21
-    assert ("QuantizeLinear", "", "q_w") in doms17  # int8 per-channel is standard at 13+
+    assert "q_w_q" in dq_inputs  # int8 per-channel weight: stored quantized, DequantizeLinear only
+    assert not any(i == "q_w" for _, _, i in doms17)
     assert not any(i == "k_w" for _, _, i in doms17)  # blocked folded offline at opset < 21
     q21_block = [n for n in q21.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "k_w"]
     assert q21_block and {a.name: a.i for a in q21_block[0].attribute} == {"axis": 0, "block_size": 8}

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from mha2sha.split.split_heads import BlockReport
+from mha2sha.verify.htp import HtpCheck
 
-__all__ = ["blocks_table", "blocks_json"]
+__all__ = ["blocks_table", "blocks_json", "htp_summary"]
 
 
 def _what_was_split(block: BlockReport) -> str:
@@ -58,3 +59,22 @@ def blocks_json(blocks: Sequence[BlockReport]) -> list[dict]:
         }
         for b in blocks
     ]
+
+
+def htp_summary(check: HtpCheck) -> str:
+    """Two lines: does SHA run on HTP alone, and how far MHA and SHA are apart there."""
+
+    def support(runs: bool, unsupported: list[tuple[str, str]]) -> str:
+        if runs:
+            return "[green]runs on HTP with CPU fallback disabled[/]"
+        ops = sorted({op for _, op in unsupported})
+        return f"[yellow]needs CPU fallback[/] ({len(unsupported)} unsupported nodes: {', '.join(ops) or 'see log'})"
+
+    worst = max(check.max_lsb.values(), default=0.0)
+    agreement = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
+    mode = " (unsupported nodes on CPU in both)" if check.cpu_fallback_used else ""
+    return (
+        f"HTP emulator {check.soc}: SHA {support(check.sha_on_htp_only, check.sha_unsupported)}; "
+        f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}\n"
+        f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}"
+    )

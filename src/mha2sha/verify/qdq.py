@@ -232,6 +232,29 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
     const = value.const_value if is_param or value.is_initializer() else None
     domain = b.domain_for(qdtype, enc)
 
+    if const is not None and domain is not None and not blocked:
+        # Weights and other constants are stored quantized with a DequantizeLinear only: the form
+        # QNN's HTP takes (a QuantizeLinear on a float weight is a standalone op it refuses), and
+        # numerically the same as Q -> DQ (round half to even, saturate).
+        x = const.numpy().astype(np.float32)
+        s32, z32 = s_arr.astype(np.float32), z_arr.astype(np.float32)
+        if s32.ndim == 1 and s32.size > 1 and enc.axis is not None:
+            bshape = [1] * x.ndim
+            bshape[enc.axis] = -1
+            s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
+        np_q = _NP_QDTYPE.get(qdtype, np.int32)
+        q = np.clip(np.rint(x / s32) + z32, lo, hi).astype(np_q)
+        if domain == "com.microsoft":
+            b.uses_ms = True
+        qv = b.const(f"{name}_q", q)
+        sv = b.const(f"{name}_scale", s_arr)
+        zv = b.const(f"{name}_zero_point", z_arr.astype(np_q))
+        dq = ir.Node(domain, "DequantizeLinear", [qv, sv, zv], attrs, name=f"{name}_dq")
+        dq.outputs[0].name = f"{name}_qdq"
+        dq.outputs[0].dtype = fdt
+        b.insert(value, [dq], dq.outputs[0])
+        return
+
     if qdtype == "int32" or domain is None:
         if const is None:
             raise UserError(
@@ -332,7 +355,7 @@ def run_qdq(
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
 
-def _lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | None:
+def output_lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | None:
     if enc is None or enc.is_float or not enc.has_scale:
         return None
     if enc.enc_type == "PER_TENSOR":
@@ -374,7 +397,7 @@ def run_qdq_compare(
         if a.shape != bb.shape:
             raise UserError(f"output {na}: shapes differ {list(a.shape)} vs {list(bb.shape)}")
         diff = np.abs(a - bb)
-        lsb = _lsb(enc_a.get(na), a.shape)
+        lsb = output_lsb(enc_a.get(na), a.shape)
         if lsb is not None:
             diff = diff / lsb
         result[na] = float(np.max(diff)) if diff.size else 0.0
