@@ -18,6 +18,8 @@ def _what_was_split(block: BlockReport) -> str:
         parts.append(f"{len(block.weights)} weights")
     if block.inputs:
         parts.append(f"{len(block.inputs)} inputs")
+    if block.kv_cache:
+        parts.append(f"{len(block.kv_cache)} KV caches")
     if block.activations:
         parts.append(f"{len(block.activations)} activations")
     return ", ".join(parts) or "-"
@@ -54,6 +56,7 @@ def blocks_json(blocks: Sequence[BlockReport]) -> list[dict]:
             "head_dim": b.head_dim,
             "weights_sliced": b.weights,
             "inputs_cut": b.inputs,
+            "kv_cache_cut_after_concat": b.kv_cache,
             "activations_cut": b.activations,
             "reason": b.reason,
         }
@@ -72,7 +75,7 @@ def htp_summary(check: HtpCheck) -> str:
 
     worst = max(check.max_lsb.values(), default=0.0)
     agreement = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
-    mode = " (unsupported nodes on CPU in both)" if check.cpu_fallback_used else ""
+    mode = " (informational: unsupported nodes ran on the CPU)" if check.cpu_fallback_used else ""
     return (
         f"HTP emulator {check.soc}: SHA {support(check.sha_on_htp_only, check.sha_unsupported)}; "
         f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}\n"

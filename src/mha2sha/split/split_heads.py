@@ -34,7 +34,7 @@ from mha2sha.split.emit import Emitter
 from mha2sha.split.record import SplitRecord
 from mha2sha.split.rules import RULES, Unsplittable, forward_spec, static_shape
 from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key
-from mha2sha.split.walk import Region, Step, walk_back
+from mha2sha.split.walk import CACHE_CONCAT_REASON, Region, Step, walk_back
 
 __all__ = ["BlockReport", "SplitHeadsPass"]
 
@@ -55,6 +55,7 @@ class BlockReport:
     head_dim: int = 0
     weights: list[str] = dataclasses.field(default_factory=list)
     inputs: list[str] = dataclasses.field(default_factory=list)
+    kv_cache: list[str] = dataclasses.field(default_factory=list)  # cache concats cut after appending
     activations: list[str] = dataclasses.field(default_factory=list)  # "tensor (reason)"
     reason: str = ""
 
@@ -151,7 +152,9 @@ def _describe(block: _Block) -> None:
     report.kv_heads = _kv_heads(region, block.core, block.heads)
     report.weights = sorted({s.value.name for s in region.of_kind("param")})
     report.inputs = sorted({s.value.name for s in region.of_kind("input")})
-    report.activations = sorted({f"{s.value.name} ({s.reason})" for s in region.of_kind("activation")})
+    cuts = region.of_kind("activation")
+    report.kv_cache = sorted({s.value.name for s in cuts if s.reason == CACHE_CONCAT_REASON})
+    report.activations = sorted({f"{s.value.name} ({s.reason})" for s in cuts if s.reason != CACHE_CONCAT_REASON})
 
 
 def _value_names(graph: ir.Graph) -> set[str]:
@@ -226,7 +229,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         start, start_spec = _push_forward(core.output, spec)
         region = Region()
         try:
-            walk_back(region, start, start_spec)
+            walk_back(region, start, start_spec, cut_cache_inputs=self.per_head_io)
         except Unsplittable as e:
             report.status, report.reason = "unsupported", str(e)
             return None

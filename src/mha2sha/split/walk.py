@@ -47,8 +47,22 @@ class Region:
         return [s for s in self.steps.values() if s.kind == kind]
 
 
-def walk_back(region: Region, value: ir.Value, spec: HeadSpec) -> None:
-    """Add ``value`` cut by ``spec`` and everything it needs to ``region`` (iterative, no hop limit)."""
+CACHE_CONCAT_REASON = "KV cache concat kept whole, cut after it"
+
+
+def is_cache_concat(node: ir.Node) -> bool:
+    """A Concat that appends to a graph input (the past key/value cache)."""
+    return node.op_type == "Concat" and any(v is not None and v.is_graph_input() for v in node.inputs)
+
+
+def walk_back(region: Region, value: ir.Value, spec: HeadSpec, *, cut_cache_inputs: bool = False) -> None:
+    """Add ``value`` cut by ``spec`` and everything it needs to ``region`` (iterative, no hop limit).
+
+    The KV-cache Concat (past input + new entries) is kept whole and cut after it: on HTP the
+    per-head concats of a split cache requantise differently (measured: 3-9 LSB at the logits on
+    the emulator, bit-exact when kept whole), and the present output needs no re-join. With
+    ``cut_cache_inputs`` (per-head KV I/O) the walk goes through it to the graph inputs.
+    """
     stack = [(value, spec)]
     while stack:
         value, spec = stack.pop()
@@ -62,6 +76,9 @@ def walk_back(region: Region, value: ir.Value, spec: HeadSpec) -> None:
             continue
         if producer is None:
             region.steps[key] = Step("input", value, spec)
+            continue
+        if not cut_cache_inputs and is_cache_concat(producer):
+            region.steps[key] = Step("activation", value, spec, reason=CACHE_CONCAT_REASON)
             continue
         rule = RULES.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
         if rule is None:
