@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.errors import UserError
+from mha2sha.io.names import graphs
 
 __all__ = ["channel_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
 
@@ -39,22 +40,11 @@ def as_ir_model(model: Any) -> ir.Model:
     raise TypeError(f"expected onnx_ir.Model, onnx.ModelProto or a path, got {type(model).__name__}")
 
 
-def _graphs(model: ir.Model) -> list[ir.Graph]:
-    out = [model.graph]
-    for node in model.graph.all_nodes():
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                out.append(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                out.extend(attr.value)
-    return out
-
-
 def initializer_names(model: Any) -> set[str]:
     """Names of every initializer and Constant output (all graphs): AIMET's "parameters" in 2.x."""
     model = as_ir_model(model)
     names: set[str] = set()
-    for g in _graphs(model):
+    for g in graphs(model):
         names.update(n for n in g.initializers if n)
     for node in model.graph.all_nodes():
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -84,7 +74,7 @@ def channel_axes(model: Any) -> dict[str, AxisPair]:
     """``{weight name: (channel axis, block axis)}`` for every weight whose consumer fixes it."""
     model = as_ir_model(model)
     out: dict[str, AxisPair] = {}
-    for g in _graphs(model):
+    for g in graphs(model):
         for name, value in g.initializers.items():
             shape = value.shape
             if shape is None and value.const_value is not None:
@@ -123,7 +113,7 @@ def tensor_shapes(model: Any) -> dict[str, tuple[int, ...]]:
         if v.name and shape is not None and all(isinstance(d, int) for d in shape):
             shapes[v.name] = tuple(int(d) for d in shape)
 
-    for g in _graphs(model):
+    for g in graphs(model):
         for v in g.inputs:
             add(v)
         for v in g.initializers.values():

@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from mha2sha.encodings.axes import AxisPair, as_ir_model, channel_axes, tensor_shapes
 from mha2sha.encodings.model import Encoding, EncodingSet
 from mha2sha.errors import UserError
+from mha2sha.io.names import tensor_names
 from mha2sha.split.record import SplitRecord, TensorSplit
 
 __all__ = ["CoverageReport", "propagate", "slice_encoding", "EncodingCoverageError"]
@@ -181,23 +181,6 @@ def _expected_shape(shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], 
     return tuple(out)
 
 
-def _all_names(model: ir.Model) -> set[str]:
-    names: set[str] = set()
-    graphs = [model.graph]
-    for node in model.graph.all_nodes():
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                graphs.append(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                graphs.extend(attr.value)
-    for g in graphs:
-        names.update(v.name for v in g.inputs if v.name)
-        names.update(n for n in g.initializers if n)
-        for node in g:
-            names.update(o.name for o in node.outputs if o.name)
-    return names
-
-
 def _folded_source(name: str, record: SplitRecord, encodings: EncodingSet) -> str | None:
     """The encoded tensor a removed data-movement tensor copied (following chains), if any."""
     seen = {name}
@@ -231,10 +214,10 @@ def propagate(
     dropped encoding raises :class:`EncodingCoverageError` (a UserError).
     """
     out_model = as_ir_model(model)
-    out_names = _all_names(out_model)
+    out_names = tensor_names(out_model)
     out_shapes = tensor_shapes(out_model)
     orig_model = as_ir_model(original) if original is not None else None
-    orig_names = _all_names(orig_model) if orig_model is not None else None
+    orig_names = tensor_names(orig_model) if orig_model is not None else None
 
     axes: dict[str, AxisPair] = {}
     if orig_model is not None:

@@ -30,6 +30,7 @@ from mha2sha.find.anchors import (
     find_fused_attention,
     head_spec_of_output,
 )
+from mha2sha.io.names import tensor_names
 from mha2sha.split.emit import Emitter
 from mha2sha.split.record import SplitRecord
 from mha2sha.split.rules import RULES, Unsplittable, forward_spec, static_shape
@@ -154,13 +155,9 @@ def _describe(block: _Block) -> None:
     report.inputs = sorted({s.value.name for s in region.of_kind("input")})
     cuts = region.of_kind("activation")
     report.kv_cache = sorted({s.value.name for s in cuts if s.reason == CACHE_CONCAT_REASON})
-    report.activations = sorted({f"{s.value.name} ({s.reason})" for s in cuts if s.reason != CACHE_CONCAT_REASON})
-
-
-def _value_names(graph: ir.Graph) -> set[str]:
-    names = {v.name for v in graph.inputs} | set(graph.initializers)
-    names.update(out.name for node in graph for out in node.outputs)
-    return {n for n in names if n}
+    report.activations = sorted(
+        {f"{s.value.name} ({s.reason})" for s in cuts if s.reason != CACHE_CONCAT_REASON}
+    )
 
 
 class SplitHeadsPass(ir.passes.InPlacePass):
@@ -212,7 +209,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         self._join_escaping_values(graph, blocks, emitter)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
-        existing = _value_names(graph)
+        existing = tensor_names(model)
         self.record.prune(existing)
         for name, source in copies.items():
             if name not in existing and name not in self.record.tensors:
