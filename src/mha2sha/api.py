@@ -30,6 +30,7 @@ from mha2sha.encodings import (
 from mha2sha.errors import UserError
 from mha2sha.find.anchors import find_attention_cores
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
+from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
 from mha2sha.io.save import save_model, staging_dir
 from mha2sha.report.progress import PhaseTimer
@@ -140,6 +141,7 @@ def convert(
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
         weight_axes = channel_axes(model) if encodings is not None else None
+        original_names = tensor_names(model) if encodings is not None else None
     record = SplitRecord()
     with timer.phase("split heads", total=len(find_attention_cores(model.graph)[0])) as advance:
         split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io, on_block=advance)
@@ -152,7 +154,12 @@ def convert(
     if encodings is not None:
         with timer.phase("propagate encodings"):
             sha_encodings, result.coverage = propagate(
-                encodings, record, model, channel_axes_map=weight_axes, strict=options.strict_encodings
+                encodings,
+                record,
+                model,
+                channel_axes_map=weight_axes,
+                strict=options.strict_encodings,
+                original_names=original_names,
             )
 
     with staging_dir(out_dir) as stage:

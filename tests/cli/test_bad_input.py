@@ -192,7 +192,9 @@ def test_unsupported_attention_is_left_untouched_and_reported(tmp_path):
 def test_fused_attention_is_reported_not_ignored(tmp_path):
     node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4)
     io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 6, 32]) for x in "qkv"]
-    graph = helper.make_graph([node], "fused", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 32])])
+    graph = helper.make_graph(
+        [node], "fused", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 32])]
+    )
     src = tmp_path / "fused.onnx"
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     onnx.save(helper.make_model(graph, opset_imports=opsets), src)

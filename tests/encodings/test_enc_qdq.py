@@ -202,8 +202,9 @@ def test_errors() -> None:
             ],
         }
     )
-    with pytest.raises(UserError, match="names no tensor"):
-        to_qdq(_identity(), es)
+    # a name that matches nothing is the coverage report's warning, not a QDQ error: it is skipped
+    q = to_qdq(_identity(), es)
+    assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     es2 = parse_encodings(
         {"version": "2.0.0", "encodings": [{"name": "y", "output_dtype": "float8e4m3fn", "y_scale": 0.1}]}
     )

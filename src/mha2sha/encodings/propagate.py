@@ -202,6 +202,7 @@ def propagate(
     original: Any = None,
     channel_axes_map: Mapping[str, int | AxisPair] | None = None,
     strict: bool = False,
+    original_names: set[str] | None = None,
 ) -> tuple[EncodingSet, CoverageReport]:
     """Encodings for the split ``model`` from the MHA ``encodings`` and the split's ``record``.
 
@@ -217,7 +218,7 @@ def propagate(
     out_names = tensor_names(out_model)
     out_shapes = tensor_shapes(out_model)
     orig_model = as_ir_model(original) if original is not None else None
-    orig_names = tensor_names(orig_model) if orig_model is not None else None
+    orig_names = tensor_names(orig_model) if orig_model is not None else original_names
 
     axes: dict[str, AxisPair] = {}
     if orig_model is not None:
