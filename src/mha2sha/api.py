@@ -33,6 +33,7 @@ from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
 from mha2sha.io.save import save_model, staging_dir
+from mha2sha.layout import LayoutRecord, LayoutResult, PerHeadOProjPass, apply_htp_layout, remap_encodings
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import blocks_json
 from mha2sha.split.record import SplitRecord
@@ -71,6 +72,8 @@ class ConvertOptions:
     encodings_version: str | None = None  # write this version (default: the version read)
     strict_encodings: bool = False  # any coverage gap is an error
     max_lsb: float = 1.0  # quantized (QDQ) outputs may differ by at most this many LSBs
+    htp_layout: bool = False  # projections as Conv 1x1 on [B, C, 1, S], layout ops cancelled (--target htp)
+    optimize_o_proj: bool = False  # per-head o_proj on each head's rows of W_o, summed (measured slower)
     verify_htp: bool = False  # also compare MHA-QDQ and SHA-QDQ on the HTP emulator (onnxruntime-qnn)
     soc: str = DEFAULT_SOC
 
@@ -87,6 +90,7 @@ class ConversionResult:
     coverage: CoverageReport | None = None
     qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
     htp: HtpCheck | None = None
+    layout: LayoutResult | None = None
 
     @property
     def split_blocks(self) -> list[BlockReport]:
@@ -150,6 +154,11 @@ def convert(
     result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax, timer=timer)
     if not result.split_blocks and not options.force:
         return result
+    layout_record = LayoutRecord()
+    if options.optimize_o_proj:  # before propagation: it adds W_o row slices to the split record
+        with timer.phase("per-head o_proj"):
+            PerHeadOProjPass(layout_record, split_record=record)(model)
+            remove_unused_initializers(model)
     sha_encodings = None
     if encodings is not None:
         with timer.phase("propagate encodings"):
@@ -161,6 +170,14 @@ def convert(
                 strict=options.strict_encodings,
                 original_names=original_names,
             )
+
+    if options.htp_layout:
+        with timer.phase("HTP layout (Linear -> Conv 1x1)"):
+            quantized = set(sha_encodings.activations) if sha_encodings is not None else ()
+            result.layout = apply_htp_layout(model, record=layout_record, quantized=quantized)
+            remove_unused_initializers(model)
+            if sha_encodings is not None:
+                sha_encodings = remap_encodings(sha_encodings, layout_record, model)
 
     with staging_dir(out_dir) as stage:
         with timer.phase("save"):
@@ -310,6 +327,7 @@ def _report(result: ConversionResult) -> dict[str, Any]:
         "encodings_coverage": result.coverage.to_dict() if result.coverage else None,
         "quantized_max_lsb": result.qdq_lsb,
         "htp": result.htp.to_dict() if result.htp else None,
+        "layout": result.layout.to_dict() if result.layout else None,
         "verification": None
         if v is None
         else {

@@ -36,17 +36,28 @@ _LEGACY_HINTS = (
     "--disable-auto-attn-finder", "--handle-alibi", "--lora-model", "--strict",
 )  # fmt: skip
 # Flags of the original tool that later releases implement; until then they are refused clearly.
-_LEGACY_LATER = (
-    "--mha-conv",
-    "--nchw-aligned",
-    "--replace-linear-with-conv",
-    "--optimize-o-proj",
-    "--build-ar",
-    "--lora-adaptor-list",
-)
+_LEGACY_LATER = ("--build-ar", "--lora-adaptor-list")
+# Flags of the original tool for conv-based graphs: the HTP layout covers them (detected otherwise).
+_LEGACY_LAYOUT = ("--mha-conv", "--nchw-aligned")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        choices=["generic", "htp"],
+        default="generic",
+        help="htp: Conv 1x1 projections, clean layout",
+    )
+    parser.add_argument(
+        "--replace-linear-with-conv",
+        action="store_true",
+        help="projections as Conv 1x1 on [B,C,1,S] (in --target htp)",
+    )
+    parser.add_argument(
+        "--optimize-o-proj",
+        action="store_true",
+        help="per-head o_proj slices summed (measured slower; off in htp)",
+    )
     parser.add_argument(
         "--input-shape",
         action="append",
@@ -110,6 +121,10 @@ def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
         encodings=args.encodings or getattr(args, "exported_model_encoding_path", None),
         encodings_version=args.encodings_version,
         strict_encodings=args.strict_encodings,
+        htp_layout=args.target == "htp"
+        or args.replace_linear_with_conv
+        or any(getattr(args, f.lstrip("-").replace("-", "_"), False) for f in _LEGACY_LAYOUT),
+        optimize_o_proj=args.optimize_o_proj,
         verify_htp=args.verify_htp,
         soc=args.soc,
     )
@@ -197,11 +212,15 @@ def legacy_main(argv: Sequence[str] | None = None) -> int:
         )
     for flag in _LEGACY_LATER:
         parser.add_argument(flag, nargs="?", const=True, default=None, help="not available yet")
+    for flag in _LEGACY_LAYOUT:
+        parser.add_argument(flag, action="store_true", help="same as --target htp")
     _add_common(parser)
     args = parser.parse_args(argv)
     later = [f for f in _LEGACY_LATER if getattr(args, f.lstrip("-").replace("-", "_")) is not None]
     if later:
-        _error(f"{', '.join(later)} not supported yet by this release (planned: HTP layout)")
+        _error(
+            f"{', '.join(later)} not supported yet by this release (planned: AR change, LoRA adaptor lists)"
+        )
         return 2
     try:
         options = _options(args, verify=not args.no_verification)

@@ -1,0 +1,258 @@
+"""PerHeadOProjPass: give each head its rows of ``W_o`` and sum, instead of concat + one projection.
+
+After the head split, each attention block ends in ``Concat(head_0 .. head_{H-1}) -> o_proj``.
+Two equivalent forms exist for HTP:
+
+(a) **concat then one Conv** (default, what the split emits): one ``[C, H*D]`` Conv;
+(b) **per-head Conv + Add tree** (this pass, ``--optimize-o-proj``): head ``h`` multiplies its
+    ``[.., D]`` output by rows ``h*D:(h+1)*D`` of ``W_o`` and the ``H`` partial results are summed
+    by a balanced tree of ``Add``.
+
+Rules applied:
+1. Find a ``Concat`` on the last axis whose result reaches exactly one ``MatMul`` (constant
+   2-D weight) or ``Gemm`` (``transA=0``, constant ``B``) as its first input, directly or through
+   Reshapes that keep the last axis (``[1,S,C] -> [S,C]`` before a Gemm).
+2. Replace it by one projection per concat input on the matching weight rows (lazy slices of the
+   memory-mapped weight, named ``<W>.h<k>``; Gemm keeps ``transB``/``alpha``, and only head 0
+   carries ``C``/``beta``) and a balanced Add tree whose last output keeps the projection's name.
+3. Record the weight slices in the split's :class:`~mha2sha.split.record.SplitRecord` (so
+   per-channel encodings are copied whole: every output channel stays in each slice) and the
+   partial sums as ``new_activations`` (their ranges exist in no original tensor: a quantized flow
+   must calibrate them).
+
+Why (a) stays the default -- measured with ``python -m tests.layout.bench_o_proj --htp`` (ORT CPU
+float32, 2 threads, median of 30, range over 3 runs on a shared 2-core host; QNN 2.7 HTP x86
+emulator, SM8650, A16W8 QDQ calibrated on the MatMul form and carried to the Conv form by the
+layout record, CPU fallback disabled):
+
+===============  ============  ============  =============  ==================================
+heads x dim, S   ORT CPU (a)   ORT CPU (b)   HTP ops (a/b)  QDQ output of (b) vs (a), 16-bit
+===============  ============  ============  =============  ==================================
+8 x 64, 128      0.24-0.45 ms  0.44-0.55 ms  13 / 33        353 LSB
+32 x 128, 128    13-35 ms      62-79 ms      37 / 129       372 LSB
+32 x 128, 1      5.5-7.9 ms    7.9-8.9 ms    39 / 162       364 LSB
+===============  ============  ============  =============  ==================================
+
+Both forms compile fully on the HTP (no CPU fallback; HTP vs ORT CPU on the same QDQ model:
+2 LSB for (a), 4-6 for (b)); the emulator's cycle counts are host time and within 30% of each
+other either way, so they decide nothing. (a) is faster on ORT CPU in every run (1.2x to 4.7x),
+compiles to 2.5-4x fewer HTP ops, and is numerically the original computation (the Conv form of
+(a) matches the MatMul form's QDQ output to 0-1 LSB). (b) quantizes ``H`` partial sums and
+``H-2`` inner sums, activations that exist in no AIMET encodings file (they must be calibrated)
+and whose rounding adds up to ~370 LSB at the output. On a whole zoo model (Llama-GQA KV step,
+split + layout) the prepared HTP graph has 497 ops with (a) and 505 with (b). (b) avoids the
+Concat copy and keeps every tensor per head, which is why the original tool offered it; it
+stays available behind ``--optimize-o-proj``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from mha2sha.layout._graph import GENERATED, Editor, static_shape
+from mha2sha.layout.record import LayoutRecord, Skipped
+from mha2sha.split.record import Piece, SplitRecord, TensorSplit
+
+__all__ = ["PerHeadOProjPass"]
+
+logger = logging.getLogger(__name__)
+
+
+class _RowSlice:
+    """A lazy slice of a (memory-mapped) weight, materialised only when the model is saved."""
+
+    def __init__(self, tensor: ir.TensorProtocol, index: tuple[slice, ...]):
+        self._tensor = tensor
+        self._index = index
+
+    def __call__(self) -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(self._tensor.numpy()[self._index]))
+
+
+@dataclasses.dataclass
+class _Plan:
+    concat: ir.Node
+    reshapes: list[ir.Node]  # Reshapes between the Concat and the projection, in order
+    proj: ir.Node
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+class PerHeadOProjPass(ir.passes.InPlacePass):
+    """Per-head output projection with an Add tree (option (b), see module docstring)."""
+
+    def __init__(self, record: LayoutRecord | None = None, split_record: SplitRecord | None = None):
+        super().__init__()
+        self.record = record if record is not None else LayoutRecord()
+        self.split_record = split_record
+        self.rewritten: list[str] = []
+        self.skipped: list[Skipped] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.rewritten, self.skipped = [], []
+        plans = [p for p in (self._plan(n) for n in list(graph)) if p is not None]
+        if not plans:
+            return ir.passes.PassResult(model, modified=False)
+        editor = Editor(graph)
+        weights = [p.proj.inputs[1] for p in plans]
+        for plan in plans:
+            self._rewrite(graph, editor, plan)
+        RemoveUnusedNodesPass()(model)
+        for w in weights:
+            if w is not None and graph.initializers.get(w.name or "") is w and not w.uses():
+                del graph.initializers[w.name]  # type: ignore[arg-type]
+        TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _skip(self, node: ir.Node, reason: str) -> None:
+        self.skipped.append(Skipped(node.name or node.outputs[0].name or "", node.op_type, reason))
+
+    def _plan(self, concat: ir.Node) -> _Plan | None:
+        if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(concat.inputs) < 2:
+            return None
+        out = concat.outputs[0]
+        shape = static_shape(out)
+        if shape is None or any(static_shape(v) is None for v in concat.inputs):
+            return None
+        axis = _attr_int(concat, "axis", 0) % len(shape)
+        value, reshapes = out, []
+        while True:
+            uses = list(value.uses())
+            if len(uses) != 1 or value.is_graph_output():
+                return None
+            user, index = uses[0]
+            if user.op_type == "Reshape" and index == 0 and static_shape(user.outputs[0]) is not None:
+                if static_shape(user.outputs[0])[-1] != shape[-1]:  # type: ignore[index]
+                    return None
+                reshapes.append(user)
+                value = user.outputs[0]
+                continue
+            break
+        if user.op_type not in ("MatMul", "Gemm") or user.domain not in ("", "ai.onnx") or index != 0:
+            return None
+        if axis != len(shape) - 1:
+            self._skip(user, f"its input is a Concat on axis {axis}, not the contracted last axis")
+            return None
+        w = user.inputs[1]
+        if w is None or w.const_value is None or w.is_graph_input() or len(static_shape(w) or ()) != 2:
+            self._skip(user, "weight is not a constant [in, out] matrix")
+            return None
+        if user.op_type == "Gemm" and _attr_int(user, "transA", 0):
+            self._skip(user, "Gemm transA=1")
+            return None
+        return _Plan(concat, reshapes, user)
+
+    def _rewrite(self, graph: ir.Graph, editor: Editor, plan: _Plan) -> None:
+        proj, concat = plan.proj, plan.concat
+        w = proj.inputs[1]
+        assert w is not None and w.const_value is not None and w.name is not None
+        trans_b = proj.op_type == "Gemm" and bool(_attr_int(proj, "transB", 0))
+        in_axis = 1 if trans_b else 0
+        out = proj.outputs[0]
+        out_shape = static_shape(out)
+        assert out_shape is not None and out.name is not None
+        split = TensorSplit(w.name, "param", tuple(static_shape(w) or ()), [])
+        partials: list[ir.Value] = []
+        offset = 0
+        for h, piece in enumerate(concat.inputs):
+            assert piece is not None
+            width = static_shape(piece)[-1]  # type: ignore[index]
+            current = piece
+            for reshape in plan.reshapes:
+                target = list(static_shape(reshape.outputs[0]))  # type: ignore[arg-type]
+                target[-1] = width
+                reshaped = editor.value(f"{reshape.outputs[0].name}.h{h}", target, current)
+                shape_const = editor.const_i64(target, f"{reshaped.name}.shape")
+                graph.insert_before(
+                    proj,
+                    ir.Node(
+                        "",
+                        "Reshape",
+                        [current, shape_const],
+                        outputs=[reshaped],
+                        name=editor.unique(f"{reshape.name or 'Reshape'}.h{h}"),
+                    ),
+                )
+                current = reshaped
+            index = [slice(None), slice(None)]
+            index[in_axis] = slice(offset, offset + width)
+            w_shape = list(static_shape(w))  # type: ignore[arg-type]
+            w_shape[in_axis] = width
+            w_h = ir.Value(name=editor.unique(f"{w.name}.h{h}"), shape=ir.Shape(w_shape), type=w.type)
+            w_h.const_value = ir.LazyTensor(
+                _RowSlice(w.const_value, tuple(index)), w.const_value.dtype, ir.Shape(w_shape), name=w_h.name
+            )
+            graph.register_initializer(w_h)
+            split.pieces.append(Piece(w_h.name, ((in_axis, offset, offset + width),), (h,)))  # type: ignore[arg-type]
+            offset += width
+            inputs: list[ir.Value | None] = [current, w_h]
+            attrs = [a for a in proj.attributes.values() if a.name != "beta"]
+            if proj.op_type == "Gemm" and h == 0 and len(proj.inputs) > 2 and proj.inputs[2] is not None:
+                inputs.append(proj.inputs[2])
+                attrs = list(proj.attributes.values())
+            partial = editor.value(f"{out.name}.h{h}", out_shape, out)
+            partial.meta[GENERATED] = False  # new values, not a re-layout of an original
+            graph.insert_before(
+                proj,
+                ir.Node(
+                    proj.domain,
+                    proj.op_type,
+                    inputs,
+                    attrs,
+                    outputs=[partial],
+                    name=editor.unique(f"{proj.name or proj.op_type}.h{h}"),
+                    version=proj.version,
+                ),
+            )
+            partials.append(partial)
+        total = self._sum_tree(graph, editor, proj, partials, out)
+        out.replace_all_uses_with(total, replace_graph_outputs=True)
+        name = out.name
+        out.name = editor.unique(name + ".concat_proj")
+        total.name = name
+        total.meta[GENERATED] = bool(out.meta.get(GENERATED))
+        self.record.new_activations.extend(p.name for p in partials if p is not total)  # type: ignore[misc]
+        if self.split_record is not None:
+            self.split_record.tensors.setdefault(w.name, split)
+        self.rewritten.append(proj.name or name)
+
+    def _sum_tree(
+        self, graph: ir.Graph, editor: Editor, proj: ir.Node, partials: list[ir.Value], like: ir.Value
+    ) -> ir.Value:
+        """A balanced tree of Adds (depth log2 H, so no long serial chain)."""
+        level = list(partials)
+        k = 0
+        shape = static_shape(like)
+        assert shape is not None
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level) - 1, 2):
+                total = editor.value(f"{like.name}.sum{k}", shape, like)
+                total.meta[GENERATED] = False
+                graph.insert_before(
+                    proj,
+                    ir.Node(
+                        "",
+                        "Add",
+                        [level[i], level[i + 1]],
+                        outputs=[total],
+                        name=editor.unique(f"{proj.name or 'o_proj'}.sum{k}"),
+                    ),
+                )
+                self.record.new_activations.append(total.name)  # type: ignore[arg-type]
+                k += 1
+                nxt.append(total)
+            if len(level) % 2:
+                nxt.append(level[-1])
+            level = nxt
+        self.record.new_activations.remove(level[0].name)  # type: ignore[arg-type]
+        return level[0]
