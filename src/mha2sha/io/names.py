@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import onnx_ir as ir
 
-__all__ = ["graphs", "tensor_names"]
+__all__ = ["UniqueNames", "graphs", "tensor_names"]
 
 
 def graphs(model: ir.Model) -> list[ir.Graph]:
@@ -28,3 +30,23 @@ def tensor_names(model: ir.Model) -> set[str]:
         for node in g:
             names.update(o.name for o in node.outputs if o.name)
     return names
+
+
+class UniqueNames:
+    """Hands out names no tensor or node of ``graph`` uses yet: new names derive from original ones
+    (``q_proj.weight.h3``), with a numeric suffix only on a clash."""
+
+    def __init__(self, graph: ir.Graph):
+        self._taken = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+        for node in graph:
+            if node.name:
+                self._taken.add(node.name)
+            self._taken.update(o.name for o in node.outputs if o.name)
+        self._counter = itertools.count()
+
+    def __call__(self, name: str) -> str:
+        candidate = name
+        while candidate in self._taken:
+            candidate = f"{name}_{next(self._counter)}"
+        self._taken.add(candidate)
+        return candidate

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from mha2sha.io.names import UniqueNames
 from mha2sha.layout.algebra import Step
 
 __all__ = [
@@ -79,21 +79,8 @@ class Editor:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self._names: set[str] = {v.name for v in graph.inputs if v.name}
-        self._names |= set(graph.initializers)
-        for node in graph:
-            if node.name:
-                self._names.add(node.name)
-            self._names |= {o.name for o in node.outputs if o.name}
-        self._counter = itertools.count()
+        self.unique = UniqueNames(graph)
         self._i64: dict[tuple[int, ...], ir.Value] = {}
-
-    def unique(self, name: str) -> str:
-        candidate = name
-        while candidate in self._names:
-            candidate = f"{name}_{next(self._counter)}"
-        self._names.add(candidate)
-        return candidate
 
     def value(self, name: str, shape: Sequence[int], like: ir.Value, *, exact: bool = False) -> ir.Value:
         """A new generated tensor of ``like``'s element type."""

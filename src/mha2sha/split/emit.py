@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
+from mha2sha.io.names import UniqueNames
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 from mha2sha.split.rules import RULES, is_identity_per_head, static_shape
 from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key, piece_ranges, piece_shape
@@ -47,18 +48,9 @@ class Emitter:
         self.input_pieces: dict[str, tuple[ir.Value, int, list[ir.Value]]] = {}
         self._memo: dict[tuple[int, HeadSpec, tuple[int, ...]], ir.Value] = {}
         self._clones: dict[tuple[int, tuple[int, ...]], ir.Node] = {}
-        self._names = {v.name for v in _all_values(graph)} | {n.name for n in graph}
-        self._counter = itertools.count()
+        self.unique = UniqueNames(graph)
         self.new_nodes: list[ir.Node] = []
         self._reshape_sources: dict[int, ir.Value] = {}
-
-    # -- naming ---------------------------------------------------------------------------------
-    def unique(self, name: str) -> str:
-        candidate = name
-        while candidate in self._names:
-            candidate = f"{name}_{next(self._counter)}"
-        self._names.add(candidate)
-        return candidate
 
     # -- records --------------------------------------------------------------------------------
     def _remember(self, step: Step, head: int, piece: ir.Value) -> None:
@@ -239,10 +231,3 @@ class Emitter:
     def add(self, node: ir.Node) -> None:
         self.graph.append(node)
         self.new_nodes.append(node)
-
-
-def _all_values(graph: ir.Graph):
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    for node in graph:
-        yield from node.outputs
