@@ -85,6 +85,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--strict-encodings", action="store_true", help="any encodings coverage gap is an error"
     )
     parser.add_argument(
+        "--max-lsb",
+        type=float,
+        default=1.0,
+        help="quantized outputs may differ by this many LSBs (default 1)",
+    )
+    parser.add_argument(
         "--verify-htp", action="store_true", help="also compare on the HTP emulator (needs mha2sha[htp])"
     )
     parser.add_argument("--soc", default="SM8650", help="HTP SoC model for --verify-htp (default SM8650)")
@@ -126,6 +132,7 @@ def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
         or any(getattr(args, f.lstrip("-").replace("-", "_"), False) for f in _LEGACY_LAYOUT),
         optimize_o_proj=args.optimize_o_proj,
         verify_htp=args.verify_htp,
+        max_lsb=args.max_lsb,
         soc=args.soc,
     )
 
