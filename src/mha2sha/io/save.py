@@ -49,7 +49,10 @@ def save_model(model: ir.Model, path: Path) -> list[Path]:
     try:
         data = path.with_suffix(".data")
         if _weight_bytes(model) > EMBED_LIMIT_BYTES:
-            ir.save(model, path, external_data=data.name, alignment=64)
+            # Every external tensor starts on a 4096-byte boundary (onnx_ir aligns to
+            # max(4096, alignment)); align_threshold=0 also aligns the small ones, which onnx_ir
+            # would otherwise pack densely. ir.save streams: one tensor materialised at a time.
+            ir.save(model, path, external_data=data.name, alignment=64, align_threshold=0)
             return [path, data]
         # Naming an external file with a threshold above every tensor embeds them all, including
         # weights the input kept in external files (a plain save would keep dangling references).
