@@ -8,8 +8,6 @@ lazy slices of the original (memory-mapped) weight, materialised only when the m
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_ir as ir
 
@@ -95,9 +93,8 @@ class Emitter:
         for axis, start, stop in piece_ranges(step.spec, head):
             index[axis] = slice(start, stop)
         value = self._value_like(step.value, step.spec, head)
-        shape = ir.Shape(piece_shape(static_shape(step.value), step.spec))
         value.const_value = ir.LazyTensor(
-            _SlicedTensor(tensor, tuple(index)), tensor.dtype, shape, name=value.name
+            _SlicedTensor(tensor, tuple(index)), tensor.dtype, value.shape, name=value.name
         )
         self.graph.register_initializer(value)
         return value
@@ -107,9 +104,7 @@ class Emitter:
         shape = static_shape(step.value)
         if is_full_cover(step.spec, shape):
             (cut,) = step.spec
-            heads_of_piece = [
-                next(h for h in itertools.count() if cut.index(h) == i) for i in range(cut.count)
-            ]
+            heads_of_piece = [i * cut.div for i in range(cut.count)]  # a head that uses piece i
             outputs = [self._value_like(step.value, step.spec, h) for h in heads_of_piece]
             if step.kind == "input" and self.per_head_inputs:
                 position = list(self.graph.inputs).index(step.value) + 1
