@@ -144,5 +144,7 @@ def remove_unused_initializers(model: ir.Model) -> None:
     graph = model.graph
     graph_inputs = {id(v) for v in graph.inputs}
     for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output() and id(value) not in graph_inputs:
+        # a node removed without detaching its inputs still counts as a use: ignore nodes of no graph
+        used = any(user.graph is not None for user, _ in value.uses())
+        if not used and not value.is_graph_output() and id(value) not in graph_inputs:
             del graph.initializers[name]

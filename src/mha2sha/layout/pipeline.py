@@ -1,8 +1,9 @@
 """The HTP layout stage of a conversion: which passes run, in which order, and what they report.
 
 Order matters: the per-head ``o_proj`` (optional) works on the split's ``Concat -> MatMul`` and
-must run before the MatMuls become Convs; the layout cancellation runs last, on everything the
-other passes created. The rank check only reports.
+must run before the MatMuls become Convs; unit axes leave tensors of rank > 4 before the layout
+cancellation, which runs last, on everything the other passes created. The rank check reports
+what is left.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx_ir as ir
 
 from mha2sha.layout.cancel_layout import CancelLayoutPass
 from mha2sha.layout.linear_to_conv import LinearToConvPass
+from mha2sha.layout.lower_rank import LowerRankPass
 from mha2sha.layout.o_proj import PerHeadOProjPass
 from mha2sha.layout.rank import HighRankTensor, high_rank_tensors
 from mha2sha.layout.record import LayoutRecord, Skipped
@@ -35,6 +37,7 @@ class LayoutResult:
     skipped: list[Skipped] = dataclasses.field(default_factory=list)  # left as MatMul/Gemm, why
     o_proj: list[str] = dataclasses.field(default_factory=list)  # projections split per head
     nodes_removed: int = 0  # by the layout cancellation
+    rank_lowered: list[str] = dataclasses.field(default_factory=list)  # unit axes taken out
     high_rank: list[HighRankTensor] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,6 +46,7 @@ class LayoutResult:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "o_proj_per_head": list(self.o_proj),
             "layout_nodes_removed": self.nodes_removed,
+            "rank_lowered": list(self.rank_lowered),
             "rank_above_4": [dataclasses.asdict(t) for t in self.high_rank],
             "names": self.record.to_dict(),
         }
@@ -68,8 +72,9 @@ def apply_htp_layout(
     passes: list[ir.passes.PassBase] = []
     o_proj = PerHeadOProjPass(result.record, split_record) if optimize_o_proj else None
     conv = LinearToConvPass(result.record, quantized=quantized) if linear_to_conv else None
+    lower_rank = LowerRankPass()
     cancel_pass = CancelLayoutPass(result.record) if cancel else None
-    passes = [p for p in (o_proj, conv, cancel_pass) if p is not None]
+    passes = [p for p in (o_proj, conv, lower_rank, cancel_pass) if p is not None]
     if passes:
         ir.passes.PassManager(passes)(model)
     if o_proj is not None:
@@ -78,6 +83,7 @@ def apply_htp_layout(
     if conv is not None:
         result.conv = list(conv.converted)
         result.skipped += conv.skipped
+    result.rank_lowered = list(lower_rank.lowered)
     if cancel_pass is not None:
         result.nodes_removed = cancel_pass.removed_nodes
     present = {v.name for n in model.graph for v in n.outputs}

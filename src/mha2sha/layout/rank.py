@@ -55,7 +55,7 @@ def high_rank_tensors(model: ir.Model, max_rank: int = 4) -> list[HighRankTensor
             found.append(HighRankTensor(value.name or "", shape, "graph input"))
     for name, value in graph.initializers.items():
         shape = _shape(value)
-        if shape is not None and len(shape) > max_rank and value.uses():
+        if shape is not None and len(shape) > max_rank and any(u.graph is graph for u, _ in value.uses()):
             found.append(HighRankTensor(name, shape, "initializer"))
     for node in graph:
         for value in node.outputs:
