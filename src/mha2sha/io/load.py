@@ -7,6 +7,13 @@ head's piece while saving) never keeps more than the tensor being read resident.
 in the process's RSS until the model is freed (3.2 GB for the q/k/v weights of a 7B model).
 Copying an unchanged weight to the output goes through ``tofile`` (``copy_file_range``, in the
 kernel) and never maps it at all.
+
+Because weights are read only while saving, an external file deleted or truncated after loading
+would surface midway through the save, and a read through a mapping of a truncated file is a
+SIGBUS that kills the process (Python cannot turn it into an exception). So the files' sizes are
+recorded at load (``model.meta``), :func:`check_external_data_unchanged` re-checks them right
+before saving, and every streamed read checks its file again just before mapping or copying it.
+The remaining window (a file truncated while one tensor's mapping is alive) is microseconds long.
 """
 
 from __future__ import annotations
@@ -21,7 +28,16 @@ import onnx_ir as ir
 
 from mha2sha.errors import UserError
 
-__all__ = ["load_model", "fix_input_shapes", "require_static_inputs", "StreamedExternalTensor"]
+__all__ = [
+    "load_model",
+    "fix_input_shapes",
+    "require_static_inputs",
+    "StreamedExternalTensor",
+    "check_external_data_unchanged",
+]
+
+# model.meta key: {external data file: bytes its tensors need}, recorded by load_model.
+EXTERNAL_FILES_META = "mha2sha.external_files"
 
 
 class StreamedExternalTensor(ir.ExternalTensor):
@@ -48,6 +64,24 @@ class StreamedExternalTensor(ir.ExternalTensor):
             base_dir=tensor.base_dir,
         )
 
+    def _end(self) -> int:
+        return (self.offset or 0) + (self.length if self.length is not None else self.nbytes)
+
+    def _require_data(self, size: int | None = None) -> None:
+        """The file must still hold this tensor: it may have changed since it was loaded."""
+        try:
+            size = os.stat(self.path).st_size if size is None else size
+        except FileNotFoundError:
+            raise UserError(
+                f"external data file missing: {self.path} (needed by '{self.name}'; "
+                "removed after the model was loaded)"
+            ) from None
+        if size < self._end():
+            raise UserError(
+                f"external data file truncated: {self.path} is {size} bytes, '{self.name}' needs "
+                f"{self._end()} (it changed after the model was loaded)"
+            )
+
     def _map(self) -> np.ndarray:
         self._check_validity()
         self._check_path_containment()
@@ -58,8 +92,13 @@ class StreamedExternalTensor(ir.ExternalTensor):
             return np.empty(shape, dtype=dtype)
         offset = self.offset or 0
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:
-            raw = mmap.mmap(f.fileno(), offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
+        try:
+            with open(self.path, "rb") as f:
+                self._require_data(os.fstat(f.fileno()).st_size)
+                raw = mmap.mmap(f.fileno(), offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
+        except FileNotFoundError:
+            self._require_data()  # the file is gone: say so as one line
+            raise
         return np.frombuffer(raw, dtype=dtype, count=self.size, offset=offset - start).reshape(shape)
 
     def _streamable(self) -> bool:
@@ -76,6 +115,10 @@ class StreamedExternalTensor(ir.ExternalTensor):
         if not self._streamable():
             return super().tobytes()
         return self._map().tobytes()
+
+    def tofile(self, file) -> None:
+        self._require_data()
+        super().tofile(file)
 
 
 def _stream_external_tensors(model: ir.Model) -> None:
@@ -98,7 +141,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"not a valid ONNX model: {path} ({type(e).__name__}: {_first_line(e)})") from None
     if not model.graph.outputs:
         raise UserError(f"not a valid ONNX model: {path} (the graph has no outputs)")
-    _check_external_data(model, path)
+    model.meta[EXTERNAL_FILES_META] = _check_external_data(model, path)
     _stream_external_tensors(model)
     return model
 
@@ -108,9 +151,12 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else "unreadable"
 
 
-def _check_external_data(model: ir.Model, path: Path) -> None:
-    """Every external weight file must exist and be long enough: fail now, not midway."""
+def _check_external_data(model: ir.Model, path: Path) -> dict[Path, int]:
+    """Every external weight file must exist and be long enough: fail now, not midway.
+
+    Returns the bytes each file must hold (the end of its last tensor)."""
     sizes: dict[Path, int] = {}
+    ends: dict[Path, int] = {}
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
@@ -126,6 +172,34 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         if end > sizes[file]:
             raise UserError(
                 f"external data file truncated: {file} ends before '{value.name}' (needs {end} bytes)"
+            )
+        ends[file] = max(ends.get(file, 0), end)
+    return ends
+
+
+def check_external_data_unchanged(model: ir.Model) -> None:
+    """Right before saving: the external files recorded at load (and any external initializer)
+    must still exist and be long enough. Weights are read lazily while saving, so a file deleted
+    or truncated since loading would otherwise fail midway, or kill the process with SIGBUS."""
+    needed: dict[Path, int] = dict(model.meta.get(EXTERNAL_FILES_META) or {})
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir:
+                file = Path(tensor.base_dir) / tensor.location
+                end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+                needed[file] = max(needed.get(file, 0), end)
+    for file, end in needed.items():
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise UserError(
+                f"external data file missing: {file} (removed after the model was loaded)"
+            ) from None
+        if size < end:
+            raise UserError(
+                f"external data file truncated: {file} is {size} bytes, the model needs {end} "
+                "(it changed after the model was loaded)"
             )
 
 

@@ -1,64 +1,282 @@
-"""Write results atomically: everything goes to a hidden staging folder, then is moved in place."""
+"""Write results atomically: everything goes to a hidden staging folder, then is moved in place.
+
+Failures (disk full, file size limit, input external data gone) become one-line
+:class:`UserError` s naming the file and the reason; the staging folder is removed, so the output
+folder holds nothing new (a folder created for the output is removed again when left empty).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.io.load import EXTERNAL_FILES_META, check_external_data_unchanged
 
-__all__ = ["staging_dir", "save_model", "EMBED_LIMIT_BYTES"]
+__all__ = ["staging_dir", "save_model", "parse_size", "EMBED_LIMIT_BYTES"]
 
 # Above this many bytes of weights the model is saved with one external data file (protobuf: 2 GB).
 EMBED_LIMIT_BYTES = 1 << 30
+_STAGE_PREFIX = ".mha2sha-"
+
+logger = logging.getLogger(__name__)
+
+
+def _oversized_tensor_note(record: logging.LogRecord) -> bool:
+    """onnx_ir warns about each tensor larger than the shard size; a file of its own is the
+    documented behaviour of ``shard_bytes``, so it is an INFO line of ours instead."""
+    if "exceeds max_shard_size_bytes" in record.getMessage():
+        logger.info("%s", record.getMessage())
+        return False
+    return True
+
+
+class _WriteTracker:
+    """The last file opened for writing under ``folder``.
+
+    A failed ``write`` (ENOSPC, EFBIG) raises an OSError without a file name; Python's ``open``
+    audit event (raised by ``open``, ``os.open``, ``numpy.tofile``, ``tempfile``) tells which file
+    it was. One process-wide audit hook serves the trackers that are active.
+    """
+
+    active: list[_WriteTracker] = []
+    hooked = False
+
+    def __init__(self, folder: Path):
+        self.folder = os.path.join(os.path.abspath(folder), "")
+        self.last: str | None = None
+
+    @classmethod
+    def _audit(cls, event: str, args: tuple) -> None:
+        if event != "open" or not cls.active:
+            return
+        path, _mode, flags = args
+        if not isinstance(flags, int) or not flags & (os.O_WRONLY | os.O_RDWR):
+            return
+        if isinstance(path, (str, bytes, os.PathLike)):
+            name = os.path.abspath(os.fsdecode(path))
+            for tracker in cls.active:
+                if name.startswith(tracker.folder):
+                    tracker.last = name
+
+    @classmethod
+    @contextlib.contextmanager
+    def watch(cls, folder: Path) -> Iterator[_WriteTracker]:
+        if not cls.hooked:
+            sys.addaudithook(cls._audit)
+            cls.hooked = True
+        tracker = cls(folder)
+        cls.active.append(tracker)
+        try:
+            yield tracker
+        finally:
+            cls.active.remove(tracker)
+
+
+class _PythonWrite(ir.LazyTensor):
+    """Writes its tensor with ``file.write``, so a failed write keeps its errno.
+
+    ``numpy.ndarray.tofile`` (what onnx_ir uses for in-memory and lazily sliced tensors) reports a
+    full disk as "N requested and M written", without errno: the reason would be lost. Bytes are
+    the same (little-endian, one tensor materialised at a time). External tensors keep onnx_ir's
+    ``copy_file_range`` path, which raises proper errors.
+    """
+
+    def tofile(self, file) -> None:
+        tensor = self._evaluate()
+        if self.dtype.bitwidth >= 8 and self.dtype != ir.DataType.STRING and sys.byteorder == "little":
+            array = np.ascontiguousarray(tensor.numpy())
+            file.write(array.reshape(-1).view(np.uint8).data)
+        else:
+            file.write(tensor.tobytes())
+
+
+@contextlib.contextmanager
+def _written_by_python(model: ir.Model) -> Iterator[None]:
+    """Every initializer not already external is written through :class:`_PythonWrite`."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            swapped.append((value, tensor))
+            value.const_value = _PythonWrite(
+                lambda tensor=tensor: tensor,
+                tensor.dtype,
+                tensor.shape,
+                name=tensor.name,
+                doc_string=tensor.doc_string,
+                metadata_props=tensor.metadata_props,
+            )
+    try:
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _shown(path: str | os.PathLike) -> Path:
+    """Where a staged file will live: without the staging folder and onnx_ir's temporary folder."""
+    parts = list(Path(path).parts)
+    if len(parts) >= 2 and parts[-2].startswith(f".{parts[-1]}."):  # onnx_ir: .<name>.xxxx/<name>
+        del parts[-2]
+    return Path(*[p for p in parts if not p.startswith(_STAGE_PREFIX)])
+
+
+def _os_error(e: OSError, tracker: _WriteTracker, fallback: str) -> UserError:
+    """One line naming the file and the reason of a failed write (or read, while saving)."""
+    reason = e.strerror or " ".join(str(e).split())
+    if e.errno is None:  # onnx_ir copying an external tensor whose file became shorter
+        return UserError(f"could not read the model's external data while saving: {reason}")
+    filename = os.fsdecode(e.filename) if e.filename is not None else None
+    if filename is not None and not os.path.abspath(filename).startswith(tracker.folder):
+        return UserError(f"could not read {filename}: {reason}")
+    target = filename or tracker.last
+    return UserError(f"could not write {_shown(target)}: {reason}" if target else f"{fallback}: {reason}")
 
 
 @contextlib.contextmanager
 def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder inside ``out_dir``; its files are moved into ``out_dir`` only on success."""
+    """A temporary folder inside ``out_dir``; its files are moved into ``out_dir`` only on success.
+
+    On any failure the staging folder is removed, and so are the folders created for ``out_dir``
+    when they are still empty: the output location is left as it was found."""
+    out_dir = Path(os.path.abspath(out_dir))
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    done = False
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".mha2sha-", dir=out_dir))
+        stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir))
     except OSError as e:
+        _remove_empty(created)
         raise UserError(f"output folder not writable: {out_dir} ({e.strerror})") from None
     try:
-        yield stage
+        with _WriteTracker.watch(stage) as tracker:
+            try:
+                yield stage
+            except OSError as e:
+                raise _os_error(e, tracker, f"could not write to {out_dir}") from None
         for item in sorted(stage.iterdir()):
             target = out_dir / item.name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(item, target)
+        done = True
     except OSError as e:
         raise UserError(f"could not write to {out_dir}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, path: Path) -> list[Path]:
-    """Save ``model`` to ``path``; large models get a single ``<name>.data`` external file."""
+def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> list[Path]:
+    """Save ``model`` to ``path``; large models get a single ``<name>.data`` external file.
+
+    With ``shard_bytes`` the weights always go to external files of at most that many bytes
+    (a tensor larger than that gets a file of its own): ``<name>.data`` when one file is enough,
+    else ``<name>-00001-of-0000K.data`` ... (Hugging Face's naming). Each tensor records its file.
+    Returns the files written, the ``.onnx`` first.
+    """
+    if shard_bytes is not None and shard_bytes <= 0:
+        raise UserError(f"shard size must be a positive number of bytes, got {shard_bytes}")
+    check_external_data_unchanged(model)  # fail before writing anything, never midway
+    data = path.with_suffix(".data")
+    data_files: list[str] = []
+
+    def written(_tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+        if info.filename not in data_files:
+            data_files.append(info.filename)
+
+    onnx_ir_log = logging.getLogger("onnx_ir.external_data")
+    onnx_ir_log.addFilter(_oversized_tensor_note)
+    with _WriteTracker.watch(path.parent) as tracker:
+        try:
+            if shard_bytes is not None or _weight_bytes(model) > EMBED_LIMIT_BYTES:
+                # Every external tensor starts on a 4096-byte boundary (onnx_ir aligns to
+                # max(4096, alignment)); align_threshold=0 also aligns the small ones, which onnx_ir
+                # would otherwise pack densely. ir.save streams: one tensor materialised at a time
+                # (sharded or not; shards are written one after the other).
+                with _written_by_python(model):
+                    ir.save(
+                        model,
+                        path,
+                        external_data=data.name,
+                        alignment=64,
+                        align_threshold=0,
+                        max_shard_size_bytes=shard_bytes,
+                        callback=written,
+                    )
+                files = [path, *(path.parent / f for f in data_files)]
+            else:
+                # Naming an external file with a threshold above every tensor embeds them all,
+                # including weights the input kept in external files (a plain save would keep
+                # dangling references).
+                ir.save(model, path, external_data=data.name, size_threshold_bytes=EMBED_LIMIT_BYTES + 1)
+                if data.exists() and data.stat().st_size == 0:
+                    data.unlink()
+                files = [path]
+        except OSError as e:
+            raise _os_error(e, tracker, f"could not write {_shown(path)}") from None
+        finally:
+            onnx_ir_log.removeFilter(_oversized_tensor_note)
+    _refuse_overwriting_inputs(model, files)
+    return files
+
+
+def _refuse_overwriting_inputs(model: ir.Model, files: list[Path]) -> None:
+    """A written file must not replace one of the input's external data files once moved in place."""
+    inputs = list((model.meta.get(EXTERNAL_FILES_META) or {}).keys())
+    for file in files:
+        final = _shown(file)
+        if final != file and any(_same(final, i) for i in inputs):
+            raise UserError(
+                f"output {final} would overwrite the input's external data; choose another -o folder or --name"
+            )
+
+
+def _same(a: Path, b: Path) -> bool:
     try:
-        data = path.with_suffix(".data")
-        if _weight_bytes(model) > EMBED_LIMIT_BYTES:
-            # Every external tensor starts on a 4096-byte boundary (onnx_ir aligns to
-            # max(4096, alignment)); align_threshold=0 also aligns the small ones, which onnx_ir
-            # would otherwise pack densely. ir.save streams: one tensor materialised at a time.
-            ir.save(model, path, external_data=data.name, alignment=64, align_threshold=0)
-            return [path, data]
-        # Naming an external file with a threshold above every tensor embeds them all, including
-        # weights the input kept in external files (a plain save would keep dangling references).
-        ir.save(model, path, external_data=data.name, size_threshold_bytes=EMBED_LIMIT_BYTES + 1)
-        if data.exists() and data.stat().st_size == 0:
-            data.unlink()
-        return [path]
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+
+
+def parse_size(text: str) -> int:
+    """``2GB`` (10^9), ``500MB``, ``1GiB`` (2^30), ``1073741824`` -> bytes (> 0)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise UserError(f"bad size '{text}': use bytes or a unit, e.g. 2GB, 500MB, 1GiB, 1073741824")
+    number, unit = match.groups()
+    size = int(float(number) * _UNITS[(unit or "b").lower()])
+    if size <= 0:
+        raise UserError(f"bad size '{text}': must be more than 0 bytes")
+    return size
