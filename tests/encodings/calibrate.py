@@ -3,6 +3,12 @@
 AIMET's configs leave some activations (a projection's output before a Reshape) unquantized, and
 QNN's HTP refuses the resulting half-quantized node units. Encoding every tensor gives QDQ models
 that run on the HTP emulator end to end, so MHA and SHA can be compared there.
+
+Weights: every 2-D float initializer gets an int8 symmetric encoding, per tensor by default. With
+``per_channel=True`` the weights of MatMul / Gemm / Conv (also through one Transpose) are encoded
+per output channel instead, on AIMET's axes (MatMul ``[.., in, out]`` -> last axis, Gemm -> 0 with
+``transB`` else 1, Conv -> 0), as AIMET's HTP config (``htp_quantsim_config_*_per_channel``) does;
+other 2-D initializers (embedding tables) stay per tensor.
 """
 
 from __future__ import annotations
@@ -15,9 +21,17 @@ import onnx
 import onnxruntime as ort
 
 
-def calibrate_all(model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], bits: int = 8) -> dict:
-    """A 1.0.0 encodings dict: uint``bits`` asymmetric per-tensor activations, int8 symmetric weights."""
+def calibrate_all(
+    model_path: str | Path,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    bits: int = 8,
+    *,
+    per_channel: bool = False,
+) -> dict:
+    """A 1.0.0 encodings dict: uint``bits`` asymmetric per-tensor activations, int8 symmetric weights
+    (per output channel for MatMul / Gemm / Conv weights with ``per_channel``)."""
     model = onnx.load(str(model_path))
+    axes = _weight_axes(model) if per_channel else {}
     names = [o for n in model.graph.node for o in n.output if o]
     del model.graph.output[:]
     for name in names:
@@ -37,6 +51,8 @@ def calibrate_all(model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarra
     activations = []
     levels = 2**bits - 1
     for name in lo:
+        if not (np.isfinite(lo[name]) and np.isfinite(hi[name])):
+            continue  # e.g. T5's log of relative positions (-inf before a clamp): not quantizable
         scale = max(hi[name] - lo[name], 1e-8) / levels
         offset = int(np.round(lo[name] / scale))
         activations.append(
@@ -53,7 +69,24 @@ def calibrate_all(model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarra
     params = []
     for init in model.graph.initializer:
         array = onnx.numpy_helper.to_array(init)
-        if array.dtype == np.float32 and array.ndim == 2:
+        if array.dtype != np.float32:
+            continue
+        if init.name in axes:
+            axis = axes[init.name]
+            others = tuple(a for a in range(array.ndim) if a != axis)
+            scales = np.maximum(np.abs(array).max(axis=others), 1e-8) / 127
+            params.append(
+                {
+                    "name": init.name,
+                    "dtype": "INT",
+                    "enc_type": "PER_CHANNEL",
+                    "bw": 8,
+                    "is_sym": True,
+                    "scale": [float(x) for x in scales],
+                    "offset": [-128] * len(scales),
+                }
+            )
+        elif array.ndim == 2:
             scale = max(float(np.abs(array).max()), 1e-8) / 127
             params.append(
                 {
@@ -72,3 +105,42 @@ def calibrate_all(model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarra
         "param_encodings": params,
         "quantizer_args": {},
     }
+
+
+def _weight_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """Output-channel axis of every initializer used as the weight of a MatMul / Gemm / Conv."""
+    shapes = {i.name: len(i.dims) for i in model.graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, index))
+
+    def axis_of(node: onnx.NodeProto, index: int, rank: int) -> int | None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if index != 1 or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Conv":
+            return 0
+        if node.op_type == "Gemm":
+            return 0 if attrs.get("transB", 0) else 1
+        if node.op_type == "MatMul" and rank >= 2:
+            return rank - 1
+        return None
+
+    out: dict[str, int] = {}
+    for name, rank in shapes.items():
+        found = set()
+        for node, index in consumers.get(name, []):
+            axis = axis_of(node, index, rank)
+            if axis is None and node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                perm = perm or list(range(rank))[::-1]
+                for inner_node, inner_index in consumers.get(node.output[0], []):
+                    inner = axis_of(inner_node, inner_index, rank)
+                    if inner is not None:
+                        found.add(perm[inner])
+            elif axis is not None:
+                found.add(axis)
+        if len(found) == 1:  # a weight read along two axes stays per tensor
+            out[name] = found.pop()
+    return out

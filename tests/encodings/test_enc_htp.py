@@ -54,18 +54,45 @@ def test_hand_built_attention_on_htp(tmp_path) -> None:
     assert result.htp is not None and result.htp.sha_on_htp_only and result.htp.max_lsb == {"y": 0.0}
 
 
-def test_unsupported_nodes_are_listed(tmp_path) -> None:
-    """AIMET's W8A16 per-channel MatMul weights are not HTP-runnable as MatMul (issue: Conv layout):
-    the check names the nodes instead of failing the conversion."""
-    case = "llama_gqa_step"
+@pytest.mark.parametrize("htp_layout", [False, True], ids=["matmul", "conv"])
+@pytest.mark.parametrize("case", ["prepared_llama_gqa_step", "llama_gqa_step"])
+def test_aimet_1_0_0_w8a16_runs_on_htp(case: str, htp_layout: bool, tmp_path) -> None:
+    """AIMET's W8A16 HTP config exported as 1.0.0: symmetric 16-bit activations (v_proj) become
+    uint16 with zero point 32768 and the SHA head join gets its pieces' encoding, so MHA, SHA and
+    SHA-conv all run with CPU fallback disabled and agree bit for bit on the device's arithmetic."""
     model, encodings = aimet_encodings(
         zoo.build(case), [zoo.example_inputs(case)], config="w8a16", version="1.0.0"
     )
-    result = convert(
-        model, tmp_path / "out", options=ConvertOptions(encodings=str(encodings), verify_htp=True)
-    )
+    options = ConvertOptions(encodings=str(encodings), verify_htp=True, htp_layout=htp_layout)
+    result = convert(model, tmp_path / "out", options=options)
     check = result.htp
-    assert check is not None and not check.sha_on_htp_only and check.cpu_fallback_used
-    assert check.sha_unsupported and {op for _, op in check.sha_unsupported} == {"DequantizeLinear"}
-    assert max((result.qdq_lsb or {}).values()) == 0.0  # the CPU QDQ proof still holds
-    assert (tmp_path / "out" / "model.report.json").exists()
+    assert check is not None and not check.error and not check.cpu_fallback_used
+    assert check.sha_on_htp_only and check.mha_on_htp_only and not check.sha_unsupported
+    assert check.max_lsb and max(check.max_lsb.values()) == 0.0
+
+
+def test_unsupported_nodes_are_listed(tmp_path) -> None:
+    """A per-channel weight whose MatMul input is left unquantized is a standalone per-channel DQ,
+    which QNN rejects: the check names those nodes (in MHA and SHA) instead of failing, and the CPU
+    QDQ comparison decides."""
+    source = tmp_path / "attention.onnx"
+    onnx.save(attention_model(4, 16, 16, (1, 1, 16, 16)), source)
+    rng = np.random.default_rng(0)
+    feeds = [
+        {"x": rng.normal(size=(1, 16, 64)).astype(np.float32), "mask": causal_mask((1, 1, 16, 16))}
+        for _ in range(2)
+    ]
+    encodings = calibrate_all(source, feeds, per_channel=True)
+    encodings["activation_encodings"] = [e for e in encodings["activation_encodings"] if e["name"] != "x"]
+    (tmp_path / "model.encodings").write_text(json.dumps(encodings))
+    np.savez(tmp_path / "feeds.npz", **feeds[0])
+    options = ConvertOptions(
+        encodings=str(tmp_path / "model.encodings"), inputs=str(tmp_path / "feeds.npz"), verify_htp=True
+    )
+    result = convert(source, tmp_path / "out", options=options)
+    check = result.htp
+    assert check is not None and check.cpu_fallback_used and not check.sha_on_htp_only
+    assert {name for name, _ in check.mha_unsupported} == {"wq_dq", "wk_dq", "wv_dq"}
+    assert {name for name, _ in check.sha_unsupported} == {f"w{p}.h{h}_dq" for p in "qkv" for h in range(4)}
+    assert result.qdq_lsb == {"y": 0.0}  # the CPU QDQ proof decides
+    assert (tmp_path / "out" / "attention.report.json").exists()

@@ -9,7 +9,12 @@ Rules (DESIGN.md section 3), applied to every tensor in the :class:`SplitRecord`
   expressed and is reported); a range on any other axis (e.g. the input rows of ``W_o`` handed to
   each head) leaves every output channel in the piece, so the encoding is copied whole;
 - encodings of tensors that survive unchanged are kept; encodings naming a tensor that no longer
-  exists in the output model are dropped and listed, so every written encoding names a real tensor.
+  exists in the output model are dropped and listed, so every written encoding names a real tensor;
+- a head join (the ``Concat`` of all pieces of one split tensor, e.g. before ``o_proj``) without an
+  encoding of its own takes the encoding its pieces are data-movement copies of, when all pieces
+  agree: the MHA file may not encode the Transpose/Reshape the join replaces (ORT propagates the
+  quantization through data movement there, not through a Concat), and joining identically
+  quantized tensors is exact, so the numbers cannot change.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +31,9 @@ from mha2sha.encodings.model import Encoding, EncodingSet
 from mha2sha.errors import UserError
 from mha2sha.io.names import tensor_names
 from mha2sha.split.record import SplitRecord, TensorSplit
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 __all__ = ["CoverageReport", "propagate", "slice_encoding", "EncodingCoverageError"]
 
@@ -48,6 +56,7 @@ class CoverageReport:
     unencoded_splits: list[str] = dataclasses.field(default_factory=list)
     kept: list[str] = dataclasses.field(default_factory=list)
     folded: dict[str, str] = dataclasses.field(default_factory=dict)  # vanished data movement -> source
+    joined: dict[str, str] = dataclasses.field(default_factory=dict)  # head-join Concat -> its pieces' source
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -67,6 +76,7 @@ class CoverageReport:
                 "unencoded_splits": len(self.unencoded_splits),
                 "kept": len(self.kept),
                 "folded": len(self.folded),
+                "joined": len(self.joined),
             },
             "mha_encoded": list(self.mha_encoded),
             "sha_encoded": list(self.sha_encoded),
@@ -76,6 +86,7 @@ class CoverageReport:
             "unencoded_splits": list(self.unencoded_splits),
             "kept": list(self.kept),
             "folded": dict(self.folded),
+            "joined": dict(self.joined),
             "warnings": list(self.warnings),
         }
 
@@ -105,6 +116,7 @@ class CoverageReport:
             ("split tensors without encoding", self.unencoded_splits, "dim"),
             ("encodings kept unchanged", self.kept, ""),
             ("data movement removed, same encoding as its input", self.folded, "dim"),
+            ("heads joined (Concat), encoding of the pieces' source", self.joined, "dim"),
         ]
         for label, items, style in rows:
             t.add_row(label, str(len(items)), names(items) if items else "", style=style if items else None)
@@ -192,6 +204,56 @@ def _folded_source(name: str, record: SplitRecord, encodings: EncodingSet) -> st
         if encodings.get(name) is not None:
             return name
     return None
+
+
+_DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Identity"})
+
+
+def _movement_source(value: ir.Value | None, encoded: EncodingSet) -> str | None:
+    """The encoded activation ``value`` is (a pure data-movement copy of), following producers back."""
+    seen: set[int] = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        if value.name in encoded.activations:
+            return value.name
+        node = value.producer()
+        if node is None or node.op_type not in _DATA_MOVEMENT or node.domain not in ("", "ai.onnx"):
+            return None
+        value = node.inputs[0] if node.inputs else None
+    return None
+
+
+def _encode_joins(
+    out_model: ir.Model,
+    record: SplitRecord,
+    result: EncodingSet,
+    new_order: list[str],
+    report: CoverageReport,
+) -> None:
+    """Give each unencoded head join (Concat of all pieces of one split) its pieces' common encoding."""
+    owner = {p.name: split.original for split in record.tensors.values() for p in split.pieces}
+    for node in out_model.graph:
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        out = node.outputs[0]
+        if not out.name or out.name in result:
+            continue
+        originals = {owner.get(v.name) if v is not None else None for v in node.inputs}
+        if len(originals) != 1 or None in originals:
+            continue
+        (original,) = originals
+        if len(node.inputs) != len(record.tensors[original].pieces):  # type: ignore[index]
+            continue
+        sources = [_movement_source(v, result) for v in node.inputs]
+        if None in sources:
+            continue
+        encs = [result.activations[s] for s in sources]  # type: ignore[index]
+        if not all(e.same_numbers(encs[0]) for e in encs[1:]):
+            report.warnings.append(f"{out.name}: the joined heads carry different encodings; left unencoded")
+            continue
+        result.activations[out.name] = encs[0].renamed(out.name)
+        new_order.append(out.name)
+        report.joined[out.name] = sources[0]  # type: ignore[assignment]
 
 
 def propagate(
@@ -319,6 +381,7 @@ def propagate(
             new_order.append(piece.name)
             report.sha_encoded.append(piece.name)
 
+    _encode_joins(out_model, record, result, new_order, report)
     for name in record.tensors:
         if name not in src:
             report.unencoded_splits.append(name)

@@ -19,7 +19,9 @@ Dtypes: standard ``ai.onnx`` Q/DQ when the model's opset can express the encodin
 opset 10/13, 16-bit, 4-bit and blocked from 21); below opset 21, 16/4-bit encodings use ORT's
 ``com.microsoft`` Q/DQ (same arithmetic, no opset conversion of the rest of the model) and
 blocked weights (per-block, LPBQ) are fake-quantized offline with numpy (round half to even,
-like ORT), because ``com.microsoft`` Q/DQ has no ``block_size``.
+like ORT), because ``com.microsoft`` Q/DQ has no ``block_size``. A symmetric activation of a 0.6.1 /
+1.0.0 file gets the unsigned dtype with the shifted zero point (int16 zp 0 -> uint16 zp 32768, the
+same grid), as AIMET's 2.x export writes it; weights stay signed.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from mha2sha.encodings.axes import as_ir_model, resolve_axes
 from mha2sha.encodings.model import Encoding, EncodingSet, dtype_bits, dtype_is_signed
 from mha2sha.errors import UserError
 
-__all__ = ["to_qdq", "to_qdq_ir", "run_qdq", "run_qdq_compare", "fake_quantize"]
+__all__ = ["to_qdq", "to_qdq_ir", "run_qdq", "run_qdq_compare", "fake_quantize", "max_steps", "output_lsb"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +182,26 @@ def _float_dtype(value: ir.Value) -> ir.DataType:
     return dt or ir.DataType.FLOAT
 
 
+def _activation_qdtype(enc: Encoding) -> str:
+    """The dtype of a (non-constant) activation's Q/DQ: unsigned unless a 2.x file says otherwise.
+
+    0.6.1/1.0.0 files only say "symmetric", which :meth:`Encoding.qdtype` maps to the signed dtype
+    with zero point 0 (right for weights). For an activation the unsigned dtype with the shifted zero
+    point is the same grid (int16 zp 0 == uint16 zp 32768: identical values, identical rounding and
+    clipping) and is what AIMET's 2.x export and ORT/QNN's HTP node units use: every activation of a
+    ``DQ -> op -> Q`` unit must have one dtype ("input and output types need to be same").
+    """
+    qdtype = enc.qdtype()
+    unsigned = "u" + qdtype
+    if enc.output_dtype is not None or enc.enc_type == "LPBQ" or unsigned not in _NP_QDTYPE:
+        return qdtype  # 2.x dtype as written; int32 has no uint32 Q/DQ; uint stays uint
+    hi = 2 ** dtype_bits(unsigned) - 1  # type: ignore[operator]
+    zp = np.asarray(enc.zero_point(unsigned), np.float64)
+    if np.any(zp < 0) or np.any(zp > hi):
+        return qdtype
+    return unsigned
+
+
 def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None:
     value = b.values.get(name)
     if value is None:  # reported by the coverage check; nothing to quantize here
@@ -208,7 +230,8 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
         b.insert(value, [c1, c2], c2.outputs[0])
         return
 
-    qdtype = enc.qdtype()
+    const = value.const_value if is_param or value.is_initializer() else None
+    qdtype = _activation_qdtype(enc) if const is None else enc.qdtype()
     scale = enc.effective_scale()
     zp = np.asarray(enc.zero_point(qdtype), np.float64)
     if np.any(np.mod(zp, 1.0) != 0):
@@ -230,7 +253,6 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
         attrs.append(ir.AttrInt64("axis", enc.block_axis if blocked else enc.axis))  # type: ignore[arg-type]
     if blocked:
         attrs.append(ir.AttrInt64("block_size", int(enc.block_size)))  # type: ignore[arg-type]
-    const = value.const_value if is_param or value.is_initializer() else None
     domain = b.domain_for(qdtype, enc)
 
     if const is not None and domain is not None and not blocked:
@@ -301,6 +323,46 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
     b.insert(value, [qn, dqn], dqn.outputs[0])
 
 
+#: Pure data movement, traced back to find the encoded tensor a copy carries.
+_DATA_MOVEMENT = frozenset(
+    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Tile", "Identity"}
+)
+#: Data movement ORT's QDQPropagationTransformer does not pass a DQ through (it does Reshape,
+#: Transpose, (Un)Squeeze, Slice, MaxPool): without an encoding of its own the op runs in float.
+_NOT_PROPAGATED = frozenset({"Expand", "Tile", "Flatten"})
+
+
+def _inherit_through_copies(model: ir.Model, es: EncodingSet) -> None:
+    """Unencoded outputs of Expand/Tile/Flatten of an encoded activation get that activation's encoding.
+
+    A 0.6.1/1.0.0 export leaves data movement unencoded (the values already are on the input's grid);
+    on CPU that is exact either way, but on HTP an Expand without Q/DQ (e.g. GQA ``repeat_kv`` of a
+    16-bit KV cache) runs in fp16 and rounds the key/value. Re-quantizing a copy on its source's grid
+    is the identity, so this cannot change the CPU outputs; AIMET's 2.x export writes the same entries.
+    """
+    for node in model.graph:
+        if node.op_type not in _NOT_PROPAGATED or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        out = node.outputs[0]
+        if not out.name or out.name in es:
+            continue
+        value, seen = node.inputs[0], set()
+        while value is not None and value.name not in es.activations and id(value) not in seen:
+            seen.add(id(value))
+            producer = value.producer()
+            ok = producer is not None and producer.op_type in _DATA_MOVEMENT and producer.inputs
+            value = producer.inputs[0] if ok else None  # type: ignore[union-attr,index]
+        if value is None or value.name not in es.activations:
+            continue
+        enc = es.activations[value.name]
+        if enc.is_float or enc.enc_type != "PER_TENSOR":
+            continue
+        es.activations[out.name] = enc.renamed(out.name)
+        if es.order is not None:
+            es.order.append(out.name)
+        logger.debug("%s: %s copies %s, same encoding", out.name, node.op_type, value.name)
+
+
 def to_qdq_ir(
     model: Any, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None
 ) -> ir.Model:
@@ -309,6 +371,7 @@ def to_qdq_ir(
     model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else as_ir_model(model)
     es = encodings.copy()
     resolve_axes(es, model=model, channel_axes=channel_axes)
+    _inherit_through_copies(model, es)
     b = _Builder(model)
     for name, enc in es.items():
         _add_encoding(b, name, enc, es.kind_of(name) == "param")
@@ -368,6 +431,15 @@ def output_lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | Non
     return None
 
 
+def max_steps(a: np.ndarray, b: np.ndarray, lsb: np.ndarray | None) -> float:
+    """Max |a - b| in quantization steps (both on the grid: whole steps), or absolute without ``lsb``."""
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if not diff.size:
+        return 0.0
+    # float32 dequantization leaves ~1e-3 step of noise on a 16-bit grid: count whole steps
+    return float(np.rint(diff / lsb).max() if lsb is not None else diff.max())
+
+
 def run_qdq_compare(
     model_a: Any,
     enc_a: EncodingSet,
@@ -397,9 +469,5 @@ def run_qdq_compare(
         bb = np.asarray(out_b[nb], np.float64)
         if a.shape != bb.shape:
             raise UserError(f"output {na}: shapes differ {list(a.shape)} vs {list(bb.shape)}")
-        diff = np.abs(a - bb)
-        lsb = output_lsb(enc_a.get(na), a.shape)
-        if lsb is not None:
-            diff = diff / lsb
-        result[na] = float(np.max(diff)) if diff.size else 0.0
+        result[na] = max_steps(a, bb, output_lsb(enc_a.get(na), a.shape))
     return result
