@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -38,17 +39,27 @@ from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import blocks_json
 from mha2sha.split.record import SplitRecord
 from mha2sha.split.split_heads import BlockReport, SplitHeadsPass
+from mha2sha.verify.blocks import low_precision_bound, verify_blocks
 from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
 from mha2sha.verify.input_lists import write_input_lists
-from mha2sha.verify.inputs import load_inputs, make_inputs
+from mha2sha.verify.inputs import ModelInputs, plan_inputs
 from mha2sha.verify.qdq import output_lsb, run_qdq_compare, to_qdq_ir
-from mha2sha.verify.runner import Verification, compare_outputs, run_model, verify
+from mha2sha.verify.qdq_local import LocalCheck, Origin, compare_quantized_tensors
+from mha2sha.verify.runner import Verification, compare_outputs, estimate_ort_bytes, run_model, verify
 
 __all__ = ["ConvertOptions", "ConversionResult", "ConversionFailed", "convert", "MHA2SHAConverter"]
 
 logger = logging.getLogger(__name__)
 
 NAME_MAP_FILE = "mha_to_sha_names.json"
+
+#: ``verify="auto"`` runs the whole models in onnxruntime when their estimated footprint
+#: (:func:`mha2sha.verify.runner.estimate_ort_bytes`, from the "verify full" measurements in
+#: benchmarks/RESULTS.md) is at most this and a quarter of the available RAM, else verifies block
+#: by block. 1 GiB keeps a conversion within the 1 GB peak-RSS target: fp16 models up to ~0.28 GB
+#: of weights, fp32 up to ~0.9 GB, are verified whole. ``ConvertOptions.full_verify_max_bytes``.
+FULL_VERIFY_MAX_BYTES = 1 << 30
+VERIFY_MODES = ("auto", "full", "blocks", "none")
 
 
 class ConversionFailed(Exception):
@@ -61,7 +72,8 @@ class ConversionFailed(Exception):
 class ConvertOptions:
     input_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     inputs: str | None = None  # .npz of user inputs for verification
-    verify: bool = True
+    verify: bool | str = True  # "auto" (= True) | "full" | "blocks" | "none" (= False)
+    full_verify_max_bytes: int = FULL_VERIFY_MAX_BYTES  # "auto": whole models up to this ORT footprint
     rtol: float = 1e-5
     seed: int = 0
     allow_partial: bool = False
@@ -76,6 +88,45 @@ class ConvertOptions:
     optimize_o_proj: bool = False  # per-head o_proj on each head's rows of W_o, summed (measured slower)
     verify_htp: bool = False  # also compare MHA-QDQ and SHA-QDQ on the HTP emulator (onnxruntime-qnn)
     soc: str = DEFAULT_SOC
+    shard_bytes: int | None = None  # external data in files of at most this many bytes (--shard-size)
+
+
+@dataclasses.dataclass
+class VerifyPlan:
+    """How a conversion is verified, decided at load time (before any heavy work)."""
+
+    requested: str  # "auto" | "full" | "blocks"
+    mode: str  # "full" | "blocks": what decided (a failed fp16 full run can hand over to "blocks")
+    inputs: ModelInputs  # checked now, arrays made when verifying
+    estimate_bytes: int  # onnxruntime footprint of a whole-model run (estimate_ort_bytes)
+    limit_bytes: int  # whole-model runs allowed up to this (unless --verify full)
+    low_precision: ir.DataType | None  # FLOAT16/BFLOAT16 when most weights are
+    notes: list[str] = dataclasses.field(default_factory=list)  # fallbacks, skipped checks
+    full: Verification | None = None  # the whole-model result when blockwise verification decided after it
+
+    @property
+    def whole_model_runs(self) -> bool:
+        """Whole-model runs (float, QDQ, HTP, goldens) fit, or the user asked for them."""
+        return self.requested == "full" or self.estimate_bytes <= self.limit_bytes
+
+    def reason(self) -> str:
+        size = f"{_gb(self.estimate_bytes)} estimated for onnxruntime"
+        if self.requested != "auto":
+            return f"--verify {self.requested}; {size}"
+        return f"auto: {size}, {'<=' if self.mode == 'full' else '>'} limit {_gb(self.limit_bytes)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "mode": self.mode,
+            "estimated_ort_bytes": self.estimate_bytes,
+            "limit_bytes": self.limit_bytes,
+            "notes": list(self.notes),
+        }
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
 
 
 @dataclasses.dataclass
@@ -91,6 +142,13 @@ class ConversionResult:
     qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
     htp: HtpCheck | None = None
     layout: LayoutResult | None = None
+    qdq_local: LocalCheck | None = None  # tensor-by-tensor check, run when the QDQ outputs differ
+    verify_plan: VerifyPlan | None = None  # None when verification is off
+
+    @property
+    def verify_mode(self) -> str | None:
+        """How the float verification was decided: "full" or "blocks" (None when off)."""
+        return self.verify_plan.mode if self.verify_plan is not None else None
 
     @property
     def split_blocks(self) -> list[BlockReport]:
@@ -135,12 +193,14 @@ def convert(
             f"output {out_model} would overwrite the input model; choose another -o folder or --name"
         )
 
+    requested = _verify_request(options.verify)
     timer = timer or PhaseTimer()
     with timer.phase("load"):
         model = load_model(model_path)
         fix_input_shapes(model, options.input_shapes)
         require_static_inputs(model)
-        inputs = _verification_inputs(model, options) if options.verify else None
+        # Inputs are checked now (a bad --inputs fails before any heavy work) and made when verifying.
+        plan = _plan_verification(model, options, requested) if requested != "none" else None
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
@@ -181,18 +241,21 @@ def convert(
 
     with staging_dir(out_dir) as stage:
         with timer.phase("save"):
-            staged = save_model(model, stage / out_model.name)
+            staged = save_model(model, stage / out_model.name, shard_bytes=options.shard_bytes)
             _check_model(staged[0])
             (stage / NAME_MAP_FILE).write_text(json.dumps(record.name_map(), indent=1))
             if sha_encodings is not None:
                 version = options.encodings_version or sha_encodings.version
                 save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
-        if inputs is not None:
-            with timer.phase("verify (onnxruntime)"):
-                result.verification = _verify(model_path, staged[0], inputs, split, options.rtol)
+        if plan is not None:
+            result.verify_plan = plan
+            wanted = encodings is not None or options.create_input_lists
+            inputs, golden = _verify_float(result, plan, model_path, staged[0], split, options, wanted)
             if not result.verification.ok:
-                raise ConversionFailed(_failure_line(result.verification))
-            if encodings is not None and sha_encodings is not None:
+                raise ConversionFailed(_failure_line(result.verification, plan.mode))
+            if inputs is None and encodings is not None:
+                _skip_whole_model_check(plan, "quantized (QDQ) verification")
+            if inputs is not None and encodings is not None and sha_encodings is not None:
                 with timer.phase("verify quantized (QDQ)"):
                     result.qdq_lsb = _verify_qdq(
                         model_path, encodings, staged[0], sha_encodings, inputs, split
@@ -208,11 +271,19 @@ def convert(
                 # there; otherwise (or without --verify-htp) the CPU QDQ comparison decides.
                 if result.htp is not None and not result.htp.cpu_fallback_used:
                     _require_within_lsb("HTP verification", result.htp.max_lsb, options.max_lsb)
-                else:
-                    _require_within_lsb("quantized verification", result.qdq_lsb, options.max_lsb)
-            if options.create_input_lists and result.verification.reference is not None:
+                elif max(result.qdq_lsb.values(), default=0.0) > options.max_lsb:
+                    with timer.phase("verify quantized tensor by tensor"):
+                        result.qdq_local = compare_quantized_tensors(
+                            model_path, encodings, staged[0], sha_encodings, inputs,
+                            _origins(record, layout_record),
+                        )  # fmt: skip
+                    _require_local_within_lsb(result.qdq_local, result.qdq_lsb, options.max_lsb)
+            if options.create_input_lists and inputs is not None:
+                if golden is None:  # blockwise verification ran no whole model
+                    with timer.phase("goldens (onnxruntime)"):
+                        golden = run_model(model_path, inputs)
                 feeds = _per_head_feeds(inputs, split)
-                goldens = _per_head_outputs(result.verification.reference, split)
+                goldens = _per_head_outputs(golden, split)
                 order = [v.name for v in model.graph.inputs if v.name in feeds]
                 write_input_lists(stage, feeds, goldens, order, host_dir=out_dir)
         (stage / f"{name}.report.json").write_text(json.dumps(_report(result), indent=1))
@@ -245,15 +316,41 @@ def _verify_qdq(
 def _require_within_lsb(what: str, diffs: Mapping[str, float], max_lsb: float) -> None:
     name, worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
     if worst > max_lsb:
-        hint = (
-            " (on wide models ORT CPU's float MatMul sums per-head weight slices in another order and can"
-            " flip a rounding: check on the HTP emulator with --verify-htp, or raise --max-lsb)"
-            if what == "quantized verification"
-            else ""
-        )
         raise ConversionFailed(
-            f"{what} failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}); nothing was written{hint}"
+            f"{what} failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}); nothing was written"
         )
+
+
+def _origins(record: SplitRecord, layout: LayoutRecord) -> Origin:
+    """SHA tensor -> (MHA tensor, ranges of its piece): per-head pieces, and layout copies of them."""
+    origins = {p.name: (t.original, p.ranges) for t in record.tensors.values() for p in t.pieces}
+    for new, old in layout.aliases.items():
+        origins.setdefault(new, origins.get(old, (old, ())))
+    return origins
+
+
+def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], max_lsb: float) -> None:
+    """Outputs differ on ORT CPU: accept only if every quantized tensor is within ``max_lsb`` given
+    the MHA model's quantized inputs (then the output difference is rounding flips that grew)."""
+    name, worst = max(outputs.items(), key=lambda kv: kv[1])
+    bad = local.first_above(max_lsb)
+    if bad is not None:
+        piece = f" (head piece of '{bad.origin}')" if bad.origin != bad.name else ""
+        raise ConversionFailed(
+            f"quantized verification failed: '{bad.name}'{piece} differs from the MHA model by {bad.lsb:.3g} LSB"
+            f" (> {max_lsb:g}) given the same quantized inputs; nothing was written"
+        )
+    if not local.tensors:
+        raise ConversionFailed(
+            f"quantized verification failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}) and no"
+            " quantized tensor could be compared on its own; nothing was written (try --verify-htp)"
+        )
+    logger.warning(
+        "quantized outputs differ by up to %.3g LSB on onnxruntime CPU ('%s'), but each of the %d quantized"
+        " tensors is within %g LSB of the MHA model given the same quantized inputs (%d exact): float"
+        " summation order flips roundings that grow downstream; --verify-htp checks on the device's arithmetic",
+        worst, name, len(local.tensors), max_lsb, sum(t.lsb == 0 for t in local.tensors),
+    )  # fmt: skip
 
 
 def _verify_htp(
@@ -301,10 +398,147 @@ def _verify(
     return compare_outputs(reference, {k: got[k] for k in reference if k in got} | got, rtol)
 
 
-def _verification_inputs(model: ir.Model, options: ConvertOptions) -> dict[str, np.ndarray]:
-    if options.inputs:
-        return load_inputs(options.inputs, model, options.seed)
-    return make_inputs(model, options.seed)
+def _verify_request(verify: bool | str) -> str:
+    """``ConvertOptions.verify`` as one of :data:`VERIFY_MODES` (True = auto, False = none)."""
+    if verify is True or verify is False:
+        return "auto" if verify else "none"
+    if isinstance(verify, str) and verify.lower() in VERIFY_MODES:
+        return verify.lower()
+    raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {verify!r}")
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _plan_verification(model: ir.Model, options: ConvertOptions, requested: str) -> VerifyPlan:
+    """Check the inputs, estimate a whole-model run, pick the mode; refuse what cannot be done.
+
+    "auto" runs the whole models when onnxruntime's estimated footprint is at most
+    ``options.full_verify_max_bytes`` and a quarter of the available RAM, else block by block.
+    ``--create-input-lists`` and ``--verify-htp`` need whole-model runs (the goldens are the whole
+    original model's outputs; the HTP emulator runs whole QDQ models): when those do not fit they
+    are refused here, before any heavy work, rather than silently skipped (``--verify full``
+    forces them).
+    """
+    inputs = plan_inputs(model, options.seed, npz=options.inputs)
+    estimate, low = estimate_ort_bytes(model, inputs.nbytes)
+    limit = min(options.full_verify_max_bytes, _available_ram() // 4)
+    mode = requested if requested != "auto" else ("full" if estimate <= limit else "blocks")
+    plan = VerifyPlan(requested, mode, inputs, estimate, limit, low)
+    if not plan.whole_model_runs:
+        asked = [f for f, on in (("--create-input-lists", options.create_input_lists),
+                                 ("--verify-htp", options.verify_htp and options.encodings)) if on]  # fmt: skip
+        if asked:
+            raise UserError(
+                f"{' and '.join(asked)} need(s) whole-model onnxruntime runs, estimated at "
+                f"{_gb(estimate)} for this model (limit {_gb(limit)}); verification is block by block "
+                f"({plan.reason()}): add --verify full to run whole models anyway, or drop {asked[0]}"
+            )
+    return plan
+
+
+def _skip_whole_model_check(plan: VerifyPlan, what: str) -> None:
+    note = (
+        f"{what} skipped: it runs whole models ({_gb(plan.estimate_bytes)} estimated for onnxruntime, "
+        f"limit {_gb(plan.limit_bytes)}); the float conversion was verified block by block "
+        "(--verify full runs it anyway)"
+    )
+    logger.warning(note)
+    plan.notes.append(note)
+
+
+def _verify_float(
+    result: ConversionResult,
+    plan: VerifyPlan,
+    original: Path,
+    converted: Path,
+    split: SplitHeadsPass,
+    options: ConvertOptions,
+    whole_model_checks: bool,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+    """Float verification in ``plan.mode``; sets ``result.verification``.
+
+    Inputs are made here, after the model was saved. Returns the inputs when whole-model checks
+    (QDQ, HTP, goldens) follow and fit, and the original's outputs when a whole-model run made them.
+    A low-precision model whose full verification fails only within fp16/bf16 kernel rounding
+    (:func:`~mha2sha.verify.blocks.low_precision_bound`; CPU kernels round a 64-column fp16
+    matmul differently from a 2048-column one) is decided block by block, where failing fp16 blocks
+    are re-run in fp32; ``rtol`` itself is never loosened.
+    """
+    timer = result.timer or PhaseTimer()
+    if plan.mode == "blocks":
+        with timer.phase("verify blocks (onnxruntime)", total=len(result.blocks)) as advance:
+            result.verification = _verify_blocks(plan, original, converted, split, options, advance)
+        keep = plan.whole_model_runs and whole_model_checks
+        return (dict(plan.inputs) if keep else None), None
+
+    with timer.phase("verify (onnxruntime)"):
+        inputs = dict(plan.inputs)
+        result.verification = full = _verify(original, converted, inputs, split, options.rtol)
+    if not full.ok and _rounding_only(full, plan.low_precision):
+        assert plan.low_precision is not None
+        worst = max((r for r in full.rows if not r.ok), key=lambda r: r.max_rel_err)
+        note = (
+            f"full verification of this {plan.low_precision.name.lower()} model differs by "
+            f"{worst.max_rel_err:.2g} on '{worst.name}' (within {plan.low_precision.name.lower()} kernel "
+            f"rounding, <= {low_precision_bound(plan.low_precision):.2g}); decided block by block, "
+            "re-running differing blocks in fp32"
+        )
+        logger.info(note)
+        plan.notes.append(note)
+        plan.mode, plan.full = "blocks", full
+        with timer.phase("verify blocks (onnxruntime)", total=len(result.blocks)) as advance:
+            result.verification = _verify_blocks(plan, original, converted, split, options, advance)
+    return inputs, full.reference
+
+
+def _rounding_only(check: Verification, dtype: ir.DataType | None) -> bool:
+    """Every failing output is finite and differs by at most fp16/bf16 kernel rounding."""
+    bad = [r for r in check.rows if not r.ok]
+    return (
+        dtype is not None
+        and bool(bad)
+        and all(
+            math.isfinite(r.max_rel_err)
+            and "NaN" not in r.note
+            and r.max_rel_err <= low_precision_bound(dtype)
+            for r in bad
+        )
+    )
+
+
+def _verify_blocks(
+    plan: VerifyPlan,
+    original: Path,
+    converted: Path,
+    split: SplitHeadsPass,
+    options: ConvertOptions,
+    advance: Any,
+) -> Verification:
+    """Each attention block of both saved models cut out and compared (one block in memory)."""
+    source = load_model(original)
+    fix_input_shapes(source, options.input_shapes)
+    return verify_blocks(
+        source,
+        load_model(converted),
+        inputs=plan.inputs,  # made block by block (a layer's past KV only for its block)
+        rtol=options.rtol,
+        seed=options.seed,
+        input_pieces=split.input_pieces,
+        output_pieces=split.output_pieces,
+        on_block=advance,
+    )
 
 
 def _check_model(path: Path) -> None:
@@ -314,7 +548,7 @@ def _check_model(path: Path) -> None:
         raise RuntimeError(f"converted model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
-def _failure_line(v: Verification) -> str:
+def _failure_line(v: Verification, mode: str = "full") -> str:
     bad = [r for r in v.rows if not r.ok]
     worst = max(bad, key=lambda r: r.max_rel_err) if bad else None
     detail = (
@@ -322,7 +556,8 @@ def _failure_line(v: Verification) -> str:
         if worst
         else "outputs differ"
     )
-    return f"verification failed: {detail}; nothing was written"
+    what = "blockwise verification" if mode == "blocks" else "verification"
+    return f"{what} failed: {detail}; nothing was written"
 
 
 def _report(result: ConversionResult) -> dict[str, Any]:
@@ -333,14 +568,21 @@ def _report(result: ConversionResult) -> dict[str, Any]:
         "phases": [dataclasses.asdict(r) for r in result.timer.records] if result.timer else [],
         "encodings_coverage": result.coverage.to_dict() if result.coverage else None,
         "quantized_max_lsb": result.qdq_lsb,
+        "quantized_tensor_by_tensor": result.qdq_local.to_dict() if result.qdq_local else None,
         "htp": result.htp.to_dict() if result.htp else None,
         "layout": result.layout.to_dict() if result.layout else None,
         "verification": None
         if v is None
         else {
             "ok": v.ok,
+            **(result.verify_plan.to_dict() if result.verify_plan else {}),
             "rtol": v.rtol,
             "outputs": [dataclasses.asdict(r) for r in v.rows],
+            **(
+                {"full_outputs": [dataclasses.asdict(r) for r in result.verify_plan.full.rows]}
+                if result.verify_plan and result.verify_plan.full
+                else {}
+            ),
         },
     }
 

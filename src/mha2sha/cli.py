@@ -15,6 +15,7 @@ from rich.console import Console
 
 from mha2sha.api import ConversionFailed, ConversionResult, ConvertOptions, convert
 from mha2sha.errors import UserError
+from mha2sha.io.save import parse_size
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import blocks_table
 from mha2sha.verify.inputs import parse_input_shapes
@@ -109,12 +110,24 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="input .onnx model")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--name", help="output model name (default: the input's)")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument(
+        "--verify",
+        choices=["auto", "full", "blocks", "none"],
+        default="auto",
+        help="onnxruntime comparison of the whole models, or of each attention block on its own "
+        "(bounded memory); auto (default) = full when it needs <= 1 GiB (and 1/4 of free RAM), else blocks",
+    )
+    p.add_argument("--no-verify", action="store_true", help="same as --verify none")
     p.add_argument("--rtol", type=float, default=1e-5, help="max relative error per output (default 1e-5)")
+    p.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        help="save the weights in external files of at most SIZE each (e.g. 2GB, 500MB, 1073741824)",
+    )
     _add_common(p)
 
 
-def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
+def _options(args: argparse.Namespace, verify: bool | str) -> ConvertOptions:
     return ConvertOptions(
         input_shapes=parse_input_shapes(args.input_shape),
         inputs=args.inputs,
@@ -134,6 +147,7 @@ def _options(args: argparse.Namespace, verify: bool) -> ConvertOptions:
         verify_htp=args.verify_htp,
         max_lsb=args.max_lsb,
         soc=args.soc,
+        shard_bytes=parse_size(args.shard_size) if getattr(args, "shard_size", None) is not None else None,
     )
 
 
@@ -147,7 +161,19 @@ def _print_result(result: ConversionResult, allow_partial: bool) -> int:
     if result.coverage is not None:
         console.print(result.coverage.table())
     if result.verification is not None:
-        console.print(verification_table(result.verification))
+        v, plan = result.verification, result.verify_plan
+        mode = result.verify_mode
+        if mode == "blocks" and v.ok and len(v.rows) > 12:
+            console.print(
+                f"Verification (blocks) [bold green]PASS[/]: {len(v.rows)} block outputs compared, "
+                f"max rel err {v.max_rel_err:.3e} (rtol {v.rtol:.1e})"
+            )
+        else:
+            console.print(verification_table(v, mode))
+        if plan is not None:
+            console.print(f"Verify mode: {plan.mode} ({plan.reason()})")
+            for note in plan.notes:
+                console.print(f"[yellow]Note:[/] {note}")
     if result.qdq_lsb is not None:
         worst = max(result.qdq_lsb.values(), default=0.0)
         verdict = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
@@ -195,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _convert_parser(sub)
     args = parser.parse_args(argv)
     try:
-        options = _options(args, verify=not args.no_verify)
+        options = _options(args, verify="none" if args.no_verify else args.verify)
     except UserError as e:
         _error(e)
         return e.exit_code

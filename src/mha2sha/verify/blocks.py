@@ -23,8 +23,10 @@ covers a layout pass keeping a tensor's name in another layout. For every attent
 - the converted block is the converted graph walked back from the same outputs to the same cut
   (per-head KV inputs/outputs, ``<name>.h<k>``, are cut from / joined into the original ones).
 
-Values for the cut, in this order: graph inputs from :func:`make_inputs` (or the caller's
-``inputs``: real causal masks, positions, RoPE, normal KV cache); intermediate values whose
+Values for the cut, in this order: graph inputs from :func:`plan_inputs` (or the caller's
+``inputs``: real causal masks, positions, RoPE, normal KV cache; a graph input only one block reads,
+such as a layer's past KV, is taken from the mapping when that block runs and dropped after it, so
+a lazy :class:`~mha2sha.verify.inputs.ModelInputs` never holds every layer's cache); intermediate values whose
 computation from graph inputs needs at most :data:`CHEAP_CONE_BYTES` of weights (mask expansion,
 RoPE cos/sin from position ids, everything in small models) are computed by running that part of
 the original model once; anything else (hidden states behind the embedding and earlier layers) is
@@ -74,7 +76,16 @@ from mha2sha.verify.runner import (
     compare_outputs,
 )
 
-__all__ = ["Block", "CHEAP_CONE_BYTES", "find_blocks", "infer_pieces", "verify_blocks", "main"]
+__all__ = [
+    "Block",
+    "CHEAP_CONE_BYTES",
+    "LOW_PRECISION_EPS",
+    "find_blocks",
+    "infer_pieces",
+    "low_precision_bound",
+    "verify_blocks",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +99,11 @@ _PROTO_LIMIT = (2 << 30) - (64 << 20)  # protobuf's 2 GB, with room for the grap
 #: head).
 LOW_PRECISION_EPS = 8
 _LOW_EPS = {onnx.TensorProto.FLOAT16: 2.0**-10, onnx.TensorProto.BFLOAT16: 2.0**-7}
+
+
+def low_precision_bound(dtype: ir.DataType) -> float:
+    """Largest relative difference taken for fp16/bf16 kernel rounding: LOW_PRECISION_EPS eps."""
+    return LOW_PRECISION_EPS * _LOW_EPS[dtype.value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,22 +498,27 @@ def _boundary_feeds(
     seed: int,
     optimization: Optimization,
 ) -> tuple[dict[str, np.ndarray], dict[str, Callable[[], np.ndarray]]]:
-    """Values for block inputs: graph inputs and cheap computed values now, drawn ones on demand.
+    """Values for block inputs: shared graph inputs and cheap computed values now, the rest on demand.
 
-    Drawn values (hidden states, KV behind big weights) are made per block and dropped after it,
-    so memory holds one block's drawn inputs, not every layer's.
+    Drawn values (hidden states, KV behind big weights) and graph inputs read by one block only
+    (a layer's past KV) are made per block and dropped after it, so memory holds one block's
+    inputs, not every layer's.
     """
     o_values = _values_by_name(original.graph)
     c_values = _values_by_name(converted.graph)
     feeds: dict[str, np.ndarray] = {}
     draw: dict[str, Callable[[], np.ndarray]] = {}
     cheap: list[ir.Value] = []
-    for name in dict.fromkeys(names):
+    uses = collections.Counter(names)
+    for name in uses:
         value = o_values[name]
         if value.is_graph_input():
             if name not in inputs:
                 raise UserError(f"blockwise verification: no value for graph input '{name}'")
-            feeds[name] = inputs[name]
+            if uses[name] > 1:
+                feeds[name] = inputs[name]
+            else:
+                draw[name] = lambda n=name: inputs[n]
             continue
         cone = _cone([value], lambda v: False)
         if cone.weight_bytes() <= CHEAP_CONE_BYTES and all(n in inputs for n in cone.inputs):
@@ -507,8 +528,9 @@ def _boundary_feeds(
             draw[name] = lambda n=name, v=value: _draw(n, v, c_values.get(n), seed)
     if cheap:
         cone = _cone(cheap, lambda v: False)
-        proto = _sub_model(original, cone, inputs, cheap, c_values)
-        feeds.update(_run(proto, inputs, optimization, "the shared inputs of the attention blocks"))
+        cone_feeds = {n: feeds[n] if n in feeds else inputs[n] for n in cone.inputs}
+        proto = _sub_model(original, cone, cone_feeds, cheap, c_values)
+        feeds.update(_run(proto, cone_feeds, optimization, "the shared inputs of the attention blocks"))
     return feeds, draw
 
 
@@ -551,24 +573,25 @@ def verify_blocks(
 ) -> Verification:
     """Compare every attention block of ``original`` and ``converted`` on the same block inputs.
 
-    ``boundaries`` defaults to :func:`find_blocks`; ``inputs`` (graph inputs of the original)
-    default to :func:`mha2sha.verify.inputs.make_inputs`. ``input_pieces`` / ``output_pieces``
+    ``boundaries`` defaults to :func:`find_blocks`; ``inputs`` (graph inputs of the original, any
+    mapping: a lazy :class:`~mha2sha.verify.inputs.ModelInputs` is read one block at a time)
+    default to :func:`mha2sha.verify.inputs.plan_inputs` of ``original`` with ``seed``. ``input_pieces`` / ``output_pieces``
     (``SplitHeadsPass.input_pieces`` / ``output_pieces``: original name -> (axis, per-head names))
     describe per-head KV I/O of the converted model; when not given they are inferred from the
     ``<name>.h<k>`` inputs/outputs that replace an original one. Weights are read lazily, one
     block at a time.
     """
     if inputs is None:
-        from mha2sha.verify.inputs import make_inputs
+        from mha2sha.verify.inputs import plan_inputs
 
-        inputs = make_inputs(original, seed)
+        inputs = plan_inputs(original, seed)
     blocks = list(boundaries) if boundaries is not None else find_blocks(original, converted)
     if input_pieces is None:
         input_pieces = infer_pieces(list(original.graph.inputs), list(converted.graph.inputs))
     if output_pieces is None:
         output_pieces = infer_pieces(list(original.graph.outputs), list(converted.graph.outputs))
     shared, draw = _boundary_feeds(
-        original, converted, (n for b in blocks for n in b.inputs), inputs, seed, optimization
+        original, converted, [n for b in blocks for n in b.inputs], inputs, seed, optimization
     )
 
     o_values = _values_by_name(original.graph)
@@ -607,7 +630,7 @@ def verify_blocks(
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mha2sha.io.load import load_model
-    from mha2sha.verify.inputs import make_inputs
+    from mha2sha.verify.inputs import plan_inputs
     from mha2sha.verify.runner import verification_table, verify
 
     p = argparse.ArgumentParser(prog="python -m mha2sha.verify.blocks", description=__doc__.split("\n\n")[0])
@@ -623,9 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         original = load_model(args.original)
-        inputs = make_inputs(original, args.seed)
+        inputs = plan_inputs(original, args.seed)
         if args.full:
-            result = verify(args.original, args.converted, inputs, rtol=args.rtol)
+            result = verify(args.original, args.converted, dict(inputs), rtol=args.rtol)
         else:
             converted = load_model(args.converted)
             result = verify_blocks(original, converted, inputs=inputs, rtol=args.rtol, seed=args.seed)

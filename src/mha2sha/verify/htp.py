@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mha2sha.errors import UserError
+from mha2sha.verify.qdq import max_steps
 
 __all__ = ["HtpRun", "HtpCheck", "htp_available", "run_on_htp", "compare_on_htp", "DEFAULT_SOC"]
 
@@ -141,7 +142,5 @@ def compare_on_htp(
     error = sha_run.error or mha_run.error
     if sha_run.ran and mha_run.ran:
         for name, ref in mha_run.outputs.items():
-            diff = np.abs(np.asarray(ref, np.float64) - np.asarray(sha_run.outputs[name], np.float64))
-            unit = lsb.get(name)
-            diffs[name] = float((diff / unit).max() if unit is not None else diff.max()) if diff.size else 0.0
+            diffs[name] = max_steps(ref, sha_run.outputs[name], lsb.get(name))
     return HtpCheck(soc, sha.ran, sha.unsupported, mha.ran, mha.unsupported, fallback, diffs, error)

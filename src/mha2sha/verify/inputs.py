@@ -32,13 +32,20 @@ other bools                   True
 ``CL - AR``; else a 2-D attention mask gives ``L - S``; else a past key/value input gives its
 dim -2.  Everything is deterministic from ``seed`` and each input gets its own stream keyed by
 its name, so adding an input to a model does not change the values of the others.
+
+:func:`plan_inputs` does all the reading and checking up front (the model's input signature and
+dataflow, the headers of a user ``.npz``) and returns a :class:`ModelInputs` mapping that makes each
+array only when it is asked for: ``convert`` plans at load time, so bad inputs fail before any heavy
+work, and makes the arrays right before verifying (2 GB of past KV for 7B at CL 4096 are not held
+through the split and the save); blockwise verification makes each layer's KV for its block only.
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +57,11 @@ from mha2sha.errors import UserError
 __all__ = [
     "MASK_NEG",
     "ROPE_THETA",
+    "ModelInputs",
     "load_inputs",
     "make_inputs",
     "parse_input_shapes",
+    "plan_inputs",
 ]
 
 #: Additive value of a masked position in float masks.  Qualcomm's prepared-LLM pipelines use
@@ -73,12 +82,13 @@ _TOKEN_ID_NAMES = frozenset({"input_ids", "decoder_input_ids", "token_ids", "tok
 
 @dataclass(frozen=True)
 class _Spec:
-    """One graph input to fill: its name, numpy dtype, resolved static shape and ir value."""
+    """One graph input to fill: its name, numpy dtype, resolved static shape and, for integer
+    inputs that index an embedding table, the table's rows (read from the graph when planning)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    value: ir.Value
+    vocab: int | None = None
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -402,7 +412,7 @@ def _generate(spec: _Spec, lengths: _Lengths, seed: int) -> np.ndarray:
             return np.full(shape, lengths.total - 1, dtype=dtype)
         if "total_sequence_length" in lname or "total_seq_len" in lname:
             return np.full(shape, lengths.total, dtype=dtype)
-        vocab = _embedding_vocab(spec.value)
+        vocab = spec.vocab
         if vocab is None and lname in _TOKEN_ID_NAMES:
             vocab = _FALLBACK_VOCAB
         if vocab is not None:
@@ -430,12 +440,173 @@ def _generate(spec: _Spec, lengths: _Lengths, seed: int) -> np.ndarray:
     raise UserError(f"input {name!r} has element type {dtype}, which cannot be generated")
 
 
+# ----------------------------------------------------------------------------- .npz
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every array of an ``.npz``, from the ``.npy`` headers only."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            headers = {}
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:  # other header versions: read the array itself
+                        with zf.open(info) as g:
+                            array = np.lib.format.read_array(g, allow_pickle=False)
+                        shape, dtype = array.shape, array.dtype
+                headers[key] = (np.dtype(dtype), tuple(int(d) for d in shape))
+            return headers
+    except FileNotFoundError:
+        raise UserError(f"inputs file {str(path)!r} does not exist") from None
+    except Exception as exc:
+        raise UserError(f"cannot read inputs file {str(path)!r} as .npz: {exc}") from None
+
+
+def _read_npz(path: Path, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            array = npz[name]
+    except Exception as exc:
+        raise UserError(f"cannot read input {name!r} from {str(path)!r}: {exc}") from None
+    if array.dtype != dtype or array.shape != shape:
+        raise UserError(f"{path.name}: input {name!r} changed since it was checked")
+    return array
+
+
 # ----------------------------------------------------------------------------- public
 
 
 def _specs(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None) -> list[_Spec]:
     resolved = _resolve_shapes(model, shapes)
-    return [_Spec(v.name or "", _np_dtype(v), resolved[v.name or ""], v) for v in _feedable_inputs(model)]
+    specs = []
+    for v in _feedable_inputs(model):
+        dtype = _np_dtype(v)
+        vocab = _embedding_vocab(v) if _is_int(dtype) else None
+        spec = _Spec(v.name or "", dtype, resolved[v.name or ""], vocab)
+        generable = _is_mask(spec.name) or _is_int(dtype) or dtype == np.bool_ or _is_float(dtype)
+        if not (generable or dtype.kind == "c"):
+            raise UserError(f"input {spec.name!r} has element type {dtype}, which cannot be generated")
+        specs.append(spec)
+    return specs
+
+
+class ModelInputs(Mapping[str, np.ndarray]):
+    """Verification inputs of a model, in graph input order, each made when it is asked for.
+
+    Made by :func:`plan_inputs`, which has already checked everything: ``inputs[name]`` generates
+    the input (or reads it from the user's ``.npz``) afresh on every call and keeps nothing, so
+    the same seed always gives the same values and memory holds only the arrays the caller keeps.
+    ``dict(inputs)`` makes them all.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[_Spec],
+        lengths: _Lengths,
+        seed: int,
+        npz: Path | None = None,
+        provided: Iterable[str] = (),
+    ):
+        self._specs = {s.name: s for s in specs}
+        self._lengths = lengths
+        self._seed = seed
+        self._npz = npz
+        self._provided = frozenset(provided)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        spec = self._specs[name]
+        if self._npz is not None and name in self._provided:
+            return _read_npz(self._npz, name, spec.dtype, spec.shape)
+        return np.ascontiguousarray(_generate(spec, self._lengths, self._seed))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: s.shape for name, s in self._specs.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all inputs together (what ``dict(self)`` holds)."""
+        return sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in self._specs.values())
+
+
+def plan_inputs(
+    model: ir.Model,
+    seed: int = 0,
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    npz: str | Path | None = None,
+) -> ModelInputs:
+    """Check and plan one realistic value for every graph input; arrays are made on demand.
+
+    Raises every UserError :func:`make_inputs` / :func:`load_inputs` would (dynamic dims, types
+    that cannot be generated, a bad ``.npz``: only its array headers are read here), so callers
+    can plan early and make the arrays late.  Only shapes, dtypes and graph structure are read.
+    """
+    provided: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    path = Path(npz) if npz is not None else None
+    if path is not None:
+        provided = _npz_headers(path)
+    inputs = {v.name: v for v in _feedable_inputs(model)}
+    symbols: dict[str, int] = {}
+    for name, (dtype, shape) in provided.items():
+        assert path is not None
+        v = inputs.get(name)
+        if v is None:
+            raise UserError(f"{path.name}: array {name!r} is not a model input (inputs: {', '.join(inputs)})")
+        want = _np_dtype(v)
+        if dtype != want:
+            raise UserError(f"{path.name}: input {name!r} has dtype {dtype}, the model expects {want}")
+        if v.shape is not None:
+            ok = len(shape) == len(v.shape) and all(
+                not isinstance(d, int) or d == n for d, n in zip(v.shape, shape, strict=False)
+            )
+            if not ok:
+                raise UserError(
+                    f"{path.name}: input {name!r} has shape {_fmt_shape(shape)}, "
+                    f"the model expects {_fmt_shape(v.shape)}"
+                )
+            for d, n in zip(v.shape, shape, strict=True):
+                if (
+                    isinstance(d, ir.SymbolicDim)
+                    and d.value is not None
+                    and symbols.setdefault(d.value, n) != n
+                ):
+                    raise UserError(
+                        f"{path.name}: input {name!r} sets dim {d.value!r}={n} but another input "
+                        f"set it to {symbols[d.value]}"
+                    )
+
+    merged: dict[str, Sequence[int]] = dict(shapes or {})
+    if path is not None:
+        merged = {}
+        for name, v in inputs.items():
+            if name in provided:
+                merged[name] = provided[name][1]
+            elif shapes and name in shapes:
+                merged[name] = shapes[name]
+            elif v.shape is not None and not v.shape.is_static():
+                dims = [
+                    d if isinstance(d, int) else symbols.get(d.value) if d.value else None for d in v.shape
+                ]
+                if all(d is not None for d in dims):
+                    merged[name] = [int(d) for d in dims]  # type: ignore[arg-type]
+    specs = _specs(model, merged)
+    return ModelInputs(specs, _infer_lengths(specs), seed, path, provided)
 
 
 def make_inputs(
@@ -447,9 +618,7 @@ def make_inputs(
     a static shape, else UserError names the input and suggests ``--input-shape``.  Only shapes,
     dtypes and graph structure are read: no weight data is loaded.
     """
-    specs = _specs(model, shapes)
-    lengths = _infer_lengths(specs)
-    return {s.name: np.ascontiguousarray(_generate(s, lengths, seed)) for s in specs}
+    return dict(plan_inputs(model, seed, shapes=shapes))
 
 
 def load_inputs(
@@ -467,53 +636,4 @@ def load_inputs(
     generated mask and positions agree with the user's ids.  Raises UserError naming the
     offending input.
     """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            provided = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise UserError(f"inputs file {str(path)!r} does not exist") from None
-    except Exception as exc:
-        raise UserError(f"cannot read inputs file {str(path)!r} as .npz: {exc}") from None
-
-    inputs = {v.name: v for v in _feedable_inputs(model)}
-    symbols: dict[str, int] = {}
-    for name, arr in provided.items():
-        v = inputs.get(name)
-        if v is None:
-            raise UserError(f"{path.name}: array {name!r} is not a model input (inputs: {', '.join(inputs)})")
-        want = _np_dtype(v)
-        if arr.dtype != want:
-            raise UserError(f"{path.name}: input {name!r} has dtype {arr.dtype}, the model expects {want}")
-        if v.shape is not None:
-            ok = len(arr.shape) == len(v.shape) and all(
-                not isinstance(d, int) or d == n for d, n in zip(v.shape, arr.shape, strict=False)
-            )
-            if not ok:
-                raise UserError(
-                    f"{path.name}: input {name!r} has shape {_fmt_shape(arr.shape)}, "
-                    f"the model expects {_fmt_shape(v.shape)}"
-                )
-            for d, n in zip(v.shape, arr.shape, strict=True):
-                if (
-                    isinstance(d, ir.SymbolicDim)
-                    and d.value is not None
-                    and symbols.setdefault(d.value, n) != n
-                ):
-                    raise UserError(
-                        f"{path.name}: input {name!r} sets dim {d.value!r}={n} but another input "
-                        f"set it to {symbols[d.value]}"
-                    )
-
-    merged: dict[str, Sequence[int]] = {}
-    for name, v in inputs.items():
-        if name in provided:
-            merged[name] = provided[name].shape
-        elif shapes and name in shapes:
-            merged[name] = shapes[name]
-        elif v.shape is not None and not v.shape.is_static():
-            dims = [d if isinstance(d, int) else symbols.get(d.value) if d.value else None for d in v.shape]
-            if all(d is not None for d in dims):
-                merged[name] = [int(d) for d in dims]  # type: ignore[arg-type]
-    generated = make_inputs(model, seed, shapes=merged)
-    return {name: (provided[name] if name in provided else generated[name]) for name in inputs}
+    return dict(plan_inputs(model, seed, shapes=shapes, npz=path))

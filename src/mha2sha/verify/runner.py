@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import onnx_ir as ir
 from rich.table import Table
 from rich.text import Text
 
@@ -23,6 +24,7 @@ __all__ = [
     "OutputCheck",
     "Verification",
     "compare_outputs",
+    "estimate_ort_bytes",
     "run_model",
     "verification_table",
     "verify",
@@ -32,6 +34,15 @@ Optimization = Literal["disable", "basic", "extended", "all"]
 
 #: Denominator floor of the relative error, so an all-zero reference does not divide by zero.
 _TINY = float(np.finfo(np.float64).tiny)
+
+#: Peak memory of a whole-model onnxruntime CPU run per byte of weights, measured (VmHWM of
+#: ``python -m mha2sha.verify.blocks --full``, "verify full" in benchmarks/RESULTS.md): fp16 weights
+#: cost 3.4x (Llama-2-7B 2 layers, 1.33 GB: 4318 MiB), 3.5x (Llama-3.2-1B, 2.93 GB: 9746 MiB) and
+#: 3.55x (Qwen2.5-1.5B, 3.51 GB: 11892 MiB): the CPU provider runs fp16 MatMuls through inserted
+#: Casts, i.e. fp32 copies of the weights next to the fp16 ones. fp32 weights cost 1.13x (Llama-2-7B
+#: 2 layers, 2.67 GB: 2867 MiB): external data is memory-mapped, the rest is activations.
+ORT_BYTES_PER_WEIGHT_BYTE = {"low": 3.6, "other": 1.15}
+_LOW_PRECISION = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
 def _session_options(optimization: Optimization):  # -> ort.SessionOptions
@@ -283,14 +294,41 @@ def verify(
     return compare_outputs(reference, candidate, rtol, atol=atol)
 
 
+def estimate_ort_bytes(model: ir.Model, input_bytes: int = 0) -> tuple[int, ir.DataType | None]:
+    """Estimated peak memory of running ``model`` whole in onnxruntime (CPU), and its low precision.
+
+    Weights count :data:`ORT_BYTES_PER_WEIGHT_BYTE` (fp16/bf16 vs everything else), inputs twice
+    (the outputs, e.g. present KV, are about as big). The second value is FLOAT16/BFLOAT16 when
+    most float weights are, else None. Only shapes and dtypes are read, never weight data.
+    """
+    low: dict[ir.DataType, int] = {}
+    other = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.dtype in _LOW_PRECISION:
+            low[tensor.dtype] = low.get(tensor.dtype, 0) + tensor.nbytes
+        else:
+            other += tensor.nbytes
+    estimate = (
+        ORT_BYTES_PER_WEIGHT_BYTE["low"] * sum(low.values())
+        + ORT_BYTES_PER_WEIGHT_BYTE["other"] * other
+        + 2 * input_bytes
+    )
+    dtype = max(low, key=low.__getitem__) if sum(low.values()) > other else None
+    return int(estimate), dtype
+
+
 def _fmt(x: float) -> str:
     return "-" if math.isinf(x) else f"{x:.3e}"
 
 
-def verification_table(v: Verification) -> Table:
-    """A rich table, one row per output, for the CLI report."""
+def verification_table(v: Verification, mode: str | None = None) -> Table:
+    """A rich table, one row per output, for the CLI report (``mode``: "full" / "blocks")."""
     verdict = "[bold green]PASS[/]" if v.ok else "[bold red]FAIL[/]"
-    table = Table(title=f"Verification {verdict} (rtol {v.rtol:.1e}, max rel err {_fmt(v.max_rel_err)})")
+    what = f"Verification ({mode})" if mode else "Verification"
+    table = Table(title=f"{what} {verdict} (rtol {v.rtol:.1e}, max rel err {_fmt(v.max_rel_err)})")
     table.add_column("output")
     table.add_column("shape")
     table.add_column("max abs err", justify="right")

@@ -1,0 +1,183 @@
+"""Quantized equivalence tensor by tensor: each quantized SHA tensor, given MHA's quantized inputs.
+
+Comparing the final outputs of the MHA-QDQ and SHA-QDQ models on ORT CPU is not a reliable test
+at realistic width: float32 MatMul sums a per-head ``[1024, 64]`` weight slice in another order
+than the full ``[1024, 1024]`` product (~2e-6 apart), which flips one 16-bit rounding, and that
+flip grows through softmax and the next layers to ~100 LSB at the logits while the HTP, the
+device's arithmetic, gives 0 (benchmarks/HTP_RESULTS.md, finding 4).
+
+So the SHA-QDQ model is cut at every quantized tensor that has an MHA counterpart: its consumers
+read a graph input fed with the MHA-QDQ model's value of that tensor (sliced to the head for a
+per-head piece), and the tensor itself becomes a graph output. One run then evaluates every
+*quantization unit* (the ops between quantized tensors, e.g. ``DQ -> MatMul -> Q``) of the SHA
+model on exactly the quantized inputs the MHA model saw, and each unit's quantized result is
+compared with the MHA one in LSBs of its encoding. A correct conversion differs by at most one
+rounding step (float-order ties); a propagation bug (a wrong scale, a mis-sliced per-channel
+weight) shows up as many LSB at the tensor where it happens, and that tensor is named.
+
+Counterparts: the same name and shape in both models (unchanged tensors and re-joined heads),
+or a per-head piece of an MHA tensor (``origin`` maps the piece to the MHA name and its
+``(axis, start, stop)`` ranges). SHA tensors without a counterpart are not cut: their unit just
+extends to the next cut tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from mha2sha.encodings.model import EncodingSet
+from mha2sha.verify.qdq import _session, max_steps, output_lsb, to_qdq_ir
+
+__all__ = ["Origin", "TensorDiff", "LocalCheck", "compare_quantized_tensors"]
+
+#: SHA tensor -> (MHA tensor, ((axis, start, stop), ...)); empty ranges: the whole tensor.
+Origin = Mapping[str, tuple[str, tuple[tuple[int, int, int], ...]]]
+
+_REF_SUFFIX = "__mha_ref"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDiff:
+    """One quantized SHA tensor against its MHA counterpart, both computed from MHA's inputs."""
+
+    name: str
+    origin: str
+    lsb: float  # max |SHA - MHA| in LSBs of the tensor's encoding
+
+
+@dataclasses.dataclass
+class LocalCheck:
+    """Per-tensor differences in the SHA model's topological order."""
+
+    tensors: list[TensorDiff]
+
+    @property
+    def worst(self) -> TensorDiff | None:
+        return max(self.tensors, key=lambda t: t.lsb, default=None)
+
+    def first_above(self, max_lsb: float) -> TensorDiff | None:
+        """The first tensor (in graph order) that differs by more than ``max_lsb``: where a bug is."""
+        return next((t for t in self.tensors if t.lsb > max_lsb), None)
+
+    def to_dict(self) -> dict[str, object]:
+        worst = self.worst
+        return {
+            "tensors": len(self.tensors),
+            "max_lsb": worst.lsb if worst else 0.0,
+            "worst": worst.name if worst else None,
+            "within_1_lsb": sum(t.lsb <= 1.0 for t in self.tensors),
+            "exact": sum(t.lsb == 0.0 for t in self.tensors),
+        }
+
+
+def _qdq_value(model: ir.Model, name: str) -> ir.Value | None:
+    """The dequantized value of encoded tensor ``name`` in a model built by :func:`to_qdq_ir`."""
+    for out in model.graph.outputs:
+        if out.name == name:
+            return out  # graph outputs keep their name on the DQ output
+    return _values(model).get(f"{name}_qdq")
+
+
+def _with_shapes(model: ir.Model | str | os.PathLike) -> ir.Model:
+    model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else ir.load(model)
+    return ShapeInferencePass()(model).model
+
+
+def _values(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        values.update((o.name, o) for o in node.outputs if o.name)
+    return values
+
+
+def _run(model: ir.Model, feeds: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-local-") as tmp:
+        sess = _session(model, tmp)
+        names = {i.name for i in sess.get_inputs()}
+        result = sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
+        return dict(zip(outputs, result, strict=True))
+
+
+def _expose(model: ir.Model, values: list[ir.Value]) -> list[str]:
+    present = {id(v) for v in model.graph.outputs}
+    for v in values:
+        if id(v) not in present:
+            model.graph.outputs.append(v)
+    return [v.name for v in values]
+
+
+def _piece(array: np.ndarray, ranges: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    index = [slice(None)] * array.ndim
+    for axis, start, stop in ranges:
+        index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def _cut(model: ir.Model, value: ir.Value) -> ir.Value:
+    """Make every node reading ``value`` read a new graph input instead; return that input."""
+    ref = ir.Value(name=f"{value.name}{_REF_SUFFIX}", shape=value.shape, type=value.type)
+    for user, idx in list(value.uses()):
+        user.replace_input_with(idx, ref)
+    model.graph.inputs.append(ref)
+    return ref
+
+
+def compare_quantized_tensors(
+    mha: ir.Model | str | os.PathLike,
+    mha_encodings: EncodingSet,
+    sha: ir.Model | str | os.PathLike,
+    sha_encodings: EncodingSet,
+    inputs: Mapping[str, np.ndarray],
+    origin: Origin,
+) -> LocalCheck:
+    """Every quantized SHA activation with an MHA counterpart, computed from MHA's quantized inputs.
+
+    ``origin`` names the MHA tensor (and ranges) of each per-head SHA tensor; tensors of the same
+    name and shape in both models are matched without it.
+    """
+    mha_q = to_qdq_ir(mha, mha_encodings)
+    sha_q = to_qdq_ir(_with_shapes(sha), sha_encodings)  # DQ outputs take their tensor's shape
+    mha_names = set(mha_encodings.activations)
+    mha_values = {n: v for n in mha_names if (v := _qdq_value(mha_q, n)) is not None}
+
+    candidates: list[tuple[ir.Value, str, tuple[tuple[int, int, int], ...]]] = []
+    for name in sha_encodings.activations:
+        source, ranges = origin.get(name, (name, ()))
+        value = _qdq_value(sha_q, name)
+        if value is None or source not in mha_values or value.producer() is None or value.shape is None:
+            continue  # graph inputs are fed identically to both models: nothing to compare
+        candidates.append((value, source, ranges))
+    sources = sorted({source for _, source, _ in candidates})
+    exposed = _expose(mha_q, [mha_values[s] for s in sources])
+    reference = dict(zip(sources, _run(mha_q, inputs, exposed).values(), strict=True)) if sources else {}
+
+    matched = [
+        (value, source, ranges)
+        for value, source, ranges in candidates
+        # same name in another layout (a Conv output [B, C, 1, S]) is not comparable
+        if tuple(value.shape) == _piece(reference[source], ranges).shape
+    ]
+    if not matched:
+        return LocalCheck([])
+
+    feeds = dict(inputs)
+    for value, source, ranges in matched:
+        ref = _cut(sha_q, value)
+        feeds[ref.name] = np.ascontiguousarray(_piece(reference[source], ranges))
+    got = _run(sha_q, feeds, _expose(sha_q, [v for v, _, _ in matched]))
+
+    order = {id(o): i for i, node in enumerate(sha_q.graph) for o in node.outputs}
+    diffs = []
+    for value, source, ranges in sorted(matched, key=lambda m: order.get(id(m[0]), -1)):
+        name = value.name.removesuffix("_qdq")
+        expected = _piece(reference[source], ranges)
+        unit = output_lsb(sha_encodings.get(name), expected.shape)
+        diffs.append(TensorDiff(name, source, max_steps(got[value.name], expected, unit)))
+    return LocalCheck(diffs)
