@@ -12,6 +12,10 @@ For each model (a folder written by ``generate.py``: ``model.onnx`` + ``model.da
 3. Optionally ``python -m mha2sha.verify.blocks <model> <out>`` (blockwise verification against the
    original) and/or a full-model verification, measured the same way.
 
+``--quantized`` measures the whole user job instead: ``mha2sha convert <model> --encodings
+<model>.encodings --target htp`` with verification on (``--verify auto``), encodings from
+``encodings_gen.py`` (synthetic, written once beside the model, not timed); code column ``<tag>+q``.
+
 Cold cache = ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each measured command (needs root;
 without it the run is marked "warm" and cp goes first so both see the same cache state).
 
@@ -31,6 +35,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from encodings_gen import synthetic_encodings  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
@@ -125,6 +131,7 @@ def bench_model(
     tag: str,
     variant: str = "current",
     cache: str = "cold",
+    quantized: bool = False,
 ) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
     model = folder / "model.onnx"
@@ -153,6 +160,13 @@ def bench_model(
         out = work / "out"
         prepare_cache()
         args = ["convert", str(model), "-o", str(out), "--no-verify"]
+        if quantized:
+            encodings = model.with_suffix(".encodings")
+            if not encodings.exists():
+                encodings.write_text(json.dumps(synthetic_encodings(model)))
+            row["encodings_mb"] = round(encodings.stat().st_size / 1e6, 1)
+            args = ["convert", str(model), "-o", str(out), "--encodings", str(encodings), "--target", "htp"]
+            prepare_cache()
         cmd = [sys.executable, str(HERE / "variants.py"), variant, *args]
         hwm = work / "hwm.txt"
         conv = measure(cmd, log=work / "convert.log", env={**os.environ, "MHA2SHA_BENCH_HWM": str(hwm)})
@@ -168,6 +182,9 @@ def bench_model(
                 p["name"]: [round(p["seconds"], 2), round(p["peak_rss_mb"])] for p in report["phases"]
             }
             row["blocks_split"] = sum(b["status"] == "split" for b in report["blocks"])
+            if report.get("verification"):
+                v = report["verification"]
+                row["verify_in_convert"] = {"mode": v.get("mode"), "ok": v["ok"], "notes": v.get("notes", [])}
             row["output_gb"] = round(folder_bytes(out) / 1e9, 2)
         row["ratio_vs_cp"] = round(conv["seconds"] / max(cp["seconds"], 1e-9), 2)
         for mode in verify if conv["exit"] == 0 else []:
@@ -209,6 +226,9 @@ def _phase(row: dict, name: str) -> str:
 
 def _verify_cell(row: dict, mode: str) -> str:
     v = row.get(f"verify_{mode}")
+    inside = row.get("verify_in_convert")
+    if not v and inside and inside.get("mode") == mode:
+        return f"in convert: {_phase(row, 'verify')} s" + ("" if inside["ok"] else " FAIL")
     if not v:
         return "-"
     return f"{v['seconds']:.0f} / {v['peak_rss_mb']}" + ("" if v["exit"] == 0 else " FAIL")
@@ -230,6 +250,9 @@ def write_table() -> str:
         "timer. Verify = `python -m mha2sha.verify.blocks` (blocks) or whole-model onnxruntime",
         "(`--full`), seconds / peak RSS MB, run after the conversion. Machine: 2 cores, 24 GB RAM,",
         "one virtual disk (ext4; its throughput varies run to run by up to 2x).",
+        "Code `<tag>+q` = the whole user job: `mha2sha convert --encodings <synthetic 1.0.0 W8A16> --target",
+        "htp` with verification on (`--verify auto`, which picks blockwise for these sizes; its time is in",
+        "the convert column and the `verify blocks` cell is the phase inside the conversion).",
         "",
         "| model | code | weights GB | cp s | convert s | x cp | peak RSS MB | peak anon MB "
         "| load s | prepare s | split s | save s | verify blocks | verify full | cache |",
@@ -264,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", help="label of this code version in the table (default: the variant)")
     p.add_argument("--cache", choices=["cold", "warm"], default="cold", help="page cache before each run")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md")
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="convert with synthetic encodings, --target htp and verification on (the whole job)",
+    )
     args = p.parse_args(argv)
     if args.table:
         print(write_table())
@@ -280,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             folder,
             verify=args.verify,
             keep_output=args.keep_output,
-            tag=args.tag or args.variant,
+            tag=(args.tag or args.variant) + ("+q" if args.quantized else ""),
             variant=args.variant,
             cache=args.cache,
+            quantized=args.quantized,
         )
         _save_row(row)
         print(json.dumps(row, indent=1), flush=True)

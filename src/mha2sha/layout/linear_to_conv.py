@@ -31,7 +31,6 @@ import dataclasses
 import logging
 from collections.abc import Collection
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
@@ -70,10 +69,11 @@ class _LazyConvWeight:
         self._shape = shape
 
     def __call__(self) -> ir.TensorProtocol:
+        # A view of the (mapped) original: the saver writes it in chunks, never a whole copy.
         array = self._tensor.numpy()
         if self._transpose:
             array = array.T
-        return ir.tensor(np.ascontiguousarray(array).reshape(self._shape))
+        return ir.tensor(array.reshape(self._shape))
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:

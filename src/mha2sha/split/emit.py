@@ -32,7 +32,7 @@ class _SlicedTensor:
         self._index = index
 
     def __call__(self) -> ir.TensorProtocol:
-        return ir.tensor(np.ascontiguousarray(self._tensor.numpy()[self._index]))
+        return ir.tensor(self._tensor.numpy()[self._index])  # a view; the saver copies it in chunks
 
 
 class Emitter:
