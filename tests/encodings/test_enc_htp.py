@@ -37,7 +37,9 @@ def test_sha_runs_on_htp_and_matches_mha_bit_for_bit(case: str, tmp_path) -> Non
     assert set(check.max_lsb) == set(result.qdq_lsb or {}) and max(check.max_lsb.values()) == 0.0
 
 
-def test_hand_built_attention_on_htp(tmp_path) -> None:
+def _convert_hand_built(tmp_path, *, per_channel: bool = False, unquantized: tuple[str, ...] = ()):
+    """4 heads x 16 attention, calibrated on two inputs (minus the activations named), converted
+    with --verify-htp on the first."""
     source = tmp_path / "attention.onnx"
     onnx.save(attention_model(4, 16, 16, (1, 1, 16, 16)), source)
     rng = np.random.default_rng(0)
@@ -45,12 +47,20 @@ def test_hand_built_attention_on_htp(tmp_path) -> None:
         {"x": rng.normal(size=(1, 16, 64)).astype(np.float32), "mask": causal_mask((1, 1, 16, 16))}
         for _ in range(2)
     ]
-    (tmp_path / "model.encodings").write_text(json.dumps(calibrate_all(source, feeds)))
+    encodings = calibrate_all(source, feeds, per_channel=per_channel)
+    encodings["activation_encodings"] = [
+        e for e in encodings["activation_encodings"] if e["name"] not in unquantized
+    ]
+    (tmp_path / "model.encodings").write_text(json.dumps(encodings))
     np.savez(tmp_path / "feeds.npz", **feeds[0])
     options = ConvertOptions(
         encodings=str(tmp_path / "model.encodings"), inputs=str(tmp_path / "feeds.npz"), verify_htp=True
     )
-    result = convert(source, tmp_path / "out", options=options)
+    return convert(source, tmp_path / "out", options=options)
+
+
+def test_hand_built_attention_on_htp(tmp_path) -> None:
+    result = _convert_hand_built(tmp_path)
     assert result.htp is not None and result.htp.sha_on_htp_only and result.htp.max_lsb == {"y": 0.0}
 
 
@@ -75,21 +85,7 @@ def test_unsupported_nodes_are_listed(tmp_path) -> None:
     """A per-channel weight whose MatMul input is left unquantized is a standalone per-channel DQ,
     which QNN rejects: the check names those nodes (in MHA and SHA) instead of failing, and the CPU
     QDQ comparison decides."""
-    source = tmp_path / "attention.onnx"
-    onnx.save(attention_model(4, 16, 16, (1, 1, 16, 16)), source)
-    rng = np.random.default_rng(0)
-    feeds = [
-        {"x": rng.normal(size=(1, 16, 64)).astype(np.float32), "mask": causal_mask((1, 1, 16, 16))}
-        for _ in range(2)
-    ]
-    encodings = calibrate_all(source, feeds, per_channel=True)
-    encodings["activation_encodings"] = [e for e in encodings["activation_encodings"] if e["name"] != "x"]
-    (tmp_path / "model.encodings").write_text(json.dumps(encodings))
-    np.savez(tmp_path / "feeds.npz", **feeds[0])
-    options = ConvertOptions(
-        encodings=str(tmp_path / "model.encodings"), inputs=str(tmp_path / "feeds.npz"), verify_htp=True
-    )
-    result = convert(source, tmp_path / "out", options=options)
+    result = _convert_hand_built(tmp_path, per_channel=True, unquantized=("x",))
     check = result.htp
     assert check is not None and check.cpu_fallback_used and not check.sha_on_htp_only
     assert {name for name, _ in check.mha_unsupported} == {"wq_dq", "wk_dq", "wv_dq"}

@@ -65,7 +65,9 @@ def test_fp16_swapped_heads_still_fail(models: dict[str, Path], tmp_path: Path):
     convert(models["fp16"], tmp_path / "out", options=ConvertOptions(verify="none"))
     original, converted = load_model(models["fp16"]), load_model(tmp_path / "out" / "model.onnx")
     inits = converted.graph.initializers
-    h0 = [n for n in inits if n.endswith(".h0")][-1]  # small weights get exporter names: the last q is layer 1's
+    h0 = [n for n in inits if n.endswith(".h0")][
+        -1
+    ]  # small weights get exporter names: the last q is layer 1's
     h1 = h0[:-1] + "1"
     inits[h0].const_value, inits[h1].const_value = inits[h1].const_value, inits[h0].const_value
     check = verify_blocks(original, converted)

@@ -108,7 +108,17 @@ def test_conversion_memory_is_bounded(fp16_model: Path, workdir: Path, target: l
     transposed as a Conv weight (the 262 MB LM head included: written in bounded chunks)."""
     out = workdir / "out16_noverify"
     proc = subprocess.run(
-        [sys.executable, "-c", _REPORT_HWM, "convert", str(fp16_model), "-o", str(out), "--no-verify", *target],
+        [
+            sys.executable,
+            "-c",
+            _REPORT_HWM,
+            "convert",
+            str(fp16_model),
+            "-o",
+            str(out),
+            "--no-verify",
+            *target,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

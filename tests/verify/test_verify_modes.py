@@ -119,7 +119,9 @@ def test_inputs_are_planned_early_and_made_late(source: Path, tmp_path: Path):
     np.savez(tmp_path / "bad.npz", input_ids=ids.astype(np.float32))
     timer = PhaseTimer()
     with pytest.raises(UserError, match="input_ids.*dtype float32"):
-        convert(source, tmp_path / "out", options=ConvertOptions(inputs=str(tmp_path / "bad.npz")), timer=timer)
+        convert(
+            source, tmp_path / "out", options=ConvertOptions(inputs=str(tmp_path / "bad.npz")), timer=timer
+        )
     assert [r.name for r in timer.records] == ["load"]
     assert not (tmp_path / "out").exists()
 
@@ -155,7 +157,9 @@ def test_quantized_check_skipped_with_a_note_when_too_big(
     encodings = tmp_path / "model.encodings"
     encodings.write_text(json.dumps(calibrate_all(source, [make_inputs(load_model(source))])))
 
-    ran = convert(source, tmp_path / "small", options=ConvertOptions(verify="blocks", encodings=str(encodings)))
+    ran = convert(
+        source, tmp_path / "small", options=ConvertOptions(verify="blocks", encodings=str(encodings))
+    )
     assert ran.verify_mode == "blocks" and ran.qdq_lsb is not None  # whole QDQ models fit: run
 
     options = ConvertOptions(verify="auto", encodings=str(encodings), full_verify_max_bytes=0)
@@ -180,7 +184,14 @@ def test_cli_verify_option(source: Path, tmp_path: Path, capsys: pytest.CaptureF
 
     assert main(["convert", str(source), "-o", str(tmp_path / "n"), "--no-verify"]) == 0
     assert _report_at(tmp_path / "n", source)["verification"] is None
-    argv = ["--model-name", "m", "--exported-model-path", str(source), "--sha-export-path", str(tmp_path / "l")]
+    argv = [
+        "--model-name",
+        "m",
+        "--exported-model-path",
+        str(source),
+        "--sha-export-path",
+        str(tmp_path / "l"),
+    ]
     assert legacy_main([*argv, "--no-verification"]) == 0
     assert json.loads((tmp_path / "l" / "m.report.json").read_text())["verification"] is None
 

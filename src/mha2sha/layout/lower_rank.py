@@ -125,7 +125,9 @@ class LowerRankPass(ir.passes.InPlacePass):
             node.attributes["axis"] = ir.AttrInt64("axis", axis - sum(1 for a in axes if a < axis))
         self._squeeze_readers(value, shape, axes, edit)
 
-    def _squeeze_readers(self, value: ir.Value, shape: tuple[int, ...], axes: frozenset[int], edit: Editor) -> None:
+    def _squeeze_readers(
+        self, value: ir.Value, shape: tuple[int, ...], axes: frozenset[int], edit: Editor
+    ) -> None:
         value.shape = ir.Shape([d for i, d in enumerate(shape) if i not in axes])
         for user, _ in list(value.uses()):
             if user.op_type == "Gather":
@@ -197,7 +199,8 @@ class LowerRankPass(ir.passes.InPlacePass):
                 continue
             view = edit.value(f"{value.name}.rank_lowered", new, value)
             edit.graph.insert_before(
-                node, ir.Node("", "Reshape", [value, edit.const_i64(new, f"{view.name}.shape")], outputs=[view])
+                node,
+                ir.Node("", "Reshape", [value, edit.const_i64(new, f"{view.name}.shape")], outputs=[view]),
             )
             node.replace_input_with(i, view)
         node.attributes["axis"] = ir.AttrInt64("axis", new_axis)
@@ -222,7 +225,9 @@ class LowerRankPass(ir.passes.InPlacePass):
         table.shape, table.type = ir.Shape(list(linear.shape)), ir.TensorType(ir.DataType.INT64)
         edit.graph.register_initializer(table)
         gather = ir.Node("", "Gather", [flat, table], [ir.AttrInt64("axis", 0)], name=node.name)
-        reshape = ir.Node("", "Reshape", [data, edit.const_i64(flat_shape, f"{flat.name}.shape")], outputs=[flat])
+        reshape = ir.Node(
+            "", "Reshape", [data, edit.const_i64(flat_shape, f"{flat.name}.shape")], outputs=[flat]
+        )
         edit.graph.insert_before(node, [reshape, gather])
         out = node.outputs[0]
         new_out = gather.outputs[0]

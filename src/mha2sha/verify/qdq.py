@@ -432,8 +432,16 @@ def output_lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | Non
 
 
 def max_steps(a: np.ndarray, b: np.ndarray, lsb: np.ndarray | None) -> float:
-    """Max |a - b| in quantization steps (both on the grid: whole steps), or absolute without ``lsb``."""
-    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    """Max |a - b| in quantization steps (both on the grid: whole steps), or absolute without ``lsb``.
+
+    Equal values (the same infinity, e.g. a masked score, or NaN on both sides) are no difference;
+    NaN on one side only is an infinite one, so a NaN never hides the rest of the tensor.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - b)
+    diff = np.where((a == b) | (np.isnan(a) & np.isnan(b)), 0.0, diff)
+    diff = np.where(np.isnan(diff), np.inf, diff)
     if not diff.size:
         return 0.0
     # float32 dequantization leaves ~1e-3 step of noise on a 16-bit grid: count whole steps
