@@ -78,6 +78,7 @@ class ConvertOptions:
     seed: int = 0
     allow_partial: bool = False
     force: bool = False  # write the model even when there is no attention to split
+    split_heads: bool = True  # False (--no-split): only the layout passes (needs htp_layout)
     create_input_lists: bool = False
     per_head_kv_io: bool = False  # past KV inputs / present KV outputs as one tensor per head
     encodings: str | None = None  # AIMET .encodings of the input model
@@ -194,6 +195,11 @@ def convert(
         )
 
     requested = _verify_request(options.verify)
+    if not options.split_heads and (not options.htp_layout or options.optimize_o_proj):
+        raise UserError(
+            "--no-split runs only the layout passes: add --replace-linear-with-conv or --target htp"
+            " (and drop --optimize-o-proj, which works on split heads)"
+        )
     timer = timer or PhaseTimer()
     with timer.phase("load"):
         model = load_model(model_path)
@@ -207,12 +213,14 @@ def convert(
         weight_axes = channel_axes(model) if encodings is not None else None
         original_names = tensor_names(model) if encodings is not None else None
     record = SplitRecord()
-    with timer.phase("split heads", total=len(find_attention_cores(model.graph)[0])) as advance:
-        split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io, on_block=advance)
-        split(model)
-        remove_unused_initializers(model)
+    split = SplitHeadsPass(record, per_head_io=options.per_head_kv_io)
+    if options.split_heads:
+        with timer.phase("split heads", total=len(find_attention_cores(model.graph)[0])) as advance:
+            split.on_block = advance
+            split(model)
+            remove_unused_initializers(model)
     result = ConversionResult(model, split.blocks, record, other_softmax=split.other_softmax, timer=timer)
-    if not result.split_blocks and not options.force:
+    if not result.split_blocks and not options.force and options.split_heads:
         return result
     layout_record = LayoutRecord()
     if options.optimize_o_proj:  # before propagation: it adds W_o row slices to the split record

@@ -55,6 +55,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="projections as Conv 1x1 on [B,C,1,S] (in --target htp)",
     )
     parser.add_argument(
+        "--no-split",
+        action="store_true",
+        help="only the layout passes (with --replace-linear-with-conv / --target htp): heads stay as they are",
+    )
+    parser.add_argument(
         "--optimize-o-proj",
         action="store_true",
         help="per-head o_proj slices summed (measured slower; off in htp)",
@@ -135,6 +140,7 @@ def _options(args: argparse.Namespace, verify: bool | str) -> ConvertOptions:
         rtol=getattr(args, "rtol", 1e-5),
         allow_partial=args.allow_partial,
         force=args.force,
+        split_heads=not args.no_split,
         create_input_lists=args.create_input_lists,
         per_head_kv_io=args.per_head_kv_io,
         encodings=args.encodings or getattr(args, "exported_model_encoding_path", None),
