@@ -115,7 +115,7 @@ class CoverageReport:
             ("encodings naming no original tensor", self.unknown, "yellow"),
             ("split tensors without encoding", self.unencoded_splits, "dim"),
             ("encodings kept unchanged", self.kept, ""),
-            ("data movement removed, same encoding as its input", self.folded, "dim"),
+            ("removed, same encoding as its data-movement input or copy", self.folded, "dim"),
             ("heads joined (Concat), encoding of the pieces' source", self.joined, "dim"),
         ]
         for label, items, style in rows:
@@ -344,8 +344,11 @@ def propagate(
                 report.kept.append(name)
             else:
                 source = _folded_source(name, record, src)
+                copies = [c for c in record.copied_by.get(name, []) if src.get(c) is not None]
                 if source is not None and enc.same_numbers(src.get(source)):
                     report.folded[name] = source
+                elif source is None and copies and all(enc.same_numbers(src.get(c)) for c in copies):
+                    report.folded[name] = copies[0]  # e.g. a packed-QKV Split output, read by a Reshape
                 elif source is not None:
                     report.dropped[name] = f"removed data movement of {source} had a different encoding"
                 else:

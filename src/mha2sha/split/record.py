@@ -48,6 +48,9 @@ class SplitRecord:
     # data-movement tensors (Reshape, Expand, (Un)Squeeze, Transpose) the split made vanish, mapped
     # to the tensor they copied: their encodings are their input's (DESIGN: data movement inherits)
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    # tensors the split made vanish (e.g. the outputs of a packed-QKV Split) that data-movement
+    # tensors of the split regions copied: the same values live on there, cut per head
+    copied_by: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def prune(self, existing: set[str]) -> None:
         """Forget pieces that the cleanup removed (intermediates of collapsed reshape chains)."""

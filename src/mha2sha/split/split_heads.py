@@ -214,6 +214,8 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         for name, source in copies.items():
             if name not in existing and name not in self.record.tensors:
                 self.record.folded[name] = source
+            if source not in existing and source not in self.record.tensors:
+                self.record.copied_by.setdefault(source, []).append(name)
         return ir.passes.PassResult(model, modified=True)
 
     def _plan(self, core: AttentionCore) -> _Block | None:
