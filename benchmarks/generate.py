@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
 import sys
 import time
-import warnings
 import zlib
 from pathlib import Path
 
@@ -152,19 +149,6 @@ def _example_inputs(shape: LLMShape, style: str, layers: int, ar: int, context: 
     return inputs, outputs
 
 
-@contextlib.contextmanager
-def _quiet():
-    torch_logger = logging.getLogger("torch.onnx")
-    level = torch_logger.level
-    torch_logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_logger.setLevel(level)
-
-
 def export_meta(shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype: str):
     """Export the graph of a meta-device model: initializers carry shapes, no data.
 
@@ -174,6 +158,7 @@ def export_meta(shape: LLMShape, style: str, layers: int, ar: int, context: int,
     from transformers import AutoModelForCausalLM
 
     from mha2sha.zoo.decoders import CausalLMStep
+    from mha2sha.zoo.export import quiet_export
     from mha2sha.zoo.prepared import PreparedLlamaStep
 
     torch_dtype = getattr(torch, DTYPES[dtype])
@@ -193,7 +178,7 @@ def export_meta(shape: LLMShape, style: str, layers: int, ar: int, context: int,
         buffers[name] = real.to(buf.dtype).numpy()
     inputs, outputs = _example_inputs(shape, style, layers, ar, context, torch_dtype)
     meta_inputs = tuple(v.to("meta") for v in inputs.values())
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_export():
         program = torch.onnx.export(
             module,
             meta_inputs,
@@ -315,6 +300,8 @@ def generate(
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
 
+    from mha2sha.zoo.export import quiet_export
+
     shape = SHAPES[shape_name]
     n_layers = shape.layers if layers is None else layers
     folder = Path(out_dir) / model_dir_name(shape_name, style, dtype, layers)
@@ -340,7 +327,7 @@ def generate(
             value.const_value = ir.LazyTensor(_Poison(name), value.dtype, ir.Shape(value.shape), name=name)
             params.add(name)
     _fold_weight_transposes(graph, params)
-    with _quiet():
+    with quiet_export():
         onnxscript.optimizer.optimize_ir(model)
         onnxscript.rewriter.onnx_fusions.fuse(model)
     weight_bytes = _attach_random_weights(graph, params, seed)

@@ -20,11 +20,16 @@ import copy
 import dataclasses
 import re
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
 __all__ = [
+    "DATA_MOVEMENT_OPS",
+    "copied_activation",
     "ENC_TYPES",
     "VERSIONS",
     "Encoding",
@@ -257,3 +262,25 @@ class EncodingSet:
         everything = dict(self.items())
         self.params = {n: e for n, e in everything.items() if n in param_names}
         self.activations = {n: e for n, e in everything.items() if n not in param_names}
+
+
+#: Ops that only move or repeat values: their output lies on their input's quantization grid, so
+#: it carries its input's encoding (data movement inherits, DESIGN.md section 3).
+DATA_MOVEMENT_OPS = frozenset(
+    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Tile", "Identity"}
+)
+
+
+def copied_activation(value: ir.Value | None, encodings: EncodingSet) -> str | None:
+    """The encoded activation ``value`` is (``value`` itself, or what a chain of data movement
+    copied into it), following producers back; None when a computing op comes first."""
+    seen: set[int] = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        if value.name in encodings.activations:
+            return value.name
+        node = value.producer()
+        if node is None or node.op_type not in DATA_MOVEMENT_OPS or node.domain not in ("", "ai.onnx"):
+            return None
+        value = node.inputs[0] if node.inputs else None
+    return None

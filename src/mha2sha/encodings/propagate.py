@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mha2sha.encodings.axes import AxisPair, as_ir_model, channel_axes, tensor_shapes
-from mha2sha.encodings.model import Encoding, EncodingSet
+from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation
 from mha2sha.errors import UserError
 from mha2sha.io.names import tensor_names
 from mha2sha.split.record import SplitRecord, TensorSplit
@@ -206,23 +206,6 @@ def _folded_source(name: str, record: SplitRecord, encodings: EncodingSet) -> st
     return None
 
 
-_DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Identity"})
-
-
-def _movement_source(value: ir.Value | None, encoded: EncodingSet) -> str | None:
-    """The encoded activation ``value`` is (a pure data-movement copy of), following producers back."""
-    seen: set[int] = set()
-    while value is not None and id(value) not in seen:
-        seen.add(id(value))
-        if value.name in encoded.activations:
-            return value.name
-        node = value.producer()
-        if node is None or node.op_type not in _DATA_MOVEMENT or node.domain not in ("", "ai.onnx"):
-            return None
-        value = node.inputs[0] if node.inputs else None
-    return None
-
-
 def _encode_joins(
     out_model: ir.Model,
     record: SplitRecord,
@@ -244,7 +227,7 @@ def _encode_joins(
         (original,) = originals
         if len(node.inputs) != len(record.tensors[original].pieces):  # type: ignore[index]
             continue
-        sources = [_movement_source(v, result) for v in node.inputs]
+        sources = [copied_activation(v, result) for v in node.inputs]
         if None in sources:
             continue
         encs = [result.activations[s] for s in sources]  # type: ignore[index]

@@ -40,6 +40,11 @@ __all__ = [
 EXTERNAL_FILES_META = "mha2sha.external_files"
 
 
+def _data_end(tensor: ir.ExternalTensor) -> int:
+    """The byte of its external file right after ``tensor``'s data: the size the file needs."""
+    return (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+
+
 class StreamedExternalTensor(ir.ExternalTensor):
     """An external tensor whose data is mapped per call and never cached on the tensor.
 
@@ -64,9 +69,6 @@ class StreamedExternalTensor(ir.ExternalTensor):
             base_dir=tensor.base_dir,
         )
 
-    def _end(self) -> int:
-        return (self.offset or 0) + (self.length if self.length is not None else self.nbytes)
-
     def _require_data(self, size: int | None = None) -> None:
         """The file must still hold this tensor: it may have changed since it was loaded."""
         try:
@@ -76,10 +78,10 @@ class StreamedExternalTensor(ir.ExternalTensor):
                 f"external data file missing: {self.path} (needed by '{self.name}'; "
                 "removed after the model was loaded)"
             ) from None
-        if size < self._end():
+        if size < _data_end(self):
             raise UserError(
                 f"external data file truncated: {self.path} is {size} bytes, '{self.name}' needs "
-                f"{self._end()} (it changed after the model was loaded)"
+                f"{_data_end(self)} (it changed after the model was loaded)"
             )
 
     def _map(self) -> np.ndarray:
@@ -168,7 +170,7 @@ def _check_external_data(model: ir.Model, path: Path) -> dict[Path, int]:
                     f"external data file missing: {file} (needed by '{value.name}' of {path.name})"
                 )
             sizes[file] = file.stat().st_size
-        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        end = _data_end(tensor)
         if end > sizes[file]:
             raise UserError(
                 f"external data file truncated: {file} ends before '{value.name}' (needs {end} bytes)"
@@ -187,7 +189,7 @@ def check_external_data_unchanged(model: ir.Model) -> None:
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir:
                 file = Path(tensor.base_dir) / tensor.location
-                end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+                end = _data_end(tensor)
                 needed[file] = max(needed.get(file, 0), end)
     for file, end in needed.items():
         try:

@@ -6,7 +6,7 @@ import itertools
 
 import onnx_ir as ir
 
-__all__ = ["UniqueNames", "graphs", "tensor_names"]
+__all__ = ["UniqueNames", "graphs", "tensor_names", "values_by_name"]
 
 
 def graphs(model: ir.Model) -> list[ir.Graph]:
@@ -30,6 +30,15 @@ def tensor_names(model: ir.Model) -> set[str]:
         for node in g:
             names.update(o.name for o in node.outputs if o.name)
     return names
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of ``graph`` (inputs, initializers, node outputs; not subgraphs)."""
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    values.update(graph.initializers)
+    for node in graph:
+        values.update((out.name, out) for out in node.outputs if out.name)
+    return values
 
 
 class UniqueNames:

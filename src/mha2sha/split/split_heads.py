@@ -24,6 +24,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+from mha2sha.encodings.model import DATA_MOVEMENT_OPS
 from mha2sha.find.anchors import (
     AttentionCore,
     find_attention_cores,
@@ -41,7 +42,6 @@ __all__ = ["BlockReport", "SplitHeadsPass"]
 
 logger = logging.getLogger(__name__)
 
-_DATA_MOVEMENT = {"Reshape", "Expand", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity"}
 _FORWARD_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
 
@@ -203,7 +203,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
             for block in blocks
             for step in block.region.of_kind("node")
             if step.node is not None
-            and step.node.op_type in _DATA_MOVEMENT
+            and step.node.op_type in DATA_MOVEMENT_OPS
             and step.node.inputs[0] is not None
         }
         self._join_escaping_values(graph, blocks, emitter)

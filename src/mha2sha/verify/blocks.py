@@ -66,6 +66,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from mha2sha.errors import UserError
 from mha2sha.find.anchors import find_attention_cores
+from mha2sha.io.names import values_by_name
 from mha2sha.verify.runner import (
     Optimization,
     Verification,
@@ -118,19 +119,6 @@ class Block:
 # ----------------------------------------------------------------------------- graph helpers
 
 
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {}
-    for v in graph.inputs:
-        values[v.name] = v
-    for name, v in graph.initializers.items():
-        values[name] = v
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                values[out.name] = out
-    return values
-
-
 @dataclasses.dataclass
 class _Cone:
     nodes: set[int] = dataclasses.field(default_factory=set)
@@ -176,7 +164,7 @@ def _node_inputs(node: ir.Node) -> list[ir.Value]:
         elif attr.type == ir.AttributeType.GRAPHS:
             graphs = list(attr.as_graphs())
         for g in graphs:
-            inner = {id(v) for v in _values_by_name(g).values()}
+            inner = {id(v) for v in values_by_name(g).values()}
             for sub in g.all_nodes():
                 values += [v for v in sub.inputs if v is not None and id(v) not in inner]
     return values
@@ -217,7 +205,7 @@ def _stable_in(other: ir.Model, graph: ir.Graph) -> Callable[[ir.Value], bool]:
     The shape check matters: a layout pass may keep a tensor's name (and so its encoding) for the
     same values in another layout (``[B,S,C]`` -> ``[B,C,1,S]``); that is not the same tensor here.
     """
-    values = _values_by_name(other.graph)
+    values = values_by_name(other.graph)
     outputs = {v.name for v in graph.outputs}
 
     def stable(v: ir.Value) -> bool:
@@ -258,7 +246,7 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
     """
     if any(n.outputs and n.outputs[0].shape is None for n in original.graph):
         ShapeInferencePass()(original)  # raw exports carry few shapes; the stable check needs them
-    o_values, c_values = _values_by_name(original.graph), _values_by_name(converted.graph)
+    o_values, c_values = values_by_name(original.graph), values_by_name(converted.graph)
     o_stable = _stable_in(converted, original.graph)
     c_stable = _stable_in(original, converted.graph)
     out_pieces = infer_pieces(list(original.graph.outputs), list(converted.graph.outputs))
@@ -504,8 +492,8 @@ def _boundary_feeds(
     (a layer's past KV) are made per block and dropped after it, so memory holds one block's
     inputs, not every layer's.
     """
-    o_values = _values_by_name(original.graph)
-    c_values = _values_by_name(converted.graph)
+    o_values = values_by_name(original.graph)
+    c_values = values_by_name(converted.graph)
     feeds: dict[str, np.ndarray] = {}
     draw: dict[str, Callable[[], np.ndarray]] = {}
     cheap: list[ir.Value] = []
@@ -594,8 +582,8 @@ def verify_blocks(
         original, converted, [n for b in blocks for n in b.inputs], inputs, seed, optimization
     )
 
-    o_values = _values_by_name(original.graph)
-    c_values = _values_by_name(converted.graph)
+    o_values = values_by_name(original.graph)
+    c_values = values_by_name(converted.graph)
     rows = []
     for block in blocks:
         feeds = {n: shared[n] if n in shared else draw[n]() for n in block.inputs}

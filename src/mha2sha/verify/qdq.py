@@ -38,10 +38,19 @@ import onnx
 import onnx_ir as ir
 
 from mha2sha.encodings.axes import as_ir_model, resolve_axes
-from mha2sha.encodings.model import Encoding, EncodingSet, dtype_bits, dtype_is_signed
+from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation, dtype_bits, dtype_is_signed
 from mha2sha.errors import UserError
 
-__all__ = ["to_qdq", "to_qdq_ir", "run_qdq", "run_qdq_compare", "fake_quantize", "max_steps", "output_lsb"]
+__all__ = [
+    "to_qdq",
+    "to_qdq_ir",
+    "run_qdq",
+    "run_qdq_model",
+    "run_qdq_compare",
+    "fake_quantize",
+    "max_steps",
+    "output_lsb",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -323,10 +332,6 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
     b.insert(value, [qn, dqn], dqn.outputs[0])
 
 
-#: Pure data movement, traced back to find the encoded tensor a copy carries.
-_DATA_MOVEMENT = frozenset(
-    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Tile", "Identity"}
-)
 #: Data movement ORT's QDQPropagationTransformer does not pass a DQ through (it does Reshape,
 #: Transpose, (Un)Squeeze, Slice, MaxPool): without an encoding of its own the op runs in float.
 _NOT_PROPAGATED = frozenset({"Expand", "Tile", "Flatten"})
@@ -346,21 +351,16 @@ def _inherit_through_copies(model: ir.Model, es: EncodingSet) -> None:
         out = node.outputs[0]
         if not out.name or out.name in es:
             continue
-        value, seen = node.inputs[0], set()
-        while value is not None and value.name not in es.activations and id(value) not in seen:
-            seen.add(id(value))
-            producer = value.producer()
-            ok = producer is not None and producer.op_type in _DATA_MOVEMENT and producer.inputs
-            value = producer.inputs[0] if ok else None  # type: ignore[union-attr,index]
-        if value is None or value.name not in es.activations:
+        source = copied_activation(node.inputs[0], es)
+        if source is None:
             continue
-        enc = es.activations[value.name]
+        enc = es.activations[source]
         if enc.is_float or enc.enc_type != "PER_TENSOR":
             continue
         es.activations[out.name] = enc.renamed(out.name)
         if es.order is not None:
             es.order.append(out.name)
-        logger.debug("%s: %s copies %s, same encoding", out.name, node.op_type, value.name)
+        logger.debug("%s: %s copies %s, same encoding", out.name, node.op_type, source)
 
 
 def to_qdq_ir(
@@ -410,13 +410,20 @@ def run_qdq(
     channel_axes: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Outputs of the QDQ version of ``model`` on ``inputs`` (ORT CPU, optimisations off)."""
-    qdq = to_qdq_ir(model, encodings, channel_axes=channel_axes)
+    return run_qdq_model(to_qdq_ir(model, encodings, channel_axes=channel_axes), inputs)
+
+
+def run_qdq_model(
+    qdq: ir.Model, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """``outputs`` (default: the graph outputs) of an already built QDQ model, fed the ``inputs``
+    it takes (ORT CPU, optimisations off)."""
     with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-") as tmp:
         sess = _session(qdq, tmp)
         names = {i.name for i in sess.get_inputs()}
-        feeds = {k: v for k, v in inputs.items() if k in names}
-        outs = sess.run(None, feeds)
-        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+        outputs = outputs if outputs is not None else [o.name for o in sess.get_outputs()]
+        result = sess.run(outputs, {k: v for k, v in inputs.items() if k in names})
+        return dict(zip(outputs, result, strict=True))
 
 
 def output_lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | None:

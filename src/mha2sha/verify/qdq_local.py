@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -33,7 +32,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from mha2sha.encodings.model import EncodingSet
-from mha2sha.verify.qdq import _session, max_steps, output_lsb, to_qdq_ir
+from mha2sha.io.names import values_by_name
+from mha2sha.verify.qdq import max_steps, output_lsb, run_qdq_model, to_qdq_ir
 
 __all__ = ["Origin", "TensorDiff", "LocalCheck", "compare_quantized_tensors"]
 
@@ -77,32 +77,17 @@ class LocalCheck:
         }
 
 
-def _qdq_value(model: ir.Model, name: str) -> ir.Value | None:
+def _qdq_value(model: ir.Model, values: Mapping[str, ir.Value], name: str) -> ir.Value | None:
     """The dequantized value of encoded tensor ``name`` in a model built by :func:`to_qdq_ir`."""
     for out in model.graph.outputs:
         if out.name == name:
             return out  # graph outputs keep their name on the DQ output
-    return _values(model).get(f"{name}_qdq")
+    return values.get(f"{name}_qdq")
 
 
 def _with_shapes(model: ir.Model | str | os.PathLike) -> ir.Model:
     model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else ir.load(model)
     return ShapeInferencePass()(model).model
-
-
-def _values(model: ir.Model) -> dict[str, ir.Value]:
-    values = {v.name: v for v in model.graph.inputs}
-    for node in model.graph:
-        values.update((o.name, o) for o in node.outputs if o.name)
-    return values
-
-
-def _run(model: ir.Model, feeds: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-local-") as tmp:
-        sess = _session(model, tmp)
-        names = {i.name for i in sess.get_inputs()}
-        result = sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
-        return dict(zip(outputs, result, strict=True))
 
 
 def _expose(model: ir.Model, values: list[ir.Value]) -> list[str]:
@@ -145,18 +130,21 @@ def compare_quantized_tensors(
     mha_q = to_qdq_ir(mha, mha_encodings)
     sha_q = to_qdq_ir(_with_shapes(sha), sha_encodings)  # DQ outputs take their tensor's shape
     mha_names = set(mha_encodings.activations)
-    mha_values = {n: v for n in mha_names if (v := _qdq_value(mha_q, n)) is not None}
+    mha_by_name, sha_by_name = values_by_name(mha_q.graph), values_by_name(sha_q.graph)
+    mha_values = {n: v for n in mha_names if (v := _qdq_value(mha_q, mha_by_name, n)) is not None}
 
     candidates: list[tuple[ir.Value, str, tuple[tuple[int, int, int], ...]]] = []
     for name in sha_encodings.activations:
         source, ranges = origin.get(name, (name, ()))
-        value = _qdq_value(sha_q, name)
+        value = _qdq_value(sha_q, sha_by_name, name)
         if value is None or source not in mha_values or value.producer() is None or value.shape is None:
             continue  # graph inputs are fed identically to both models: nothing to compare
         candidates.append((value, source, ranges))
     sources = sorted({source for _, source, _ in candidates})
     exposed = _expose(mha_q, [mha_values[s] for s in sources])
-    reference = dict(zip(sources, _run(mha_q, inputs, exposed).values(), strict=True)) if sources else {}
+    reference = (
+        dict(zip(sources, run_qdq_model(mha_q, inputs, exposed).values(), strict=True)) if sources else {}
+    )
 
     matched = [
         (value, source, ranges)
@@ -171,7 +159,7 @@ def compare_quantized_tensors(
     for value, source, ranges in matched:
         ref = _cut(sha_q, value)
         feeds[ref.name] = np.ascontiguousarray(_piece(reference[source], ranges))
-    got = _run(sha_q, feeds, _expose(sha_q, [v for v, _, _ in matched]))
+    got = run_qdq_model(sha_q, feeds, _expose(sha_q, [v for v, _, _ in matched]))
 
     order = {id(o): i for i, node in enumerate(sha_q.graph) for o in node.outputs}
     diffs = []

@@ -26,8 +26,7 @@ def export(built: Built, path: Path, exporter: str) -> None:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     args = tuple(built.inputs.values())
     names = list(built.inputs)
-    with torch.no_grad(), warnings.catch_warnings(), _quiet():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), quiet_export():
         if exporter == "torchscript":
             torch.onnx.export(
                 built.module,
@@ -67,13 +66,14 @@ def _check_names(built: Built, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """The dynamo exporter prints progress lines and registry warnings; keep test logs readable."""
+def quiet_export():
+    """The exporters print progress lines, registry and tracer warnings; keep logs readable."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)
