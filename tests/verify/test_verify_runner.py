@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _verify_models import embedding_model  # noqa: E402
 
 from mha2sha.errors import UserError  # noqa: E402
+from mha2sha.report.tables import verification_table  # noqa: E402
 from mha2sha.verify.inputs import make_inputs  # noqa: E402
-from mha2sha.verify.runner import compare_outputs, run_model, verification_table, verify  # noqa: E402
+from mha2sha.verify.runner import compare_outputs, run_model, verify  # noqa: E402
 
 
 @pytest.fixture()

@@ -21,19 +21,13 @@ from onnx_ir.passes.common import (
     ShapeInferencePass,
 )
 
+from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain
+
 __all__ = ["FoldSmallConstantsPass", "prepare_for_split", "remove_unused_initializers"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_ELEMENTS = 1 << 16  # constants larger than this are never created by folding
-_NEVER_FOLD = {
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-}
 
 
 def _small(value: ir.Value | None) -> bool:
@@ -77,11 +71,7 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
         modified = False
         opset = model.opset_imports.get("", 17)
         for node in list(model.graph):
-            if (
-                node.domain not in ("", "ai.onnx")
-                or node.op_type in _NEVER_FOLD
-                or node.op_type == "Constant"
-            ):
+            if not is_onnx_domain(node.domain) or node.op_type in NONDETERMINISTIC_OPS | {"Constant"}:
                 continue
             if node.op_type == "Shape":
                 results = _fold_shape(node)

@@ -53,6 +53,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.graph import RESHAPE_OPS, is_onnx_domain
 
 __all__ = [
     "MASK_NEG",
@@ -75,7 +76,7 @@ ROPE_THETA = 10000.0
 
 _FALLBACK_VOCAB = 100
 _SMALL_INT_CAP = 100
-_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"})
+_PASS_THROUGH = RESHAPE_OPS | {"Cast", "Identity", "Expand"}  # token ids keep their values
 _TABLE_PRODUCERS = frozenset({"DequantizeLinear", "Cast", "Identity", "Constant"})
 _TOKEN_ID_NAMES = frozenset({"input_ids", "decoder_input_ids", "token_ids", "tokens", "input_tokens"})
 
@@ -238,7 +239,7 @@ def _embedding_vocab(value: ir.Value) -> int | None:
             continue
         seen.add(id(v))
         for node, idx in v.uses():
-            if node.domain not in ("", "ai.onnx"):
+            if not is_onnx_domain(node.domain):
                 continue
             if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None:
                 rows = _table_rows(node.inputs[0], node.attributes.get_int("axis", 0))
