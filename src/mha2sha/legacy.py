@@ -17,6 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from mha2sha.commands.convert import run_conversion
+from mha2sha.commands.guard import console, run_guarded
 from mha2sha.commands.options import (
     LEGACY_HINTS,
     LEGACY_LATER,
@@ -31,8 +32,6 @@ __all__ = ["MHA2SHAConverter", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mha2sha-onnx-converter``: the original tool's command line (flags are hints)."""
-    from mha2sha.cli import console, run_guarded
-
     parser = argparse.ArgumentParser(
         prog="mha2sha-onnx-converter", description="Original MHA2SHA command line (flags are hints)."
     )
