@@ -27,6 +27,7 @@ from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
 from mha2sha.io.save import save_model, staging_dir
+from mha2sha.io.shapes import ShapeRoles, resolve_input_shapes
 from mha2sha.layout import LayoutRecord, apply_htp_layout, split_o_proj_per_head
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
@@ -58,6 +59,8 @@ class ConvertOptions:
     """Everything a user can ask of a conversion (the CLI's options, by the same names)."""
 
     input_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # sizes of dynamic dims by role, matched to the exporter's dim names (--seq-len, --past-len, ...)
+    shape_roles: ShapeRoles = dataclasses.field(default_factory=ShapeRoles)
     inputs: str | None = None  # .npz of user inputs for verification
     verify: VerifyMode | bool = "auto"  # True = "auto", False = "none"
     full_verify_max_bytes: int = FULL_VERIFY_MAX_BYTES  # "auto": whole models up to this ORT footprint
@@ -203,9 +206,11 @@ def convert(
 
     with timer.phase("load"):
         model = load_model(model_path)
-        fix_input_shapes(model, options.input_shapes)
+        shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
+        fix_input_shapes(model, shapes)
         require_static_inputs(model)
-        plan = plan_verification(model, options.verify_options, encodings=options.encodings is not None)
+        verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
+        plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
@@ -258,7 +263,7 @@ def convert(
                 else None
             )
             result.verify = verify_conversion(
-                plan, options.verify_options, model_path, staged, result.split, quantized_pair,
+                plan, verify_options, model_path, staged, result.split, quantized_pair,
                 timer.phase, stage, out_dir,
             )  # fmt: skip
         (stage / f"{name}.report.json").write_text(json.dumps(result.to_json(), indent=1))

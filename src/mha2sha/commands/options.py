@@ -17,6 +17,7 @@ from typing import Any
 from mha2sha.encodings.model import VERSIONS
 from mha2sha.errors import UserError
 from mha2sha.io.save import parse_size
+from mha2sha.io.shapes import ShapeRoles
 from mha2sha.job import ConvertOptions
 from mha2sha.verify.inputs import parse_input_shapes
 
@@ -64,6 +65,14 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape"
     )
+    for role, flag, what in (
+        ("seq", "--seq-len", "new tokens per step (sequence_length dims)"),
+        ("past", "--past-len", "cached tokens (past_sequence_length dims; total = past + seq)"),
+        ("batch", "--batch-size", "batch (batch_size dims; default: suggested 1)"),
+        ("encoder_seq", "--encoder-seq-len", "encoder_sequence_length dims (cross-attention)"),
+    ):
+        parser.add_argument(flag, dest=f"{role}_len" if role != "batch" else "batch_size", type=int,
+                            metavar="N", help=f"size of dynamic dims: {what}")  # fmt: skip
     parser.add_argument("--inputs", metavar="NPZ", help="verify on these inputs (.npz keyed by input name)")
     parser.add_argument(
         "--allow-partial", action="store_true", help="exit 0 even if some attention blocks stay multi-head"
@@ -115,6 +124,12 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
     shard = flags.get("shard_size")
     return ConvertOptions(
         input_shapes=parse_input_shapes(flags.get("input_shape") or []),
+        shape_roles=ShapeRoles(
+            batch=flags.get("batch_size"),
+            seq=flags.get("seq_len"),
+            past=flags.get("past_len"),
+            encoder_seq=flags.get("encoder_seq_len"),
+        ),
         inputs=flags.get("inputs"),
         verify=verify,
         rtol=flags.get("rtol", _DEFAULTS["rtol"]),
