@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
 from mha2sha.io.save import save_model, staging_dir
-from mha2sha.io.shapes import ShapeRoles, resolve_input_shapes
+from mha2sha.io.shapes import ShapeRoles, check_shapes, resolve_input_shapes
 from mha2sha.layout import LayoutRecord, apply_htp_layout, split_o_proj_per_head
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
@@ -87,6 +88,10 @@ class ConvertOptions:
         if not isinstance(self.verify, str) or self.verify.lower() not in VERIFY_MODES:
             raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
         self.verify = self.verify.lower()  # type: ignore[assignment]
+        if not (math.isfinite(self.rtol) and self.rtol > 0):
+            raise UserError(f"--rtol must be a positive number, not {self.rtol}")
+        if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
+            raise UserError(f"--max-lsb must be a number >= 0, not {self.max_lsb}")
         if not self.split_heads and (not self.htp_layout or self.optimize_o_proj):
             raise UserError(
                 "--no-split runs only the layout passes: add --replace-linear-with-conv or --target htp"
@@ -199,8 +204,12 @@ def convert(
     """
     options = options or ConvertOptions()
     timer = timer or PhaseTimer()
+    if not os.fspath(out_dir).strip():
+        raise UserError("the output folder (-o) is empty")
     model_path, out_dir = Path(model_path), Path(out_dir)
-    name = name or model_path.stem
+    name = model_path.stem if name is None else name
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise UserError(f"--name must be a plain file name (no folder, not '.' or '..'), not {name!r}")
     out_model = out_dir / f"{name}.onnx"
     _refuse_overwriting_input(model_path, out_model)
 
@@ -209,6 +218,7 @@ def convert(
         shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
         fix_input_shapes(model, shapes)
         require_static_inputs(model)
+        check_shapes(model)
         verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
         plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
@@ -248,7 +258,8 @@ def convert(
             if sha_encodings is not None:
                 sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
 
-    with staging_dir(out_dir) as stage:
+    report_file = f"{name}.report.json"
+    with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
         with timer.phase("save"):
             staged = save_model(model, stage / out_model.name, shard_bytes=options.shard_bytes)[0]
             _check_model(staged)
@@ -266,9 +277,20 @@ def convert(
                 plan, verify_options, model_path, staged, result.split, quantized_pair,
                 timer.phase, stage, out_dir,
             )  # fmt: skip
-        (stage / f"{name}.report.json").write_text(json.dumps(result.to_json(), indent=1))
-        result.files = [out_dir / p.relative_to(stage) for p in sorted(stage.rglob("*")) if p.is_file()]
+        outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        outputs.append(report_file)
+        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
+        result.files = [out_dir / f for f in outputs]
     return result
+
+
+def _previous_outputs(report: Path) -> list[str]:
+    """The files an earlier run of the same output wrote (its report lists them): replaced as a set."""
+    try:
+        outputs = json.loads(report.read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [o for o in outputs if isinstance(o, str) and ".." not in Path(o).parts and not Path(o).is_absolute()]
 
 
 @dataclasses.dataclass

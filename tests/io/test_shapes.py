@@ -77,3 +77,11 @@ def test_convert_in_one_run(tmp_path) -> None:
 def test_sizes_below_one_are_refused(size: int) -> None:
     with pytest.raises(UserError, match="at least 1"):
         ShapeRoles(seq=size)
+
+
+def test_sizes_the_graph_cannot_take_are_bad_input(tmp_path) -> None:
+    """The zoo step was traced at fixed sizes (reshape targets baked in): other sizes conflict."""
+    path, _ = _dynamic("llama_gqa_step", tmp_path)
+    with pytest.raises(UserError, match="do not fit the model.*node name"):
+        convert(path, tmp_path / "out", options=ConvertOptions(shape_roles=ShapeRoles(seq=4, past=9)))
+    assert not (tmp_path / "out").exists()

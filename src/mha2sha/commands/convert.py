@@ -60,7 +60,7 @@ def run_conversion(
 
 
 def _print_result(console: Console, result: ConversionResult, allow_partial: bool, timer: PhaseTimer) -> int:
-    if not result.blocks:
+    if not result.blocks and not result.files:
         console.print("No attention found (no Softmax feeding a MatMul with V); nothing written.")
         return 0
     print_conversion(

@@ -21,7 +21,8 @@ from mha2sha.report.progress import PhaseTimer
 
 __all__ = ["Interrupted", "console", "run_guarded"]
 
-console = Console(stderr=False)
+#: Piped output is read by scripts: never wrap a table or cut a file name there.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 100_000)
 
 
 class Interrupted(BaseException):

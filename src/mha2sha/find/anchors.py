@@ -104,10 +104,39 @@ def _reaches_matmul(softmax: ir.Node) -> bool:
     return False
 
 
+def _subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    found: list[tuple[str, ir.Graph]] = []
+    for name, attr in node.attributes.items():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append((name, attr.as_graph()))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found += [(f"{name}[{i}]", g) for i, g in enumerate(attr.as_graphs())]
+    return found
+
+
+def _attention_in(graph: ir.Graph) -> int:
+    """Attention cores in ``graph`` and every graph nested in it."""
+    anchors = find_attention_cores(graph)
+    return len(anchors.cores) + len(anchors.refused)
+
+
 def find_attention_cores(graph: ir.Graph) -> Anchors:
-    """Attention cores of ``graph``, attention that cannot be anchored, and other Softmax nodes."""
+    """Attention cores of ``graph``, attention that cannot be anchored, and other Softmax nodes.
+
+    Attention inside a subgraph (an ``If`` branch of a merged decoder, a ``Loop`` body) is not
+    converted: each such node is refused with the count and the branches named.
+    """
     anchors = Anchors([], [], [])
     for node in graph:
+        inner = [(name, n) for name, sub in _subgraphs(node) if (n := _attention_in(sub))]
+        if inner:
+            where = ", ".join(f"{name} ({n})" for name, n in inner)
+            reason = (
+                f"{sum(n for _, n in inner)} attention block(s) inside the {node.op_type} subgraphs {where}: "
+                "subgraphs are not converted; convert each branch as its own model (optimum writes them "
+                "as decoder_model.onnx and decoder_with_past_model.onnx)"
+            )
+            anchors.refused.append(RefusedCore(node, reason))
         if node.op_type in FUSED_ATTENTION_OPS:
             domain = node.domain + "." if node.domain else ""
             reason = f"fused {domain}{node.op_type} op was not lowered to MatMul/Softmax"

@@ -15,15 +15,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
-from onnx_ir.passes.common import (
-    LiftConstantsToInitializersPass,
-    RemoveUnusedNodesPass,
-    ShapeInferencePass,
-)
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain
 
-__all__ = ["FoldSmallConstantsPass", "prepare_for_split", "remove_unused_initializers"]
+__all__ = ["FoldSmallConstantsPass", "infer_shapes", "prepare_for_split", "remove_unused_initializers"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +118,25 @@ def prepare_for_split(model: ir.Model, max_rounds: int = 4) -> None:
     """Fold shape computations and infer static shapes, in place."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     for _ in range(max_rounds):
-        ShapeInferencePass()(model)
+        infer_shapes(model)
         if not FoldSmallConstantsPass()(model).modified:
             break
     RemoveUnusedNodesPass()(model)
     remove_unused_initializers(model)
-    ShapeInferencePass()(model)
+    infer_shapes(model)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference, node by node (a node it cannot infer keeps its shapes unknown and the
+    walk reports the block; the model's consistency was checked once at load by
+    :func:`mha2sha.io.shapes.check_shapes`). Quiet: no traceback reaches the terminal."""
+    quiet = logging.getLogger(ShapeInferencePass.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    finally:
+        quiet.setLevel(level)
 
 
 def remove_unused_initializers(model: ir.Model) -> None:

@@ -18,11 +18,13 @@ import operator
 import re
 from collections.abc import Mapping
 
+import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
 
 from mha2sha.errors import UserError
 
-__all__ = ["ShapeRoles", "resolve_input_shapes"]
+__all__ = ["ShapeRoles", "check_shapes", "resolve_input_shapes"]
 
 #: Dim names (lower case, non-alphanumerics as "_") and the role whose size they take.
 _ROLE_NAMES = {
@@ -195,3 +197,25 @@ def _missing_message(
         f"the split needs static shapes; {len(dynamic)} input(s) are dynamic: {listing}. "
         f"Fix them in one run with: {' '.join(flags)}"
     )
+
+
+def check_shapes(model: ir.Model) -> None:
+    """The static input shapes fit the graph: strict ONNX shape inference of the model as loaded
+    (declared intermediate shapes ignored: exporters leave traced sizes there). A conflict --
+    a size the graph cannot take, two inputs that disagree -- is bad input, named by its node."""
+    intermediates = [v for node in model.graph for v in node.outputs if not v.is_graph_output()]
+    saved = [(v, v.shape) for v in intermediates]
+    for value in intermediates:
+        value.shape = None
+    try:
+        _c_api_utils.call_onnx_api(
+            lambda proto: onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True),
+            model,
+        )
+    except onnx.shape_inference.InferenceError as e:
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 400 else detail[:397] + "..."
+        raise UserError(f"the input shapes do not fit the model: {detail}") from None
+    finally:
+        for value, shape in saved:
+            value.shape = shape

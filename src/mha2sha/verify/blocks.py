@@ -57,11 +57,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from mha2sha.errors import InternalError, UserError
 from mha2sha.find.anchors import find_attention_cores
 from mha2sha.io.names import values_by_name
+from mha2sha.io.prepare import infer_shapes
 from mha2sha.verify.runner import (
     Optimization,
     Verification,
@@ -239,7 +239,7 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
     leave it (they are computed inside the block on both sides, never fed independently).
     """
     if any(n.outputs and n.outputs[0].shape is None for n in original.graph):
-        ShapeInferencePass()(original)  # raw exports carry few shapes; the stable check needs them
+        infer_shapes(original)  # raw exports carry few shapes; the stable check needs them
     o_values, c_values = values_by_name(original.graph), values_by_name(converted.graph)
     o_stable = _stable_in(converted, original.graph)
     c_stable = _stable_in(original, converted.graph)

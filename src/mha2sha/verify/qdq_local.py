@@ -29,10 +29,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.io.names import values_by_name
+from mha2sha.io.prepare import infer_shapes
 from mha2sha.layout.record import LayoutRecord
 from mha2sha.split.record import SplitRecord
 from mha2sha.verify.qdq import max_steps, output_lsb, run_qdq_model, to_qdq_ir
@@ -97,7 +97,8 @@ def _qdq_value(model: ir.Model, values: Mapping[str, ir.Value], name: str) -> ir
 
 def _with_shapes(model: ir.Model | str | os.PathLike) -> ir.Model:
     model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else ir.load(model)
-    return ShapeInferencePass()(model).model
+    infer_shapes(model)
+    return model
 
 
 def _expose(model: ir.Model, values: list[ir.Value]) -> list[str]:
