@@ -913,8 +913,26 @@ def load_encodings(path: str | os.PathLike[str], *, model: Any = None) -> Encodi
     if model is not None:
         from mha2sha.encodings.axes import resolve_axes
 
+        _require_same_model(ctx, es, model)
         resolve_axes(es, model=model)
     return es
+
+
+def _require_same_model(ctx: _Ctx, es: EncodingSet, model: Any) -> None:
+    """Encodings whose names mostly miss the model were made for another model: refuse them
+    (propagating the few that match would write a near-empty, useless encodings file)."""
+    from mha2sha.encodings.axes import as_ir_model
+    from mha2sha.io.names import tensor_names
+
+    names = [name for name, _ in es.items()]
+    present = tensor_names(as_ir_model(model))
+    missing = [n for n in names if n not in present]
+    if names and len(missing) * 2 > len(names):
+        raise ctx.fail(
+            "names",
+            f"{len(missing)} of {len(names)} encodings name no tensor of the model "
+            f"(e.g. {', '.join(repr(n) for n in missing[:3])}): they were made for another model",
+        )
 
 
 def save_encodings(

@@ -42,6 +42,7 @@ through the split and the save); blockwise verification makes each layer's KV fo
 
 from __future__ import annotations
 
+import logging
 import re
 import zipfile
 import zlib
@@ -64,6 +65,8 @@ __all__ = [
     "parse_input_shapes",
     "plan_inputs",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Additive value of a masked position in float masks.  Qualcomm's prepared-LLM pipelines use
 #: -100: after softmax it is exactly 0 in fp16 and ~4e-44 in fp32, it never overflows to -inf
@@ -477,6 +480,11 @@ def _read_npz(path: Path, name: str, dtype: np.dtype, shape: tuple[int, ...]) ->
         raise UserError(f"cannot read input {name!r} from {str(path)!r}: {exc}") from None
     if array.dtype != dtype or array.shape != shape:
         raise UserError(f"{path.name}: input {name!r} changed since it was checked")
+    if _is_float(array.dtype) and not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise UserError(
+            f"{path.name}: input {name!r} has {count} NaN/inf value(s); verification needs finite inputs"
+        )
     return array
 
 
@@ -519,6 +527,8 @@ class ModelInputs(Mapping[str, np.ndarray]):
         self._seed = seed
         self._npz = npz
         self._provided = frozenset(provided)
+        #: inputs made here although the user gave an .npz (it does not have them)
+        self.generated = [n for n in self._specs if n not in self._provided] if npz is not None else []
 
     def __getitem__(self, name: str) -> np.ndarray:
         spec = self._specs[name]
@@ -607,7 +617,10 @@ def plan_inputs(
                 if all(d is not None for d in dims):
                     merged[name] = [int(d) for d in dims]  # type: ignore[arg-type]
     specs = _specs(model, merged)
-    return ModelInputs(specs, _infer_lengths(specs), seed, path, provided)
+    planned = ModelInputs(specs, _infer_lengths(specs), seed, path, provided)
+    if planned.generated:
+        logger.warning("%s has no %s: generated", path, ", ".join(planned.generated))
+    return planned
 
 
 def make_inputs(

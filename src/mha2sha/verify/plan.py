@@ -186,6 +186,8 @@ def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: boo
     fits: Literal["full", "blocks"] = "full" if estimate <= limit else "blocks"
     mode = fits if options.mode == "auto" else options.mode
     plan = VerifyPlan(options.mode, mode, inputs, estimate, limit, low)
+    if inputs.generated:
+        plan.notes.append(f"inputs not in {options.inputs} were generated: {', '.join(inputs.generated)}")
     if not plan.whole_model_runs:
         asked = [f for f, on in (("--create-input-lists", options.create_input_lists),
                                  ("--verify-htp", options.verify_htp)) if on]  # fmt: skip

@@ -70,6 +70,12 @@ _FLOAT_CAST = {16: ir.DataType.FLOAT16}
 DEFAULT_MAX_LSB = 1.0
 
 
+def _saturate(values: np.ndarray, lo: int, hi: int, dtype: type) -> np.ndarray:
+    """Clip to ``[lo, hi]`` in float64 and cast: float32 cannot hold int32's 2**31 - 1 (it rounds to
+    2**31, which would wrap to -2**31 -- a saturated bias turned negative)."""
+    return np.clip(values.astype(np.float64), lo, hi).astype(dtype)
+
+
 def _qrange(dtype: str) -> tuple[int, int]:
     bits = dtype_bits(dtype)
     assert bits is not None
@@ -116,7 +122,7 @@ def fake_quantize(
         bshape[axis] = -1
         s, z = s.reshape(bshape), z.reshape(bshape)
     lo, hi = _qrange(dtype)
-    q = np.clip(np.rint(x / s) + z, lo, hi)
+    q = _saturate(np.rint(x / s) + z, lo, hi, np.int64).astype(np.float32)  # as ORT converts the int
     return ((q - z) * s).astype(np.float32)
 
 
@@ -279,7 +285,7 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
             bshape[enc.axis] = -1
             s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
         np_q = _NP_QDTYPE.get(qdtype, np.int32)
-        q = np.clip(np.rint(x / s32) + z32, lo, hi).astype(np_q)
+        q = _saturate(np.rint(x / s32) + z32, lo, hi, np_q)
         if domain == "com.microsoft":
             b.uses_ms = True
         qv = b.const(f"{name}_q", q)
@@ -312,7 +318,7 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
             bshape = [1] * x.ndim
             bshape[axis] = -1
             s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
-        q = np.clip(np.rint(x / s32) + z32, lo, hi).astype(np.int32)
+        q = _saturate(np.rint(x / s32) + z32, lo, hi, np.int32)
         qv = b.const(f"{name}_q", q)
         sv = b.const(f"{name}_scale", s_arr)
         zv = b.const(f"{name}_zero_point", z_arr.astype(np.int32))
