@@ -44,6 +44,7 @@ from mha2sha.verify.plan import (
     VerifyPlan,
     VerifyRecord,
     plan_verification,
+    require_memory,
     verify_conversion,
 )
 from mha2sha.verify.qdq import DEFAULT_MAX_LSB
@@ -224,6 +225,8 @@ def convert(
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
+        if plan is not None:
+            require_memory(plan, model)
         before = _EncodingsContext.of(model) if encodings is not None else None
 
     result = ConversionResult(model, SplitRecord(), timer=timer)
@@ -260,8 +263,8 @@ def convert(
 
     report_file = f"{name}.report.json"
     with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
-        with timer.phase("save"):
-            staged = save_model(model, stage / out_model.name, shard_bytes=options.shard_bytes)[0]
+        with timer.phase("save") as progress:
+            staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
             _check_model(staged)
             (stage / NAME_MAP_FILE).write_text(json.dumps(result.split.name_map(), indent=1))
             if sha_encodings is not None:

@@ -164,6 +164,12 @@ def _check_external_data(model: ir.Model, path: Path) -> dict[Path, int]:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         file = Path(tensor.base_dir) / tensor.location
+        folder = os.path.join(os.path.realpath(tensor.base_dir), "")
+        if Path(tensor.location).is_absolute() or not os.path.realpath(file).startswith(folder):
+            raise UserError(
+                f"external data '{tensor.location}' of '{value.name}' lies outside the model's folder "
+                f"{tensor.base_dir} (onnx and onnxruntime refuse such paths): move it next to {path.name}"
+            )
         if file not in sizes:
             if not file.is_file():
                 raise UserError(

@@ -10,6 +10,7 @@ rule sees one kind of constant.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -17,13 +18,17 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass, ShapeInferencePass
 
-from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain
+from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain, static_shape
 
 __all__ = ["FoldSmallConstantsPass", "infer_shapes", "prepare_for_split", "remove_unused_initializers"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_ELEMENTS = 1 << 16  # constants larger than this are never created by folding
+#: Ops whose output size comes from input *values*: folded only when inference knows it is small.
+_SIZED_BY_VALUES = frozenset(
+    {"ConstantOfShape", "Range", "Expand", "Tile", "Pad", "Resize", "Upsample", "OneHot", "EyeLike"}
+)
 
 
 def _small(value: ir.Value | None) -> bool:
@@ -71,6 +76,8 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
                 continue
             if node.op_type == "Shape":
                 results = _fold_shape(node)
+            elif not _small_outputs(node):
+                continue
             elif all(_small(v) for v in node.inputs) and node.inputs:
                 if node.version is None:
                     node.version = opset
@@ -90,6 +97,18 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
             _detach_into_initializers(model.graph, node)
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _small_outputs(node: ir.Node) -> bool:
+    """Outputs known to be small, or of an op whose output is no larger than its (small) inputs."""
+    for out in node.outputs:
+        shape = static_shape(out)
+        if shape is not None:
+            if math.prod(shape) > _MAX_ELEMENTS:
+                return False
+        elif node.op_type in _SIZED_BY_VALUES:
+            return False  # a 1e8-token mask would be allocated before its size could be checked
+    return True
 
 
 def _fold_shape(node: ir.Node) -> list[np.ndarray] | None:

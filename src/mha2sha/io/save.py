@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -307,12 +307,18 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> list[Path]:
+def save_model(
+    model: ir.Model,
+    path: Path,
+    shard_bytes: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> list[Path]:
     """Save ``model`` to ``path``; large models get a single ``<name>.data`` external file.
 
     With ``shard_bytes`` the weights always go to external files of at most that many bytes
     (a tensor larger than that gets a file of its own): ``<name>.data`` when one file is enough,
     else ``<name>-00001-of-0000K.data`` ... (Hugging Face's naming). Each tensor records its file.
+    ``progress(bytes written, bytes in all)`` follows the weights as they are written.
     Returns the files written, the ``.onnx`` first.
     """
     if shard_bytes is not None and shard_bytes <= 0:
@@ -320,16 +326,22 @@ def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> l
     check_external_data_unchanged(model)  # fail before writing anything, never midway
     data = path.with_suffix(".data")
     data_files: list[str] = []
+    total = _weight_bytes(model)
+    done = 0
+    report = progress or (lambda done, total: None)
 
-    def written(_tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+    def written(tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+        nonlocal done
         if info.filename not in data_files:
             data_files.append(info.filename)
+        done += tensor.nbytes
+        report(done, total)
 
     onnx_ir_log = logging.getLogger("onnx_ir.external_data")
     onnx_ir_log.addFilter(_oversized_tensor_note)
     with _WriteTracker.watch(path.parent) as tracker:
         try:
-            if shard_bytes is not None or _weight_bytes(model) > EMBED_LIMIT_BYTES:
+            if shard_bytes is not None or total > EMBED_LIMIT_BYTES:
                 # Every external tensor starts on a 4096-byte boundary (onnx_ir aligns to
                 # max(4096, alignment)); align_threshold=0 also aligns the small ones, which onnx_ir
                 # would otherwise pack densely. ir.save streams: one tensor materialised at a time
@@ -353,6 +365,7 @@ def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> l
                 if data.exists() and data.stat().st_size == 0:
                     data.unlink()
                 files = [path]
+            report(total, total)
         except OSError as e:
             raise _os_error(e, tracker, f"could not write {_shown(path)}") from None
         finally:

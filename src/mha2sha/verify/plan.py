@@ -50,6 +50,7 @@ __all__ = [
     "VerifyPlan",
     "VerifyRecord",
     "plan_verification",
+    "require_memory",
     "verify_conversion",
 ]
 
@@ -198,6 +199,28 @@ def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: boo
                 f"({plan.reason()}): add --verify full to run whole models anyway, or drop {asked[0]}"
             )
     return plan
+
+
+def require_memory(plan: VerifyPlan, model: ir.Model) -> None:
+    """The largest tensor of a verification run must fit in memory: refuse now, before anything is
+    allocated, rather than be killed by the kernel (a 1e8-token ``--input-shape`` makes 25 GB
+    activations). Needs the static shapes of the prepared model."""
+    largest, name = 0, ""
+    for node in model.graph:
+        for value in node.outputs:
+            shape = value.shape
+            if shape is None or not shape.is_static() or value.dtype is None:
+                continue
+            size = int(math.prod(int(d) for d in shape) * value.dtype.itemsize)  # type: ignore[arg-type]
+            if size > largest:
+                largest, name = size, value.name or ""
+    need = largest * 3 + plan.inputs.nbytes  # a tensor, its consumer's output, the feeds
+    available = _available_ram()
+    if need > available:
+        raise UserError(
+            f"verification would need more memory than this machine has: tensor '{name}' alone is "
+            f"{_gb(largest)} ({_gb(available)} available); use smaller input sizes or --verify none"
+        )
 
 
 @dataclasses.dataclass
