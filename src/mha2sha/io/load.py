@@ -224,6 +224,13 @@ def fix_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> 
             raise UserError(
                 f"--input-shape {name}: rank {len(dims)} given, the input has rank {len(value.shape)}"
             )
+        if value.shape is not None and any(
+            isinstance(d, int) and d != n for d, n in zip(value.shape, dims, strict=True)
+        ):
+            declared = ",".join(str(d) if isinstance(d, int) else "?" for d in value.shape)
+            raise UserError(
+                f"--input-shape {name}={','.join(map(str, dims))} conflicts with the model's static shape [{declared}]"
+            )
         value.shape = ir.Shape(dims)
 
 

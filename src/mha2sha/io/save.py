@@ -215,15 +215,15 @@ def staging_dir(out_dir: Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """
     out_dir = Path(os.path.abspath(out_dir))
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    prefix = f"{_STAGE_PREFIX}{os.getpid()}-"
     done = False
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_dead_stages(out_dir)
-        stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out_dir))
-    except OSError as e:
-        _remove_empty(created)
-        raise UserError(f"output folder not writable: {out_dir} ({e.strerror})") from None
-    try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _remove_dead_stages(out_dir)
+            stage = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
+        except OSError as e:
+            raise UserError(f"output folder not writable: {out_dir} ({e.strerror})") from None
         with _WriteTracker.watch(stage) as tracker:
             try:
                 yield stage
@@ -239,7 +239,9 @@ def staging_dir(out_dir: Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     except OSError as e:
         raise UserError(f"could not write to {out_dir}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        # every staging folder of this process, even one a signal interrupted before it was named
+        for leftover in out_dir.glob(f"{prefix}*") if out_dir.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
         if not done:
             _remove_empty(created)
 

@@ -116,8 +116,8 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
             raise UserError(
                 f"bad --input-shape {spec!r}: dims must be integers separated by commas, e.g. {name}=1,128"
             ) from None
-        if any(d < 0 for d in dims):
-            raise UserError(f"bad --input-shape {spec!r}: dims must be >= 0")
+        if any(d < 1 for d in dims):
+            raise UserError(f"bad --input-shape {spec!r}: dims must be >= 1")
         if name in shapes:
             raise UserError(f"--input-shape given twice for input {name!r}")
         shapes[name] = dims
