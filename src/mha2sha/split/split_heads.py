@@ -127,11 +127,18 @@ def _kv_heads(region: Region, core: AttentionCore, heads: int) -> int:
     return min(len({piece_key(s.spec, h) for h in range(heads)}) for s in k_steps)
 
 
+def _model_heads(region: Region, pieces: int) -> int:
+    """The model's head count: distinct per-head weight pieces (a batch folded into the head axis,
+    ``[B*H, S, D]``, gives ``B*H`` pieces of attention but ``H`` of each projection weight)."""
+    counts = [len({piece_key(s.spec, h) for h in range(pieces)}) for s in region.of_kind("param")]
+    return max(counts, default=pieces) or pieces
+
+
 def _describe(block: _Block) -> None:
     report, region = block.report, block.region
-    report.heads = block.heads
+    report.heads = _model_heads(region, block.heads)
     report.head_dim = static_shape(block.core.output)[-1]
-    report.kv_heads = _kv_heads(region, block.core, block.heads)
+    report.kv_heads = min(_kv_heads(region, block.core, block.heads), report.heads)
     report.weights = sorted({s.value.name for s in region.of_kind("param")})
     report.inputs = sorted({s.value.name for s in region.of_kind("input")})
     cuts = region.of_kind("activation")
