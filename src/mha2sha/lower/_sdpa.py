@@ -95,6 +95,7 @@ def attend(
     softcap: float = 0.0,
     biases: Sequence[ir.Value] = (),
     sink: ir.Value | None = None,
+    sink_dims: tuple[int, int, int, int] | None = None,
     zero_masked_rows: bool = False,
     label: str = "",
 ) -> Attended:
@@ -103,7 +104,7 @@ def attend(
     ``biases`` are added to the (soft-capped) scores in order. ``sink`` (``[1|B, H, S|1, 1]`` logits,
     static shapes only) is an extra key whose value row is zero: ORT's smooth softmax / head sink,
     written as a concatenated score column and a zero row appended to V so the anchor stays
-    ``Softmax -> MatMul(P, V)``. ``zero_masked_rows``: a query row whose every score is masked to the
+    ``Softmax -> MatMul(P, V)``; ``sink_dims`` is ``(B, H, S, Dv)``. ``zero_masked_rows``: a query row whose every score is masked to the
     lowest float gives zero probabilities (ORT's guard), a ``Where`` between Softmax and MatMul.
     """
     p = f"{label}/" if label else ""
@@ -122,7 +123,9 @@ def attend(
         scores = b.op("Add", [scores, bias], f"{p}scores_masked" + (f"_{i}" if i else ""))
     masked = scores
     if sink is not None:
-        scores, v = _with_sink(b, scores, v, sink, p)
+        if sink_dims is None:
+            raise Refused("a softmax sink needs static shapes (fix the input shapes first)")
+        scores, v = _with_sink(b, scores, v, sink, sink_dims, p)
     probs = b.op("Softmax", [scores], f"{p}probs", axis=-1)
     if zero_masked_rows:
         row_max = b.reduce("ReduceMax", masked, [-1], f"{p}row_max")
@@ -138,15 +141,13 @@ def attend(
 
 
 def _with_sink(
-    b: Builder, scores: ir.Value, v: ir.Value, sink: ir.Value, p: str
+    b: Builder, scores: ir.Value, v: ir.Value, sink: ir.Value, shape: tuple[int, int, int, int], p: str
 ) -> tuple[ir.Value, ir.Value]:
-    s_shape, v_shape = dims(scores), dims(v)
-    if s_shape is None or v_shape is None or None in s_shape or None in v_shape:
-        raise Refused("a softmax sink needs static shapes (fix the input shapes first)")
-    column = b.op("Expand", [sink, b.i64([*s_shape[:3], 1], f"{p}sink_shape")], f"{p}sink")
+    batch, heads, seq, v_size = shape
+    column = b.op("Expand", [sink, b.i64([batch, heads, seq, 1], f"{p}sink_shape")], f"{p}sink")
     scores = b.op("Concat", [scores, column], f"{p}scores_sink", axis=-1)
     dtype = b.dtype.numpy() if b.dtype is not None else np.float32
-    zeros = b.const(np.zeros([*v_shape[:2], 1, v_shape[3]], dtype=dtype), f"{p}sink_value")
+    zeros = b.const(np.zeros([batch, heads, 1, v_size], dtype=dtype), f"{p}sink_value")
     if b.dtype is None:
         zeros = b.op("CastLike", [zeros, v], f"{p}sink_value_cast")
     v = b.op("Concat", [v, zeros], f"{p}v_sink", axis=2)

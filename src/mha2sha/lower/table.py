@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
-from mha2sha.lower import activations, ms_attention, norms, onnx_attention, rotary
+from mha2sha.lower import activations, gqa, ms_attention, norms, onnx_attention, rotary
 from mha2sha.lower._build import Builder
 
 __all__ = ["LOWERINGS", "Lowering"]
@@ -40,6 +40,7 @@ LOWERINGS: dict[tuple[str, str], Lowering] = {
     ("", "RotaryEmbedding"): Lowering(rotary.lower_onnx_rotary),
     (MS, "Attention"): Lowering(ms_attention.lower_ms_attention),
     (MS, "MultiHeadAttention"): Lowering(ms_attention.lower_multi_head_attention),
+    (MS, "GroupQueryAttention"): Lowering(gqa.lower_group_query_attention),
     (MS, "RotaryEmbedding"): Lowering(rotary.lower_ms_rotary),
     ("", "RMSNormalization"): Lowering(norms.lower_rms_norm),
     ("", "SimplifiedLayerNormalization"): Lowering(norms.lower_simplified_layer_norm),
