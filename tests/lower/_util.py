@@ -17,6 +17,27 @@ F32 = TensorProto.FLOAT
 
 Input = tuple[str, int, Sequence[int] | None]
 
+#: (op, "node" | "model", test id, max rel err) of every exactness check, summarised at the end
+ERRORS: list[tuple[str, str, str, float]] = []
+
+
+def _record(model: onnx.ModelProto, err: float) -> None:
+    import os
+
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    fused = [n for n in model.graph.node if _fused(n, opset)]
+    kind = "node" if len(model.graph.node) == 1 else "model"
+    for op in sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in fused}):
+        ERRORS.append((op, kind, test, err))
+
+
+def _fused(node: onnx.NodeProto, opset: int) -> bool:
+    from mha2sha.lower import LOWERINGS
+
+    lowering = LOWERINGS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+    return lowering is not None and lowering.applies(ir.serde.deserialize_node(node), opset)
+
 
 def node_model(
     op_type: str,
@@ -103,6 +124,7 @@ def assert_lowers_exactly(
         got[name] = np.where(keep, got[name], 0).astype(got[name].dtype)
     verification = compare_outputs(expected, got, rtol)
     assert verification.ok, [r for r in verification.rows if not r.ok]
+    _record(model, verification.max_rel_err)
     return verification.max_rel_err
 
 
@@ -132,4 +154,44 @@ def assert_lowered_matches(
     assert all(n.domain in ("", "ai.onnx") for n in lowered.graph.node)
     verification = compare_outputs(dict(expected), run_ort(lowered, feeds), rtol)
     assert verification.ok, [r for r in verification.rows if not r.ok]
+    _record(model, verification.max_rel_err)
+    return verification.max_rel_err
+
+
+def convert_and_check(
+    lowered: onnx.ModelProto, tmp_path, name: str = "lowered", blocks: int | None = None
+) -> dict:
+    """Run mha2sha's normal conversion on a lowered model: every attention block must be split and
+    the conversion verified (ORT, original vs converted). Returns the report."""
+    import contextlib
+    import io
+    import json
+
+    from mha2sha.cli import main
+
+    src = tmp_path / f"{name}.onnx"
+    onnx.save(lowered, src)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["convert", str(src), "-o", str(out)])
+    report = json.loads((out / f"{name}.report.json").read_text())
+    statuses = [(b["block"], b["status"], b["reason"]) for b in report["blocks"]]
+    assert rc == 0, statuses
+    assert statuses and all(s == "split" for _, s, _ in statuses), statuses
+    if blocks is not None:
+        assert len(statuses) == blocks, statuses
+    assert report["verification"]["ok"], report["verification"]
+    return report
+
+
+def assert_same(
+    fused: onnx.ModelProto,
+    expected: Mapping[str, np.ndarray],
+    got: Mapping[str, np.ndarray],
+    rtol: float = 1e-5,
+) -> float:
+    """Outputs of the lowered model against a reference run; recorded under ``fused``'s ops."""
+    verification = compare_outputs(dict(expected), dict(got), rtol)
+    assert verification.ok, [r for r in verification.rows if not r.ok]
+    _record(fused, verification.max_rel_err)
     return verification.max_rel_err

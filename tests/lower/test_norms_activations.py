@@ -88,6 +88,38 @@ def test_skip_norms(op, bias, beta, outputs, opset):
     assert_lowers_exactly(model, {"x": rand(rng, B, S, C), "skip": rand(rng, B, S, C)})
 
 
+@pytest.mark.parametrize(
+    "op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization"]
+)
+def test_default_epsilon(op):
+    """Small activations make the epsilon visible: the contrib default is 1e-12, not 1e-5."""
+    rng = np.random.default_rng(8)
+    if op == "EmbedLayerNormalization":
+        inits = {
+            "w": rand(rng, 10, C, scale=1e-3),
+            "p": rand(rng, 8, C, scale=1e-3),
+            "g": rand(rng, C),
+            "bt": rand(rng, C),
+        }
+        inputs = [
+            ("ids", I32, (B, S)),
+            None,
+            ("w", F32, None),
+            ("p", F32, None),
+            None,
+            ("g", F32, None),
+            ("bt", F32, None),
+        ]
+        feeds = {"ids": rng.integers(0, 10, (B, S)).astype(np.int32)}
+        model = node_model(op, inputs, ["y"], domain=MS, initializers=inits, mask_index_type=0)
+    else:
+        inits = {"g": rand(rng, C)}
+        inputs = [("x", F32, (B, S, C)), ("skip", F32, (B, S, C)), ("g", F32, None)]
+        feeds = {"x": rand(rng, B, S, C, scale=1e-3), "skip": rand(rng, B, S, C, scale=1e-3)}
+        model = node_model(op, inputs, ["y"], domain=MS, initializers=inits)
+    assert_lowers_exactly(model, feeds)
+
+
 @pytest.mark.parametrize("stash", [1])
 def test_layer_norm_of_ort_opset1_schema(stash):
     rng = np.random.default_rng(4)

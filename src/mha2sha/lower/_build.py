@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Builder", "Names", "Refused", "attr_float", "attr_int", "attr_ints", "dims", "is_onnx", "used"]
+from mha2sha.lower._infer import Inference
+
+__all__ = ["Builder", "Context", "Refused", "attr_float", "attr_int", "attr_ints", "dims", "is_onnx", "used"]
 
 
 class Refused(Exception):
@@ -60,10 +62,13 @@ def dims(value: ir.Value | None) -> list[int | None] | None:
     return [int(d) if isinstance(d, int) else None for d in shape]
 
 
-class Names:
-    """Unique value and node names across a model (subgraphs see outer names, so one set for all)."""
+class Context:
+    """What the lowerings of one model share: unique value and node names across the model
+    (subgraphs see outer names, so one set for all), derived initializers, and the inference."""
 
-    def __init__(self, graphs: Iterable[ir.Graph]):
+    def __init__(self, graphs: Iterable[ir.Graph], opset: int):
+        self.opset = opset
+        self.infer = Inference(opset)
         self.values: set[str] = set()
         self.nodes: set[str] = set()
         for graph in graphs:
@@ -103,10 +108,10 @@ _FLOAT_TYPES = {
 class Builder:
     """Creates the nodes and initializers replacing one fused node (nothing touches the graph)."""
 
-    def __init__(self, node: ir.Node, names: Names, opset: int):
+    def __init__(self, node: ir.Node, ctx: Context):
         self.node = node
-        self.names = names
-        self.opset = opset
+        self.names = ctx
+        self.opset = ctx.opset
         self.prefix = node.name or node.op_type
         self.nodes: list[ir.Node] = []
         self.initializers: list[ir.Value] = []
@@ -162,6 +167,7 @@ class Builder:
         attrs = ir.convenience.convert_attributes({k: v for k, v in attributes.items() if v is not None})
         node = ir.Node(domain, op_type, list(inputs), attrs, outputs=outs, name=self.names.node(base))
         self.nodes.append(node)
+        self.names.infer(node)  # later steps of the lowering read these shapes
         return outs
 
     # -- constants ------------------------------------------------------------------------------

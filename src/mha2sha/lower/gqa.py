@@ -127,7 +127,7 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     sink = None
     if head_sink is not None:
         sink = b.reshape(head_sink, [1, heads, 1, 1], "head_sink_1h11")
-    elif attr_int(node, "smooth_softmax", 0):
+    elif attr_int(node, "smooth_softmax", -1) == 1:
         sink = b.scalar(0.0, "smooth_softmax_sink", like=q)
         sink = b.reshape(sink, [1, 1, 1, 1], "smooth_softmax_sink_4d")
     scale = attr_float(node, "scale", 0.0) or float(np.float32(1.0 / math.sqrt(size)))

@@ -12,6 +12,9 @@ into. Rules, applied to every node of the main graph and of every If/Loop/Scan b
    the pass never raises for it. The caller reports refusals (and exits 1).
 3. An output of the fused node that something reads must be produced by the lowering; otherwise
    the node is refused.
+4. Standard nodes whose output types/shapes are unknown (contrib ops stop ONNX shape inference) get
+   them from ONNX's per-node inference as the pass walks the graph in order, lowered nodes included,
+   so lowerings further down see static shapes.
 New nodes use the model's default-domain opset (no opset is bumped): opset-dependent forms
 (Unsqueeze axes, ReduceMean axes, Split sizes, LayerNormalization/Gelu availability) follow it.
 """
@@ -24,7 +27,7 @@ import logging
 import onnx_ir as ir
 
 from mha2sha.io.names import graphs as all_graphs
-from mha2sha.lower._build import Builder, Names, Refused
+from mha2sha.lower._build import Builder, Context, Refused
 from mha2sha.lower.table import LOWERINGS, Lowering
 
 __all__ = ["LowerFusedOpsPass", "LowerRecord", "lower_fused_ops"]
@@ -70,26 +73,27 @@ class LowerFusedOpsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         graphs = all_graphs(model)
-        names = Names(graphs)
+        ctx = Context(graphs, opset)
         modified = False
         for graph in graphs:
             for node in list(graph):
                 domain = "" if node.domain in ("", "ai.onnx") else node.domain
                 lowering = LOWERINGS.get((domain, node.op_type))
                 if lowering is None or not lowering.applies(node, opset):
+                    ctx.infer(node)
                     continue
                 if opset < MIN_OPSET:
                     self._refuse(node, f"the model's opset {opset} is below {MIN_OPSET}")
                     continue
-                modified |= self._lower(graph, node, lowering, names, opset)
+                modified |= self._lower(graph, node, lowering, ctx)
         return ir.passes.PassResult(model, modified)
 
     def _refuse(self, node: ir.Node, reason: str) -> None:
         self.record.refused.append((node.name or "", _op_name(node), reason))
         logger.warning("not lowered: %s (%s): %s", node.name, _op_name(node), reason)
 
-    def _lower(self, graph: ir.Graph, node: ir.Node, lowering: Lowering, names: Names, opset: int) -> bool:
-        b = Builder(node, names, opset)
+    def _lower(self, graph: ir.Graph, node: ir.Node, lowering: Lowering, ctx: Context) -> bool:
+        b = Builder(node, ctx)
         try:
             results = list(lowering.fn(node, b))[: len(node.outputs)]
             results += [None] * (len(node.outputs) - len(results))
@@ -119,14 +123,23 @@ class LowerFusedOpsPass(ir.passes.InPlacePass):
             if new is None or not (old.uses() or old.is_graph_output()):
                 continue
             name = old.name
-            old.name = names.value(f"{name}.fused")
+            old.name = ctx.value(f"{name}.fused")
             new.name = name
             if old.type is not None:
                 new.type = old.type
-            if old.shape is not None:
+            if old.shape is not None and (new.shape is None or all(isinstance(d, int) for d in old.shape)):
                 new.shape = old.shape
             old.replace_all_uses_with(new, replace_graph_outputs=True)
+        inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
+        for value in inputs:  # weights only the fused node read (e.g. RoPE caches now widened)
+            if (
+                value.is_initializer()
+                and not value.uses()
+                and not value.is_graph_input()
+                and not value.is_graph_output()
+            ):
+                graph.initializers.pop(value.name, None)
         self.record.lowered.append((node.name or "", _op_name(node), len(b.nodes)))
         for note in b.notes:
             self.record.notes.append((node.name or "", _op_name(node), note))

@@ -271,7 +271,7 @@ def lower_multi_head_attention(node: ir.Node, b: Builder) -> list[ir.Value | Non
         k = present_k = b.op("Concat", [past_k, k], "present_key", axis=2)
         v = present_v = b.op("Concat", [past_v, v], "present_value", axis=2)
         past = (dims(past_k) or [None] * 3)[2]
-    elif not new_kv:
+    else:  # without a past: the keys/values in [B, N, L, H]
         present_k, present_v = k, v
     head_size = (
         q_shape[-1] // heads

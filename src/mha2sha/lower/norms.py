@@ -147,7 +147,7 @@ def lower_skip_simplified_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value
         raise Refused("input, skip and gamma are required")
     b.float_type_of(x, node.outputs[0])
     total = _skip_sum(b, node, bias)
-    normalized, root = rms(b, total, [-1], attr_float(node, "epsilon", 1e-5))
+    normalized, root = rms(b, total, [-1], attr_float(node, "epsilon", 1e-12))
     y = b.op("Mul", [normalized, gamma], "output")
     inv = b.op("Reciprocal", [root], "inv_std_var") if used(node, 2) else None
     return [y, None, inv, total]
@@ -159,7 +159,7 @@ def lower_skip_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
         raise Refused("input, skip and gamma are required")
     b.float_type_of(x, node.outputs[0])
     total = _skip_sum(b, node, bias)
-    y, mean, inv = layer_norm(b, total, gamma, beta, -1, attr_float(node, "epsilon", 1e-5))
+    y, mean, inv = layer_norm(b, total, gamma, beta, -1, attr_float(node, "epsilon", 1e-12))
     return [y, mean, inv, total]
 
 

@@ -93,7 +93,7 @@ def lower_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
     if past_k is not None:
         k = b.op("Concat", [past_k, k], "present_key", axis=2)
         v = b.op("Concat", [past_v, v], "present_value", axis=2)
-    present_k, present_v = (k, v) if past_k is not None else (None, None)
+    present_k, present_v = k, v  # without a past: the keys/values in [B, Hkv, L, D]
 
     scale = attr_float(node, "scale", 0.0) or default_scale(b, size, q)
     bias, guard = _bias(node, b, query, key, past_k, mask, nonpad, seq_axis)

@@ -1,0 +1,31 @@
+"""GroupQueryAttention decoders shaped like onnxruntime-genai's builder: lowered exactly, then split."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.lower._genai import GenaiSpec, genai_decoder, genai_feeds
+from tests.lower._util import assert_same, convert_and_check, lower, run_ort
+
+SPECS = {
+    "step": GenaiSpec(),
+    "packed_qkv_bias": GenaiSpec(packed_qkv=True, qkv_bias=True),
+    "interleaved_window_softcap": GenaiSpec(interleaved=True, window=3, softcap=30.0),
+    "prompt": GenaiSpec(past=0, seq=6),
+    "batch2_token": GenaiSpec(batch=2, seq=1),
+    "mqa_token": GenaiSpec(seq=1, past=9, kv_heads=1),
+    "standard_rmsnorm_opset23": GenaiSpec(ops="standard"),
+}
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_genai_gqa_decoder(tmp_path, spec):
+    model = genai_decoder(spec)
+    feeds = genai_feeds(spec)
+    lowered, record = lower(model)
+    assert not record.refused
+    assert all(n.domain in ("", "ai.onnx") for n in lowered.graph.node)
+    assert_same(model, run_ort(model, feeds), run_ort(lowered, feeds))
+    report = convert_and_check(lowered, tmp_path, blocks=spec.layers)
+    for block in report["blocks"]:
+        assert (block["heads"], block["kv_heads"]) == (spec.heads, spec.kv_heads)
