@@ -38,6 +38,15 @@ class GenaiSpec:
     window: int = -1
     softcap: float = 0.0
     ops: str = "contrib"  # "contrib": ORT's norms (as the builder writes); "standard": ONNX ops
+    total: int = 0  # attention-mask length when the past is a longer (shared, max-length) buffer
+
+    @property
+    def total_len(self) -> int:
+        return self.total or self.past + self.seq
+
+    @property
+    def present_len(self) -> int:
+        return max(self.past, self.total_len)
 
     @property
     def head_size(self) -> int:
@@ -73,7 +82,7 @@ class _Graph:
 def genai_decoder(spec: GenaiSpec, seed: int = 0) -> onnx.ModelProto:
     g = _Graph(spec, seed)
     s = spec
-    total = s.past + s.seq
+    total = s.total_len
     d = s.head_size
     g.init("/model/constants/INT64/[1]", np.array([1], np.int64))
     g.init("/model/constants/INT64/1", np.array(1, np.int64))
@@ -245,7 +254,7 @@ def genai_decoder(spec: GenaiSpec, seed: int = 0) -> onnx.ModelProto:
             helper.make_tensor_value_info(f"past_key_values.{i}.key", TensorProto.FLOAT, kv_shape),
             helper.make_tensor_value_info(f"past_key_values.{i}.value", TensorProto.FLOAT, kv_shape),
         ]
-    present_shape = [s.batch, s.kv_heads, total, d]
+    present_shape = [s.batch, s.kv_heads, s.present_len, d]
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [s.batch, s.seq, s.vocab])]
     graph_outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, present_shape) for o in outputs]
     graph = helper.make_graph(g.nodes, "main_graph", inputs, graph_outputs, g.inits)
@@ -262,7 +271,7 @@ def genai_decoder(spec: GenaiSpec, seed: int = 0) -> onnx.ModelProto:
 
 def genai_feeds(spec: GenaiSpec, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    total = spec.past + spec.seq
+    total = spec.total_len
     feeds = {
         "input_ids": rng.integers(0, spec.vocab, (spec.batch, spec.seq)).astype(np.int64),
         "attention_mask": np.ones((spec.batch, total), np.int64),

@@ -15,6 +15,7 @@ SPECS = {
     "batch2_token": GenaiSpec(batch=2, seq=1),
     "mqa_token": GenaiSpec(seq=1, past=9, kv_heads=1),
     "standard_rmsnorm_opset23": GenaiSpec(ops="standard"),
+    "shared_buffer_token": GenaiSpec(seq=1, past=12, total=7),  # max-length past buffer, 7 tokens valid
 }
 
 

@@ -216,3 +216,21 @@ def test_table_covers_the_brief():
         (MS, "BiasSplitGelu"),
     }
     assert expected <= set(LOWERINGS)
+
+
+def test_unknown_input_shapes_use_in_graph_head_size():
+    """Q/K/V of unknown shape: heads from the attributes, the default scale computed in the graph."""
+    rng = np.random.default_rng(5)
+    model = node_model(
+        "Attention",
+        [(n, F32, ["batch", f"seq_{n}", f"hidden_{n}"]) for n in "QKV"],
+        ["Y"],
+        opset=23,
+        output_shapes={"Y": ["batch", "seq_Q", "hidden_Q"]},
+        q_num_heads=4,
+        kv_num_heads=2,
+    )
+    feeds = {"Q": rand(rng, 2, 3, 32), "K": rand(rng, 2, 5, 16), "V": rand(rng, 2, 5, 16)}
+    assert_lowers_exactly(model, feeds)
+    lowered, _ = lower(model)
+    assert "Sqrt" in {n.op_type for n in lowered.graph.node}

@@ -19,8 +19,10 @@ Rules:
   ``Where``); with no past input it is the new keys/values themselves.
 - ``softcap``, ``scale``, ``smooth_softmax`` (a zero-logit sink) and ``head_sink`` (per-head sink
   logits) as in :func:`~mha2sha.lower._sdpa.attend`.
-- The present length is the present output's static length when known (``P`` for a shared
-  buffer), else ``P + S``.
+- The present length is the kernel's ``max(P, total_sequence_length)`` when the total is static
+  (genai computes it as ``Shape(attention_mask)[1]``), else the present output's static length,
+  else ``P + S``. A past buffer longer than the total (a shared past/present buffer) thus gives a
+  present of the past's length, new entries written at ``ps_b``.
 Refused: ``position_ids``, ``attention_bias``, quantized caches, ``q_norm_weight``/``k_norm_weight``
 (not run on CPU), ``query_seqlens``, ``sliding_window_cache``, the ``output_qk`` output.
 """
@@ -110,7 +112,7 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
         if p_shape is None or len(p_shape) != 4 or p_shape[2] is None:
             raise Refused("the past length must be static")
         past = p_shape[2]
-    present_len = _present_length(node, past, seq)
+    present_len = _present_length(node, b, past, seq)
     ps = _past_lengths(b, seqlens_k, seq) if past else None
 
     if attr_int(node, "do_rotary", 0):
@@ -154,16 +156,23 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     return [y, present_k, present_v]
 
 
-def _present_length(node: ir.Node, past: int, seq: int) -> int:
-    for i in (1, 2):
-        shape = dims(node.outputs[i]) if len(node.outputs) > i else None
-        if shape is not None and len(shape) == 4 and shape[2] is not None:
-            if shape[2] not in (past, past + seq):
-                raise Refused(
-                    f"present length {shape[2]} is neither past ({past}) nor past + new ({past + seq})"
-                )
-            return shape[2]
-    return past + seq
+def _present_length(node: ir.Node, b: Builder, past: int, seq: int) -> int:
+    """The kernel's present length ``max(P, total_sequence_length)``: from the total when its value
+    is static (e.g. ``Shape(attention_mask)[1]``), else from a static present output, else ``P + S``."""
+    declared = {
+        shape[2]
+        for shape in (dims(o) for o in node.outputs[1:3])
+        if shape is not None and len(shape) == 4 and shape[2] is not None
+    }
+    total = b.names.infer.data(_input(node, 6))
+    if total is not None:
+        length = max(past, int(np.asarray(total).reshape(-1)[0]))
+        if declared and declared != {length}:
+            raise Refused(f"present length {sorted(declared)} != max(past, total_sequence_length) = {length}")
+        return length
+    if len(declared) > 1:
+        raise Refused(f"present key and value lengths differ: {sorted(declared)}")
+    return declared.pop() if declared else past + seq
 
 
 def _past_lengths(b: Builder, seqlens_k: ir.Value, seq: int) -> ir.Value:

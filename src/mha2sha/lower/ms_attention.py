@@ -61,6 +61,8 @@ def key_mask_bias(
     filler = b.scalar(filter_value, "mask_filter_value", like=like)
     zero = b.scalar(0.0, "mask_zero", like=like)
     if len(shape) in (2, 3):
+        if shape[-1] is not None and total is not None and shape[-1] != total:
+            raise Refused(f"a mask over {shape[-1]} keys with {total} keys in total")
         keep = b.op(
             "Greater",
             [mask, b.const(np.asarray(0, mask.dtype.numpy() if mask.dtype else np.int32), "mask_threshold")],
@@ -211,13 +213,12 @@ def lower_multi_head_attention(node: ir.Node, b: Builder) -> list[ir.Value | Non
     bq = bk = bv = None
     if bias is not None:
         width = (dims(bias) or [None])[0]
-        if width is None or width % 3 and not (q_shape and len(q_shape) == 3):
-            raise Refused("the bias width is unknown")
-        d_q = q_shape[-1] if len(q_shape) == 3 else None
-        if d_q is None and len(q_shape) == 5:
+        if len(q_shape) == 5:  # packed [B,S,N,3,H]
             d_q = q_shape[2] * q_shape[4] if None not in (q_shape[2], q_shape[4]) else None
-        if d_q is None:
-            raise Refused("the hidden size is unknown")
+        else:
+            d_q = q_shape[-1]
+        if width is None or d_q is None:
+            raise Refused("the bias or hidden width is unknown")
         bq, bk, bv = b.split(bias, [d_q, d_q, width - 2 * d_q], 0, ["bias_q", "bias_k", "bias_v"])
 
     new_kv = True  # key/value are new tokens (not a precomputed [B,N,L,H] cross-attention cache)
