@@ -39,6 +39,7 @@ class GenaiSpec:
     softcap: float = 0.0
     ops: str = "contrib"  # "contrib": ORT's norms (as the builder writes); "standard": ONNX ops
     total: int = 0  # attention-mask length when the past is a longer (shared, max-length) buffer
+    sliding_cache: bool = False  # genai's CPU window cache (sliding_window_cache=1, capacity = past)
 
     @property
     def total_len(self) -> int:
@@ -46,7 +47,7 @@ class GenaiSpec:
 
     @property
     def present_len(self) -> int:
-        return max(self.past, self.total_len)
+        return self.past if self.sliding_cache else max(self.past, self.total_len)
 
     @property
     def head_size(self) -> int:
@@ -186,6 +187,8 @@ def genai_decoder(spec: GenaiSpec, seed: int = 0) -> onnx.ModelProto:
             do_rotary=1,
             rotary_interleaved=int(s.interleaved),
         )
+        if s.sliding_cache:
+            attrs["sliding_window_cache"] = 1
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         attn = f"{p}/attn/GroupQueryAttention"
         g.nodes.append(

@@ -33,6 +33,7 @@ class GqaCase:
     attrs: tuple[tuple[str, object], ...] = ()
     head_sink: bool = False
     empty_past: bool = False  # genai's first prompt: past inputs of length 0
+    sliding: bool = False  # sliding_window_cache: the past is a window cache of capacity `past`
 
 
 CASES = [
@@ -64,7 +65,45 @@ CASES = [
     GqaCase("bidirectional", s=3, past=4, attrs=(("causal", 0),)),
     GqaCase("ar_eq_heads", s=4, past=3, heads=4, kv_heads=2, rope="half"),
     GqaCase("head_dim_eq_heads", s=2, past=3, heads=8, kv_heads=2, d=8),
+    # sliding_window_cache (genai's CPU default for sliding-window layers): capacity 6, window 4
+    *(
+        GqaCase(
+            f"window_cache_s{s}_c{c}_w{w}_t{t}",
+            s=s,
+            past=c,
+            seqlens=(t - 1,),
+            total=t,
+            sliding=True,
+            attrs=(("local_window_size", w),),
+        )
+        for s, c, w, t in [
+            (1, 6, 4, 5),
+            (1, 6, 4, 7),
+            (1, 6, 4, 10),
+            (3, 6, 4, 9),
+            (1, 4, 4, 9),
+            (3, 8, 4, 5),
+            (5, 6, 3, 12),
+        ]
+    ),
+    GqaCase(
+        "window_cache_rope_batch",
+        b=2,
+        s=1,
+        past=6,
+        seqlens=(9, 4),
+        total=10,
+        sliding=True,
+        rope="half",
+        attrs=(("local_window_size", 4),),
+    ),
 ]
+
+
+def resident(total: int, capacity: int, window: int) -> int:
+    """Rows a window cache holds after ``total`` tokens (the schema's L(T))."""
+    g = capacity - window + 1
+    return total if total <= capacity else total - g * -(-(total - capacity) // g)
 
 
 def _model_and_feeds(c: GqaCase):
@@ -106,6 +145,8 @@ def _model_and_feeds(c: GqaCase):
         inputs += [None, None, ("head_sink", F32, (c.heads,))]
         inits["head_sink"] = rand(rng, c.heads)
     present = c.present_len if c.present_len is not None else c.past + c.s
+    if c.sliding:
+        attrs["sliding_window_cache"] = 1
     shapes = (
         {n: (c.b, c.kv_heads, present, c.d) for n in ("present_key", "present_value")}
         if c.present_len
@@ -127,6 +168,11 @@ def _model_and_feeds(c: GqaCase):
     if c.seqlens is not None and c.past == 0 and any(n + 1 < c.s for n in seqlens):
         valid = np.arange(c.s)[None, :] <= np.array(seqlens)[:, None]  # right-padded prompt rows
         rows = {"output": valid[:, :, None]}
+    if c.sliding:  # cache rows past the resident count are unspecified
+        window = dict(c.attrs)["local_window_size"]
+        kept = np.array([resident(n + 1, c.past, window) for n in seqlens])
+        valid = (np.arange(c.past)[None, :] < kept[:, None])[:, None, :, None]
+        rows = {"present_key": valid, "present_value": valid}
     return model, feeds, rows
 
 

@@ -5,15 +5,19 @@ the new tokens sit at absolute positions ``ps_b + s`` with ``ps_b = max(seqlens_
 (0 for a first prompt); ``present`` (length ``max(P, total_sequence_length)``) holds
 ``past[:ps_b]``, then the ``S`` new keys/values, then zeros; query ``s`` attends the keys at
 absolute positions ``<= ps_b + s`` (and ``> ps_b + s - local_window_size``), or all of them with
-``causal=0``.
+``causal=0``. With ``sliding_window_cache`` the past is a window cache of capacity ``C = P``: it
+holds ``R = L(ps_b)`` rows, the ``R`` most recent positions, and ``present`` (length ``C``) the
+``L(ps_b + S)`` most recent ones, ``L(T) = T`` while ``T <= C``, else ``T - G * ceil((T - C) / G)``
+with ``G = C - local_window_size + 1``; its other rows are unspecified (here 0).
 
 Rules:
 - Q/K/V (or one packed QKV, split by width) are projected into heads ``[B, N, S, H]``; with
   ``do_rotary`` Q and K are rotated by :func:`~mha2sha.lower.rotary.rotate` with cos/sin rows
   gathered at the positions above.
 - Attention runs over ``Concat(past, new)`` (the cache concat the split keeps whole) with a bias
-  that admits exactly the keys above: past entry ``j`` iff ``j < ps_b`` (and in the window), new
-  entry ``t`` iff ``t <= s`` (and in the window); the lowest float elsewhere. That is the kernel's
+  that admits exactly the keys above: past entry ``j`` iff ``j < R`` (``R = ps_b`` without a window
+  cache; and in the window), new entry ``t`` iff ``t <= s`` (and in the window); the lowest float
+  elsewhere. That is the kernel's
   key set in another order. KV heads are repeated for the query heads (``repeat_kv``).
 - ``present`` is gathered from the same Concat into the kernel's layout (``GatherElements`` +
   ``Where``); with no past input it is the new keys/values themselves.
@@ -24,7 +28,7 @@ Rules:
   else ``P + S``. A past buffer longer than the total (a shared past/present buffer) thus gives a
   present of the past's length, new entries written at ``ps_b``.
 Refused: ``position_ids``, ``attention_bias``, quantized caches, ``q_norm_weight``/``k_norm_weight``
-(not run on CPU), ``query_seqlens``, ``sliding_window_cache``, the ``output_qk`` output.
+(not run on CPU), ``query_seqlens``, the ``output_qk`` output.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ def _check(node: ir.Node) -> None:
         value = node.attributes.get(attr)
         if value is not None and value.as_string() not in ("", "NONE"):
             raise Refused(f"{attr} {value.as_string()} (quantized KV cache) is not supported")
-    if attr_int(node, "sliding_window_cache", 0):
-        raise Refused("sliding_window_cache (a window-sized cache evicted inside the op) is not supported")
+    if attr_int(node, "sliding_window_cache", 0) and attr_int(node, "local_window_size", -1) <= 0:
+        raise Refused("sliding_window_cache without a local_window_size")
     if used(node, 3):
         raise Refused("the output_qk output is not supported")
     if attr_int(node, "causal", 1) == 0 and attr_int(node, "local_window_size", -1) > 0:
@@ -112,8 +116,24 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
         if p_shape is None or len(p_shape) != 4 or p_shape[2] is None:
             raise Refused("the past length must be static")
         past = p_shape[2]
-    present_len = _present_length(node, b, past, seq)
+    sliding = attr_int(node, "sliding_window_cache", 0) == 1
+    if sliding and not past:
+        raise Refused("sliding_window_cache needs a past buffer (its capacity)")
+    present_len = past if sliding else _present_length(node, b, past, seq)
+    if sliding and any(d not in (None, past) for d in _declared_lengths(node)):
+        raise Refused(f"a sliding-window cache's present must be as long as its past ({past})")
     ps = _past_lengths(b, seqlens_k, seq) if past else None
+    # resident rows of the cache before and after the step (the eviction layout with a window cache)
+    resident = resident_after = None
+    if ps is not None:
+        if sliding:
+            window = attr_int(node, "local_window_size", -1)
+            resident = _window_resident(b, ps, past, window, "resident_before")
+            after = b.op("Add", [ps, b.i64([seq], "seq_len")], "total_lengths")
+            resident_after = _window_resident(b, after, past, window, "resident_after")
+        else:
+            resident = ps
+            resident_after = b.op("Add", [ps, b.i64([seq], "seq_len")], "present_end")
 
     if attr_int(node, "do_rotary", 0):
         if cos_cache is None or sin_cache is None:
@@ -125,7 +145,7 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
         v_all = b.op("Concat", [past_v, v], "value_cache", axis=2)
     else:
         k_all, v_all = k, v
-    bias = _bias(b, node, ps, batch, seq, past, like=q)
+    bias = _bias(b, node, resident, batch, seq, past, like=q)
     sink = None
     if head_sink is not None:
         sink = b.reshape(head_sink, [1, heads, 1, 1], "head_sink_1h11")
@@ -148,7 +168,9 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     )
     y = heads_last(b, att.output, "output")
     if past:
-        present_k, present_v = _present(b, k_all, v_all, ps, batch, kv_heads, past, seq, size, present_len)
+        present_k, present_v = _present(
+            b, k_all, v_all, resident, resident_after, batch, kv_heads, past, seq, size, present_len
+        )
     else:
         if present_len != seq:
             raise Refused(f"present length {present_len} without a past input")
@@ -156,14 +178,31 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     return [y, present_k, present_v]
 
 
-def _present_length(node: ir.Node, b: Builder, past: int, seq: int) -> int:
-    """The kernel's present length ``max(P, total_sequence_length)``: from the total when its value
-    is static (e.g. ``Shape(attention_mask)[1]``), else from a static present output, else ``P + S``."""
-    declared = {
+def _declared_lengths(node: ir.Node) -> set[int]:
+    return {
         shape[2]
         for shape in (dims(o) for o in node.outputs[1:3])
         if shape is not None and len(shape) == 4 and shape[2] is not None
     }
+
+
+def _window_resident(b: Builder, total: ir.Value, capacity: int, window: int, label: str) -> ir.Value:
+    """Rows a window cache of ``capacity`` holds after ``total`` tokens: ``T`` while it fits, else
+    ``T - G * ceil((T - C) / G)`` with ``G = C - W + 1`` (evicting ``G`` positions at once)."""
+    g = capacity - window + 1
+    over = b.op("Sub", [total, b.i64([capacity - g + 1], f"{label}_c_minus_g_plus_1")], f"{label}_over")
+    steps = b.op("Div", [over, b.i64([g], f"{label}_g")], f"{label}_evictions")  # ceil((T-C)/G) for T > C
+    evicted = b.op(
+        "Sub", [total, b.op("Mul", [steps, b.i64([g], f"{label}_g")], f"{label}_evicted")], f"{label}_kept"
+    )
+    fits = b.op("LessOrEqual", [total, b.i64([capacity], f"{label}_capacity")], f"{label}_fits")
+    return b.op("Where", [fits, total, evicted], label)
+
+
+def _present_length(node: ir.Node, b: Builder, past: int, seq: int) -> int:
+    """The kernel's present length ``max(P, total_sequence_length)``: from the total when its value
+    is static (e.g. ``Shape(attention_mask)[1]``), else from a static present output, else ``P + S``."""
+    declared = _declared_lengths(node)
     total = b.names.infer.data(_input(node, 6))
     if total is not None:
         length = max(past, int(np.asarray(total).reshape(-1)[0]))
@@ -208,9 +247,11 @@ def _rope(
 
 
 def _bias(
-    b: Builder, node: ir.Node, ps: ir.Value | None, batch: int, seq: int, past: int, like: ir.Value
+    b: Builder, node: ir.Node, resident: ir.Value | None, batch: int, seq: int, past: int, like: ir.Value
 ) -> ir.Value | None:
-    """Additive bias over ``Concat(past, new)`` admitting the kernel's keys (see the module doc)."""
+    """Additive bias over ``Concat(past, new)`` admitting the kernel's keys: past row ``j`` (absolute
+    position ``T - S - R + j`` with ``R`` resident rows) iff ``j < R`` and in the window, new token
+    ``t`` iff ``t <= s`` and in the window (``R = ps`` without a window cache)."""
     causal = attr_int(node, "causal", 1) == 1
     window = attr_int(node, "local_window_size", -1)
     s_idx = np.arange(seq).reshape(seq, 1)
@@ -230,11 +271,11 @@ def _bias(
             if b.dtype is not None
             else b.op("CastLike", [b.const(table, "causal_bias_f32"), like], "causal_bias")
         )
-    assert ps is not None
-    ps4 = b.reshape(ps, [-1, 1, 1, 1], "past_lengths_b111")
+    assert resident is not None
+    ps4 = b.reshape(resident, [-1, 1, 1, 1], "resident_b111")
     j = b.const(np.arange(past, dtype=np.int64).reshape(1, 1, 1, past), "past_positions")
     past_keep = b.op("Less", [j, ps4], "past_valid", dtype=ir.DataType.BOOL)  # [B,1,1,P]
-    if window > 0:  # absolute key j, query ps + s: j > ps + s - window
+    if window > 0:  # query s at T - S + s: key j - R > s - window
         lower = b.op(
             "Add",
             [ps4, b.const((s_idx - window).reshape(1, 1, seq, 1).astype(np.int64), "window_offsets")],
@@ -253,7 +294,8 @@ def _present(
     b: Builder,
     k_all: ir.Value,
     v_all: ir.Value,
-    ps: ir.Value | None,
+    resident: ir.Value | None,
+    resident_after: ir.Value | None,
     batch: int,
     kv_heads: int,
     past: int,
@@ -261,21 +303,20 @@ def _present(
     size: int,
     length: int,
 ) -> tuple[ir.Value, ir.Value]:
-    """``present[j] = past[j]`` (j < ps), ``new[j - ps]`` (ps <= j < ps + S), else 0, from the Concat."""
-    assert ps is not None
-    j = b.const(np.arange(length, dtype=np.int64).reshape(1, length), "present_positions")
-    in_past = b.op("Less", [j, ps], "present_from_past", dtype=ir.DataType.BOOL)
-    shifted = b.op(
-        "Sub", [b.op("Add", [j, b.i64([past], "past_len")], "present_shift"), ps], "present_new_index"
-    )
-    index = b.op("Where", [in_past, j, shifted], "present_index_raw")
+    """The kernel's present layout gathered from ``Concat(past, new)``: rows ``[0, L)`` hold the ``L``
+    most recent positions (``L - S`` from the ``R`` resident past rows, then the new tokens), the rest
+    is 0. Without a window cache ``R = ps`` and ``L = ps + S``: ``past[:ps]``, the new tokens, zeros."""
+    assert resident is not None and resident_after is not None
+    r = b.const(np.arange(length, dtype=np.int64).reshape(1, length), "present_positions")
+    first_new = b.op("Sub", [resident_after, b.i64([seq], "seq_len")], "present_first_new")
+    offset = b.op("Sub", [r, first_new], "present_offset")  # row - first new row
+    from_past = b.op("Less", [r, first_new], "present_from_past", dtype=ir.DataType.BOOL)
+    past_index = b.op("Add", [offset, resident], "present_past_index")
+    new_index = b.op("Add", [offset, b.i64([past], "past_len")], "present_new_index")
+    index = b.op("Where", [from_past, past_index, new_index], "present_index_raw")
+    index = b.op("Max", [index, b.i64([0], "zero")], "present_index_low")
     index = b.op("Min", [index, b.i64([past + seq - 1], "cache_last")], "present_index")
-    valid = b.op(
-        "Less",
-        [j, b.op("Add", [ps, b.i64([seq], "seq_len")], "present_end")],
-        "present_valid",
-        dtype=ir.DataType.BOOL,
-    )
+    valid = b.op("Less", [r, resident_after], "present_valid", dtype=ir.DataType.BOOL)
     index4 = b.op(
         "Expand",
         [
