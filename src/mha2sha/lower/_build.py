@@ -16,7 +16,18 @@ import onnx_ir as ir
 
 from mha2sha.lower._infer import Inference
 
-__all__ = ["Builder", "Context", "Refused", "attr_float", "attr_int", "attr_ints", "dims", "is_onnx", "used"]
+__all__ = [
+    "Builder",
+    "Context",
+    "Refused",
+    "attr_float",
+    "attr_int",
+    "attr_ints",
+    "dims",
+    "input_at",
+    "is_onnx",
+    "used",
+]
 
 
 class Refused(Exception):
@@ -40,6 +51,11 @@ def attr_float(node: ir.Node, name: str, default: float) -> float:
 def attr_ints(node: ir.Node, name: str) -> list[int] | None:
     attr = node.attributes.get(name)
     return None if attr is None else [int(x) for x in attr.as_ints()]
+
+
+def input_at(node: ir.Node, index: int) -> ir.Value | None:
+    """Input ``index`` of ``node``, None when omitted (absent or empty name)."""
+    return node.inputs[index] if len(node.inputs) > index else None
 
 
 def used(node: ir.Node, index: int) -> bool:
@@ -110,7 +126,7 @@ class Builder:
 
     def __init__(self, node: ir.Node, ctx: Context):
         self.node = node
-        self.names = ctx
+        self.ctx = ctx
         self.opset = ctx.opset
         self.prefix = node.name or node.op_type
         self.nodes: list[ir.Node] = []
@@ -159,21 +175,21 @@ class Builder:
         base = f"{self.prefix}/{label}"
         out_labels = labels or ([base] if outputs == 1 else [f"{base}_{i}" for i in range(outputs)])
         outs = [
-            ir.Value(name=self.names.value(o if labels is None else f"{self.prefix}/{o}")) for o in out_labels
+            ir.Value(name=self.ctx.value(o if labels is None else f"{self.prefix}/{o}")) for o in out_labels
         ]
         if dtype is not None:
             for out in outs:
                 out.type = ir.TensorType(dtype)
         attrs = ir.convenience.convert_attributes({k: v for k, v in attributes.items() if v is not None})
-        node = ir.Node(domain, op_type, list(inputs), attrs, outputs=outs, name=self.names.node(base))
+        node = ir.Node(domain, op_type, list(inputs), attrs, outputs=outs, name=self.ctx.node(base))
         self.nodes.append(node)
-        self.names.infer(node)  # later steps of the lowering read these shapes
+        self.ctx.infer(node)  # later steps of the lowering read these shapes
         return outs
 
     # -- constants ------------------------------------------------------------------------------
     def const(self, array: np.ndarray, label: str, *, absolute: bool = False) -> ir.Value:
         """An initializer holding ``array`` (name ``{prefix}/{label}``, or ``label`` if absolute)."""
-        name = self.names.value(label if absolute else f"{self.prefix}/{label}")
+        name = self.ctx.value(label if absolute else f"{self.prefix}/{label}")
         array = np.asarray(array)
         value = ir.Value(
             name=name,
@@ -187,11 +203,11 @@ class Builder:
     def derived(self, key: tuple[object, ...], make: Callable[[], np.ndarray], name: str) -> ir.Value:
         """An initializer computed from constants (named ``name``), shared by every node of the
         graph asking for the same ``key``."""
-        known = self.names.derived.get(key)
+        known = self.ctx.derived.get(key)
         if known is not None and known.graph is self.node.graph:
             return known
         value = self.const(make(), name, absolute=True)
-        self.names.derived[key] = value
+        self.ctx.derived[key] = value
         return value
 
     def i64(self, values: Sequence[int] | int, label: str) -> ir.Value:

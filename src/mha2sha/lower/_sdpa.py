@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from mha2sha.lower._build import Builder, Refused, dims
 
-__all__ = ["Attended", "attend", "head_dim", "heads_first", "heads_last", "repeat_kv", "shape_like"]
+__all__ = ["Attended", "attend", "head_dim", "heads_first", "heads_last", "repeat_kv"]
 
 
 def heads_first(b: Builder, x: ir.Value, heads: int, label: str) -> ir.Value:
@@ -39,20 +39,6 @@ def head_dim(value: ir.Value, heads: int | None = None) -> int | None:
     if not shape or shape[-1] is None:
         return None
     return shape[-1] // heads if heads else shape[-1]
-
-
-def shape_like(b: Builder, x: ir.Value, template: Sequence[int | None], label: str) -> ir.Value:
-    """An int64 shape: ``template`` with every None taken from ``Shape(x)`` at the same index."""
-    if all(d is not None for d in template):
-        return b.i64([int(d) for d in template], label)  # type: ignore[arg-type]
-    shape = b.op("Shape", [x], f"{label}_of", dtype=ir.DataType.INT64)
-    parts = []
-    for i, d in enumerate(template):
-        if d is None:
-            parts.append(b.slice(shape, [i], [i + 1], [0], f"{label}_{i}"))
-        else:
-            parts.append(b.i64([d], f"{label}_c{d}"))
-    return b.op("Concat", parts, label, axis=0, dtype=ir.DataType.INT64)
 
 
 def repeat_kv(b: Builder, x: ir.Value, groups: int, kv_heads: int, label: str) -> ir.Value:

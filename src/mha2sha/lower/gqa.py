@@ -38,7 +38,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, used
+from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at, used
 from mha2sha.lower._sdpa import attend, heads_first, heads_last
 from mha2sha.lower.rotary import gather_rows, rotate
 
@@ -55,13 +55,9 @@ _UNSUPPORTED_INPUTS = {
 }
 
 
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
-
-
 def _check(node: ir.Node) -> None:
     for i, what in _UNSUPPORTED_INPUTS.items():
-        if _input(node, i) is not None:
+        if input_at(node, i) is not None:
             raise Refused(f"{what} is not supported")
     for attr in ("k_quant_type", "v_quant_type"):
         value = node.attributes.get(attr)
@@ -77,8 +73,8 @@ def _check(node: ir.Node) -> None:
 
 def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
     _check(node)
-    query, key, value, past_k, past_v, seqlens_k = (_input(node, i) for i in range(6))
-    cos_cache, sin_cache, head_sink = _input(node, 7), _input(node, 8), _input(node, 11)
+    query, key, value, past_k, past_v, seqlens_k = (input_at(node, i) for i in range(6))
+    cos_cache, sin_cache, head_sink = input_at(node, 7), input_at(node, 8), input_at(node, 11)
     if query is None or seqlens_k is None:
         raise Refused("query and seqlens_k are required")
     if (past_k is None) != (past_v is None):
@@ -203,7 +199,7 @@ def _present_length(node: ir.Node, b: Builder, past: int, seq: int) -> int:
     """The kernel's present length ``max(P, total_sequence_length)``: from the total when its value
     is static (e.g. ``Shape(attention_mask)[1]``), else from a static present output, else ``P + S``."""
     declared = _declared_lengths(node)
-    total = b.names.infer.data(_input(node, 6))
+    total = b.ctx.infer.data(input_at(node, 6))
     if total is not None:
         length = max(past, int(np.asarray(total).reshape(-1)[0]))
         if declared and declared != {length}:

@@ -25,14 +25,10 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, attr_ints, dims, used
+from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, attr_ints, dims, input_at, used
 from mha2sha.lower._sdpa import attend, heads_first, heads_last
 
 __all__ = ["lower_ms_attention", "lower_multi_head_attention"]
-
-
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
 
 
 def _scale(node: ir.Node, head_size: int | None) -> float:
@@ -49,7 +45,6 @@ def key_mask_bias(
     mask: ir.Value,
     *,
     batch: int | None,
-    seq: int | None,
     total: int | None,
     filter_value: float,
     like: ir.Value,
@@ -87,15 +82,13 @@ def key_mask_bias(
                 ["mask_ends", "mask_starts"],
             )
             before_end = b.op("Less", [keys, ends], "mask_before_end", dtype=ir.DataType.BOOL)
-            after_start = b.op(
-                "GreaterOrEqual" if b.opset >= 12 else "Greater",
-                [
-                    keys,
-                    starts if b.opset >= 12 else b.op("Sub", [starts, b.i64([1], "one")], "mask_starts_m1"),
-                ],
-                "mask_after_start",
-                dtype=ir.DataType.BOOL,
-            )
+            if b.opset >= 12:
+                after_start = b.op(
+                    "GreaterOrEqual", [keys, starts], "mask_after_start", dtype=ir.DataType.BOOL
+                )
+            else:  # keys >= start  <=>  keys > start - 1
+                before = b.op("Sub", [starts, b.i64([1], "one")], "mask_starts_m1")
+                after_start = b.op("Greater", [keys, before], "mask_after_start", dtype=ir.DataType.BOOL)
             keep = b.op("And", [before_end, after_start], "mask_keep", dtype=ir.DataType.BOOL)
         else:
             raise Refused(f"a 1-D mask of {shape[0]} entries (only [B] and [2B] key lengths are supported)")
@@ -134,7 +127,7 @@ def _masks(
     bias = None
     if mask is not None:
         filter_value = attr_float(node, "mask_filter_value", -10000.0)
-        bias = key_mask_bias(b, mask, batch=batch, seq=seq, total=total, filter_value=filter_value, like=like)
+        bias = key_mask_bias(b, mask, batch=batch, total=total, filter_value=filter_value, like=like)
     if attr_int(node, "unidirectional", 0) and (seq is None or seq > 1 or past is None):
         bias = causal_bias(b, bias, seq=seq, total=total, past=past, like=like)
     biases = [bias] if bias is not None else []
@@ -152,7 +145,7 @@ def _refuse_buffer_sharing(node: ir.Node, first_extra: int) -> None:
 
 
 def lower_ms_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
-    x, weights, bias, mask, past, attention_bias = (_input(node, i) for i in range(6))
+    x, weights, bias, mask, past, attention_bias = (input_at(node, i) for i in range(6))
     if x is None or weights is None:
         raise Refused("input and weights are required")
     if attr_int(node, "do_rotary", 0):
@@ -197,7 +190,7 @@ def lower_ms_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
 
 
 def lower_multi_head_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
-    query, key, value, bias, mask, attention_bias, past_k, past_v = (_input(node, i) for i in range(8))
+    query, key, value, bias, mask, attention_bias, past_k, past_v = (input_at(node, i) for i in range(8))
     if query is None:
         raise Refused("query is required")
     _refuse_buffer_sharing(node, 8)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, used
+from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at, used
 
 __all__ = [
     "lower_embed_layer_norm",
@@ -30,10 +30,6 @@ __all__ = [
     "lower_skip_layer_norm",
     "lower_skip_simplified_layer_norm",
 ]
-
-
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
 
 
 def _axes(x: ir.Value, axis: int) -> list[int]:
@@ -142,7 +138,7 @@ lower_simplified_layer_norm = lower_rms_norm
 
 
 def lower_skip_simplified_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
-    x, gamma, bias = node.inputs[0], _input(node, 2), _input(node, 3)
+    x, gamma, bias = node.inputs[0], input_at(node, 2), input_at(node, 3)
     if x is None or node.inputs[1] is None or gamma is None:
         raise Refused("input, skip and gamma are required")
     b.float_type_of(x, node.outputs[0])
@@ -154,7 +150,7 @@ def lower_skip_simplified_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value
 
 
 def lower_skip_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
-    x, gamma, beta, bias = node.inputs[0], _input(node, 2), _input(node, 3), _input(node, 4)
+    x, gamma, beta, bias = node.inputs[0], input_at(node, 2), input_at(node, 3), input_at(node, 4)
     if x is None or node.inputs[1] is None or gamma is None:
         raise Refused("input, skip and gamma are required")
     b.float_type_of(x, node.outputs[0])
@@ -165,7 +161,7 @@ def lower_skip_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
 
 def lower_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
     """``LayerNormalization`` outside the standard (ORT's opset-1 schema, ``com.microsoft``)."""
-    x, gamma, beta = node.inputs[0], node.inputs[1], _input(node, 2)
+    x, gamma, beta = node.inputs[0], node.inputs[1], input_at(node, 2)
     if x is None or gamma is None:
         raise Refused("X and Scale are required")
     b.float_type_of(x, node.outputs[0])
@@ -182,8 +178,8 @@ def lower_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
 
 
 def lower_embed_layer_norm(node: ir.Node, b: Builder) -> list[ir.Value | None]:
-    ids, segment_ids, words, positions_table = (_input(node, i) for i in range(4))
-    segments, gamma, beta, mask, position_ids = (_input(node, i) for i in range(4, 9))
+    ids, segment_ids, words, positions_table = (input_at(node, i) for i in range(4))
+    segments, gamma, beta, mask, position_ids = (input_at(node, i) for i in range(4, 9))
     if ids is None or words is None or positions_table is None or gamma is None or beta is None:
         raise Refused("input_ids, word/position embeddings, gamma and beta are required")
     b.float_type_of(words, node.outputs[0])

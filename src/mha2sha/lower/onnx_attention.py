@@ -26,14 +26,10 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims
+from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at
 from mha2sha.lower._sdpa import attend, head_dim, heads_first, heads_last
 
 __all__ = ["lower_attention"]
-
-
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
 
 
 def default_scale(
@@ -51,7 +47,7 @@ def default_scale(
 
 def lower_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
     query, key, value = node.inputs[0], node.inputs[1], node.inputs[2]
-    mask, past_k, past_v, nonpad = (_input(node, i) for i in (3, 4, 5, 6))
+    mask, past_k, past_v, nonpad = (input_at(node, i) for i in (3, 4, 5, 6))
     if query is None or key is None or value is None:
         raise Refused("Q, K and V are required")
     if (past_k is None) != (past_v is None):
