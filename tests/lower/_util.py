@@ -124,7 +124,8 @@ def assert_lowers_exactly(
         got[name] = np.where(keep, got[name], 0).astype(got[name].dtype)
     verification = compare_outputs(expected, got, rtol)
     assert verification.ok, [r for r in verification.rows if not r.ok]
-    _record(model, verification.max_rel_err)
+    if rtol <= 1e-5:  # the float32 checks (fp16 ones are looser by design)
+        _record(model, verification.max_rel_err)
     return verification.max_rel_err
 
 
@@ -154,7 +155,8 @@ def assert_lowered_matches(
     assert all(n.domain in ("", "ai.onnx") for n in lowered.graph.node)
     verification = compare_outputs(dict(expected), run_ort(lowered, feeds), rtol)
     assert verification.ok, [r for r in verification.rows if not r.ok]
-    _record(model, verification.max_rel_err)
+    if rtol <= 1e-5:  # the float32 checks (fp16 ones are looser by design)
+        _record(model, verification.max_rel_err)
     return verification.max_rel_err
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from tests.lower._util import F32, MS, assert_lowers_exactly, node_model, rand, refusal
+from tests.lower._util import F32, MS, assert_lowers_exactly, lower, node_model, rand, refusal
 
 I64 = TensorProto.INT64
 MAX_POS = 12
@@ -98,6 +98,23 @@ def test_ms_rotary(layout, interleaved, rotary_dim, positions, num_heads):
         "RotaryEmbedding", inputs, ["y"], domain=MS, initializers={"cos": cos, "sin": sin}, **attrs
     )
     assert_lowers_exactly(model, feeds)
+
+
+def test_ms_rotary_scale_is_ignored_like_the_cpu_kernel():
+    rng = np.random.default_rng(4)
+    cos, sin = _caches(rng, 8)
+    inputs = [
+        ("x", F32, (1, 4, 3, 16)),
+        ("pos", I64, (1, 3)),
+        ("cos", F32, cos.shape),
+        ("sin", F32, sin.shape),
+    ]
+    model = node_model(
+        "RotaryEmbedding", inputs, ["y"], domain=MS, initializers={"cos": cos, "sin": sin}, scale=2.0
+    )
+    feeds = {"x": rand(rng, 1, 4, 3, 16), "pos": np.array([[0, 5, 9]], np.int64)}
+    assert_lowers_exactly(model, feeds)
+    assert "scale ignored" in lower(model)[1].notes[0][2]
 
 
 def test_ms_rotary_refuses_packed_batching():

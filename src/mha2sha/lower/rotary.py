@@ -12,7 +12,8 @@ Rules (shared with the GroupQueryAttention lowering):
 - Interleaved: the pair swap ``(-x1, x0, -x3, x2, ...)`` is a MatMul with a constant signed
   permutation (exact: one nonzero term per output), so no stepped Slice is needed.
 - Partial rotation (``rotary_embedding_dim < head_size``): the tail passes through a Slice/Concat.
-- ``com.microsoft`` position ids of shape ``[1]`` mean ``position_ids[0] + arange(S)`` for every batch.
+- ``com.microsoft`` position ids of shape ``[1]`` mean ``position_ids[0] + arange(S)`` for every batch;
+  its ``scale`` attribute is ignored (noted), as onnxruntime's CPU kernel ignores it.
 Refused: ``is_packed_batching``, unknown cache width or input rank.
 """
 
@@ -194,6 +195,9 @@ def lower_ms_rotary(node: ir.Node, b: Builder) -> list[ir.Value | None]:
         raise Refused("input, position_ids, cos_cache and sin_cache are required")
     if attr_int(node, "is_packed_batching", 0):
         raise Refused("is_packed_batching (ragged batches) is not supported")
+    scale = node.attributes.get("scale")
+    if scale is not None and scale.as_float() != 1.0:
+        b.notes.append("scale ignored: onnxruntime's CPU kernel does not apply it")
     b.float_type_of(x, cos_cache, node.outputs[0])
     interleaved = attr_int(node, "interleaved", 0) == 1
     rotary_dim = _rotary_dim(b, cos_cache, attr_int(node, "rotary_embedding_dim", 0))
