@@ -276,6 +276,13 @@ class Builder:
             )
         return self.op_multi("Split", [x], label, labels=labels, axis=axis, split=list(sizes))
 
+    def less_equal(self, a: ir.Value, c: ir.Value, label: str) -> ir.Value:
+        """``a <= c`` (``LessOrEqual`` from opset 12, ``Not(Greater)`` before)."""
+        if self.opset >= 12:
+            return self.op("LessOrEqual", [a, c], label, dtype=ir.DataType.BOOL)
+        above = self.op("Greater", [a, c], f"{label}_not", dtype=ir.DataType.BOOL)
+        return self.op("Not", [above], label, dtype=ir.DataType.BOOL)
+
     def reshape(self, x: ir.Value, shape: Sequence[int], label: str) -> ir.Value:
         """Reshape to ``shape`` (0 copies the input dim, -1 is inferred), an int64 initializer."""
         return self.op("Reshape", [x, self.i64(list(shape), f"{label}_shape")], label)

@@ -116,11 +116,7 @@ def attend(
     if zero_masked_rows:
         row_max = b.reduce("ReduceMax", masked, [-1], f"{p}row_max")
         lowest = b.lowest(f"{p}lowest", like=qk)
-        if b.opset >= 12:
-            dead = b.op("LessOrEqual", [row_max, lowest], f"{p}row_masked", dtype=ir.DataType.BOOL)
-        else:
-            above = b.op("Greater", [row_max, lowest], f"{p}row_live", dtype=ir.DataType.BOOL)
-            dead = b.op("Not", [above], f"{p}row_masked", dtype=ir.DataType.BOOL)
+        dead = b.less_equal(row_max, lowest, f"{p}row_masked")
         probs = b.op("Where", [dead, b.scalar(0.0, f"{p}zero", like=qk), probs], f"{p}probs_guarded")
     out = b.op("MatMul", [probs, v], f"{p}attn")
     return Attended(out, scaled, capped, masked, probs)

@@ -113,8 +113,8 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
             raise Refused("the past length must be static")
         past = p_shape[2]
     sliding = attr_int(node, "sliding_window_cache", 0) == 1
-    if sliding and not past:
-        raise Refused("sliding_window_cache needs a past buffer (its capacity)")
+    if sliding and past < attr_int(node, "local_window_size", -1):
+        raise Refused(f"a window cache of capacity {past} below local_window_size")
     present_len = past if sliding else _present_length(node, b, past, seq)
     if sliding and any(d not in (None, past) for d in _declared_lengths(node)):
         raise Refused(f"a sliding-window cache's present must be as long as its past ({past})")
@@ -191,7 +191,7 @@ def _window_resident(b: Builder, total: ir.Value, capacity: int, window: int, la
     evicted = b.op(
         "Sub", [total, b.op("Mul", [steps, b.i64([g], f"{label}_g")], f"{label}_evicted")], f"{label}_kept"
     )
-    fits = b.op("LessOrEqual", [total, b.i64([capacity], f"{label}_capacity")], f"{label}_fits")
+    fits = b.less_equal(total, b.i64([capacity], f"{label}_capacity"), f"{label}_fits")
     return b.op("Where", [fits, total, evicted], label)
 
 

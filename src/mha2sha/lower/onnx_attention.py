@@ -151,7 +151,7 @@ def _bias(
         if causal:  # bottom-right per batch: j <= i + nonpad[b] - S
             rows = b.const(np.arange(total, dtype=np.int64)[:s].reshape(1, 1, s, 1) - s, "query_offsets")
             frontier = b.op("Add", [rows, lengths], "causal_frontier")
-            within = b.op("LessOrEqual", [keys, frontier], "causal_valid", dtype=ir.DataType.BOOL)
+            within = b.less_equal(keys, frontier, "causal_valid")
             allowed = b.op("And", [allowed, within], "allowed", dtype=ir.DataType.BOOL)
     float_mask = None
     if mask is not None:
