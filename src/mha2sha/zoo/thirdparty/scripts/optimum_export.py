@@ -208,6 +208,7 @@ def exports() -> list[tuple[str, object, dict]]:
         for attn in ("sdpa", "eager"):
             meta = {"family": family, "attn": attn, "task": TASKS[family], "dims": DIMS.get(family, {})}
             out.append((f"optimum_{family}_{attn}", _single(family, attn), {**meta, "parts": [""]}))
+    # T5 has no SDPA path in transformers 4.57 (relative position bias): eager only.
     for family, attns in (("whisper", ("sdpa", "eager")), ("t5", ("eager",))):
         for attn in attns:
             meta = {"family": family, "attn": attn, "task": TASKS[family], "dims": DIMS.get(family, {})}
