@@ -283,7 +283,7 @@ def convert(
             )
             result.verify = verify_conversion(
                 plan, verify_options, model_path, staged, result.split, quantized_pair,
-                timer.phase, stage, out_dir,
+                timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
             )  # fmt: skip
         outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         outputs.append(report_file)
