@@ -1,6 +1,7 @@
 """The conversion job: the stages in order, each returning a record, nothing else.
 
-    load -> lower -> prepare -> split -> encodings -> layout -> save -> verify -> report
+    load -> lower -> prepare -> [lora_alpha input] -> split -> encodings -> layout -> [adapters]
+         -> save -> verify -> report
 
 A stage is a pass or a function of its own module (``io/``, ``lower/``, ``split/``,
 ``encodings/``, ``layout/``, ``verify/``, ``report/``); this module only decides which run and in
@@ -21,7 +22,28 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from mha2sha.encodings import CoverageReport, channel_axes, load_encodings, propagate, save_encodings
+from mha2sha.adapters import (
+    AdapterSet,
+    AdaptersRecord,
+    adapter_scale,
+    alpha_encoding,
+    alpha_encodings,
+    find_lora,
+    fit_adapters,
+    load_adapters,
+    lora_alpha_to_input,
+    plan_adapters,
+    read_adapter_list,
+    save_adapters,
+)
+from mha2sha.encodings import (
+    CoverageReport,
+    EncodingSet,
+    channel_axes,
+    load_encodings,
+    propagate,
+    save_encodings,
+)
 from mha2sha.encodings.remap import remap_encodings
 from mha2sha.errors import InternalError, UserError
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
@@ -35,6 +57,7 @@ from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
 from mha2sha.split.record import BlockReport, SplitRecord
 from mha2sha.split.split_heads import SplitHeadsPass
+from mha2sha.verify.adapters import verify_adapters
 from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck
 from mha2sha.verify.plan import (
     FULL_VERIFY_MAX_BYTES,
@@ -83,6 +106,8 @@ class ConvertOptions:
     verify_htp: bool = False  # also compare MHA-QDQ and SHA-QDQ on the HTP emulator (onnxruntime-qnn)
     soc: str = DEFAULT_SOC
     shard_bytes: int | None = None  # external data in files of at most this many bytes (--shard-size)
+    lora_adaptor_list: str | None = None  # YAML list of LoRA adapters to split like the graph
+    lora_alpha_from_input: bool = False  # the LoRA scale becomes the graph input lora_alpha
 
     def __post_init__(self) -> None:
         if self.verify is True or self.verify is False:
@@ -94,6 +119,10 @@ class ConvertOptions:
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
         if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
             raise UserError(f"--max-lsb must be a number >= 0, not {self.max_lsb}")
+        if self.lora_alpha_from_input and not self.lora_adaptor_list:
+            raise UserError(
+                "--lora-alpha-from-input needs --lora-adaptor-list: the adapters name the graph's LoRA tensors"
+            )
         if not self.split_heads and (not self.htp_layout or self.optimize_o_proj):
             raise UserError(
                 "--no-split runs only the layout passes: add --replace-linear-with-conv or --target htp"
@@ -126,6 +155,7 @@ class ConversionResult:
     lowering: LowerRecord | None = None
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
+    adapters: AdaptersRecord | None = None
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
@@ -187,6 +217,7 @@ class ConversionResult:
             split=self.split,
             layout=self.layout,
             coverage=self.coverage,
+            adapters=self.adapters,
             verify=self.verify,
             phases=self.timer.records if self.timer else [],
         )
@@ -226,15 +257,24 @@ def convert(
         verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
         plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
+        adapter_set = _load_adapters(options, model, encodings)
     with timer.phase("lower fused ops"):
         result_lowering = lower_fused_ops(model)
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
         if plan is not None:
             require_memory(plan, model)
-        before = _EncodingsContext.of(model) if encodings is not None else None
+    alpha = None
+    if adapter_set is not None and options.lora_alpha_from_input:
+        with timer.phase("LoRA scale -> input lora_alpha"):
+            alpha = lora_alpha_to_input(model, find_lora(model, adapter_set.names))
+            if plan is not None:
+                plan.inputs.add_fixed(alpha.input, alpha.feed())
+    adapters = plan_adapters(adapter_set, alpha) if adapter_set is not None else None
+    encoded = encodings is not None or any(a.encodings is not None for a in (adapters.adapters if adapters else ()))
+    before = _EncodingsContext.of(model) if encoded else None
 
-    result = ConversionResult(model, SplitRecord(), lowering=result_lowering, timer=timer)
+    result = ConversionResult(model, SplitRecord(), lowering=result_lowering, adapters=adapters, timer=timer)
     if options.split_heads:
         with timer.phase("split heads") as progress:
             SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)(model)
@@ -248,23 +288,43 @@ def convert(
             split_o_proj_per_head(model, result.layout, result.split)
             remove_unused_initializers(model)
     sha_encodings = None
-    if encodings is not None and before is not None:
-        with timer.phase("propagate encodings"):
-            sha_encodings, result.coverage = propagate(
-                encodings,
+    mha_encodings = encodings  # the quantized reference of the base graph
+    if before is not None:
+
+        def propagated(es: EncodingSet) -> tuple[EncodingSet, CoverageReport]:
+            return propagate(
+                es,
                 result.split,
                 model,
                 channel_axes_map=before.axes,
                 strict=options.strict_encodings,
                 original_names=before.names,
             )
+
+        with timer.phase("propagate encodings"):
+            if encodings is not None:
+                sha_source = encodings
+                if alpha is not None:
+                    enc, alpha.encoding_source = alpha_encoding(encodings, alpha, alpha.value)
+                    sha_source = alpha_encodings(encodings, alpha, enc)
+                sha_encodings, result.coverage = propagated(sha_source)
+            for adapter in adapters.adapters if adapters is not None else ():
+                if adapter.encodings is not None:
+                    adapter.encodings, adapter.coverage = propagated(adapter.encodings)
     if options.htp_layout:
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
-            quantized = set(sha_encodings.activations) if sha_encodings is not None else ()
+            every = [sha_encodings, *(a.encodings for a in adapters.adapters)] if adapters else [sha_encodings]
+            quantized = {n for es in every if es is not None for n in es.activations}
             apply_htp_layout(model, result.layout, quantized=quantized)
             remove_unused_initializers(model)
             if sha_encodings is not None:
                 sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
+            for adapter in adapters.adapters if adapters is not None else ():
+                if adapter.encodings is not None:
+                    adapter.encodings = remap_encodings(adapter.encodings, result.layout, model)  # type: ignore[arg-type]
+    if adapters is not None:
+        with timer.phase("split adapters"):
+            fit_adapters(adapters, result.split, result.layout, model)
 
     report_file = f"{name}.report.json"
     with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
@@ -275,21 +335,49 @@ def convert(
             if sha_encodings is not None:
                 version = options.encodings_version or sha_encodings.version
                 save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
+            if adapters is not None:
+                save_adapters(adapters, stage, out_model.name, options.encodings_version, model=model)
         if plan is not None:
             quantized_pair = (
-                Quantized(encodings, sha_encodings, origins(result.split, result.layout))
-                if encodings is not None and sha_encodings is not None
+                Quantized(mha_encodings, sha_encodings, origins(result.split, result.layout))
+                if mha_encodings is not None and sha_encodings is not None
                 else None
             )
             result.verify = verify_conversion(
                 plan, verify_options, model_path, staged, result.split, quantized_pair,
                 timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
             )  # fmt: skip
+            if adapters is not None:
+                result.verify.adapters = verify_adapters(
+                    adapters, model_path, staged, result.split, result.layout,
+                    inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
+                    rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
+                    input_shapes=verify_options.input_shapes, phase=timer.phase,
+                )  # fmt: skip
         outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         outputs.append(report_file)
         (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
         result.files = [out_dir / f for f in outputs]
     return result
+
+
+def _load_adapters(options: ConvertOptions, model: ir.Model, encodings: EncodingSet | None) -> AdapterSet | None:
+    """The adapters of ``--lora-adaptor-list``, read and checked against the base graph (or None)."""
+    if not options.lora_adaptor_list:
+        return None
+    entries = read_adapter_list(options.lora_adaptor_list)
+    if not options.lora_alpha_from_input:
+        given = next((e for e in entries if e.alpha is not None or e.scale is not None), None)
+        if given is not None:
+            raise UserError(
+                f"adapter {given.name!r} gives an alpha, which only --lora-alpha-from-input uses: without it "
+                "the graph's LoRA scale is fixed (fold alpha / r / the graph's scale into B, or add the flag)"
+            )
+    adapter_set = load_adapters(entries, model, encodings)
+    if options.lora_alpha_from_input:
+        for adapter in adapter_set.adapters:
+            adapter_scale(adapter, adapter_set.lora)  # refuse a scale that cannot be fed now
+    return adapter_set
 
 
 def _previous_outputs(report: Path) -> list[str]:

@@ -70,6 +70,7 @@ def _print_result(console: Console, result: ConversionResult, allow_partial: boo
         layout=result.layout,
         coverage=result.coverage,
         verify=result.verify,
+        adapters=result.adapters,
     )
     if result.files:
         written = ", ".join(str(f) for f in result.files if f.parent.name not in ("goldens", "inputs"))

@@ -37,7 +37,7 @@ LEGACY_HINTS = (
 #: Flags of the original tool for conv-based graphs: the HTP layout covers them.
 LEGACY_LAYOUT = ("mha_conv", "nchw_aligned", "replace_linear_with_conv")
 #: Flags of the original tool that later releases implement; until then they are refused clearly.
-LEGACY_LATER = ("build_ar", "lora_adaptor_list")
+LEGACY_LATER = ("build_ar",)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
 
@@ -82,6 +82,16 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
         "--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens"
     )
     parser.add_argument("--encodings", metavar="FILE", help="AIMET .encodings of the model: propagated per head")
+    parser.add_argument(
+        "--lora-adaptor-list",
+        metavar="YAML",
+        help="LoRA adapters (safetensors + encodings) of the graph's LoRA tensors: each split like the graph",
+    )
+    parser.add_argument(
+        "--lora-alpha-from-input",
+        action="store_true",
+        help="the LoRA scale (alpha / r) becomes graph input lora_alpha, fed per adapter",
+    )
     parser.add_argument("--encodings-version", choices=list(VERSIONS), help="write this encodings version")
     parser.add_argument("--strict-encodings", action="store_true", help="any encodings coverage gap is an error")
     parser.add_argument(
@@ -116,7 +126,7 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
     later = [_flag(f) for f in LEGACY_LATER if flags.get(f) not in (None, False)]
     if later:
         raise UserError(
-            f"{', '.join(later)} not supported yet by this release (planned: AR change, LoRA adaptor lists)"
+            f"{', '.join(later)} not supported yet by this release (planned: AR change)"
         )
     verify = flags.get("verify", _DEFAULTS["verify"])
     if flags.get("no_verify") or flags.get("no_verification"):
@@ -147,4 +157,6 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
         max_lsb=flags.get("max_lsb", _DEFAULTS["max_lsb"]),
         soc=flags.get("soc", _DEFAULTS["soc"]),
         shard_bytes=parse_size(shard) if shard is not None else None,
+        lora_adaptor_list=flags.get("lora_adaptor_list"),
+        lora_alpha_from_input=bool(flags.get("lora_alpha_from_input", False)),
     )

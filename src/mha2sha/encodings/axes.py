@@ -21,7 +21,7 @@ from mha2sha.errors import UserError
 from mha2sha.graph import is_onnx_domain, is_op
 from mha2sha.io.names import graphs
 
-__all__ = ["channel_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
+__all__ = ["channel_axes", "consumer_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def initializer_names(model: Any) -> set[str]:
     return names
 
 
-def _consumer_axes(node: ir.Node, index: int, rank: int) -> AxisPair | None:
+def consumer_axes(node: ir.Node, index: int, rank: int) -> AxisPair | None:
+    """(output-channel axis, input-channel axis) of input ``index`` of ``node`` when it is a weight."""
     op = node.op_type
     if not is_onnx_domain(node.domain):
         return None
@@ -84,12 +85,12 @@ def channel_axes(model: Any) -> dict[str, AxisPair]:
                 continue
             rank = len(shape)
             for consumer, idx in value.uses():
-                axes = _consumer_axes(consumer, idx, rank)
+                axes = consumer_axes(consumer, idx, rank)
                 if axes is None and consumer.op_type == "Transpose" and consumer.outputs[0].uses():
                     perm_attr = consumer.attributes.get("perm")
                     perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
                     nxt, nidx = next(iter(consumer.outputs[0].uses()))
-                    inner = _consumer_axes(nxt, nidx, rank)
+                    inner = consumer_axes(nxt, nidx, rank)
                     if inner is not None:
                         axes = (perm[inner[0]], None if inner[1] is None else perm[inner[1]])
                 if axes is not None:

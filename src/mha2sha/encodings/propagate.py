@@ -36,7 +36,7 @@ from mha2sha.split.record import SplitRecord, TensorSplit
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-__all__ = ["CoverageReport", "propagate", "slice_encoding", "EncodingCoverageError"]
+__all__ = ["CoverageReport", "EncodingCoverageError", "pad_encoding", "propagate", "slice_encoding"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,63 @@ def slice_encoding(
                 new.per_block_int_scale = new.per_block_int_scale[:, sl]
         # any other axis: every channel (and block) of the original is still whole in the piece
     return new
+
+
+def pad_encoding(enc: Encoding, shape: tuple[int, ...], axis: int, size: int, full: int) -> Encoding | str:
+    """The encoding of a tensor zero-padded along ``axis`` from ``size`` to ``full`` elements (a LoRA
+    weight of lower rank in a graph of higher rank), or the reason it cannot be expressed.
+
+    Per-tensor encodings are unchanged. Channels (or blocks) the padding adds repeat the last
+    existing one: they hold only zeros, which every AIMET grid represents exactly. An encoding that
+    already has ``full`` channels (made on the padded graph) is returned as it is.
+    """
+    if enc.enc_type == "PER_TENSOR" or not enc.has_scale:
+        return enc
+    rank = len(shape)
+    if enc.axis is None:
+        return "channel axis unknown"
+    new = enc.renamed(enc.name)
+    if enc.axis % rank == axis % rank:
+        if enc.enc_type == "PER_BLOCK" and new.scale.ndim == 1:  # flat 1.0.0 blocks: C is ours to find
+            new.resolve_blocks(full if new.scale.size % size else size)
+        channels = new.num_channels
+        if channels == full:
+            return enc
+        if channels != size:
+            return f"{channels} channels on axis {axis}, neither the adapter's rank {size} nor the graph's {full}"
+        extra = full - size
+
+        def grow(arr: np.ndarray | None) -> np.ndarray | None:
+            if arr is None or np.ndim(arr) == 0:
+                return arr
+            return np.concatenate([arr, np.repeat(arr[-1:], extra, axis=0)], axis=0)
+
+        new.scale, new.offset = grow(new.scale), grow(new.offset)  # type: ignore[assignment]
+        new.per_block_int_scale = grow(new.per_block_int_scale)
+        new.zero_point_shift = grow(new.zero_point_shift)
+        new.min, new.max = grow(new.min), grow(new.max)
+        extras = new.style.get("elem_extra")
+        if extras is not None and len(extras) == size:
+            new.style["elem_extra"] = list(extras) + [extras[-1]] * extra
+        return new
+    if enc.enc_type in ("PER_BLOCK", "LPBQ") and enc.block_axis is not None and enc.block_axis % rank == axis % rank:
+        bs = enc.block_size
+        if not bs or size % bs or full % bs:
+            return f"the rank {size} -> {full} padding is not a whole number of blocks of {bs}"
+        if enc.enc_type == "PER_BLOCK" and new.scale.ndim == 1:
+            new.resolve_blocks(shape[enc.axis])
+        blocks = full // bs - size // bs
+
+        def widen(arr: np.ndarray | None) -> np.ndarray | None:
+            if arr is None or np.ndim(arr) < 2:
+                return arr
+            return np.concatenate([arr, np.repeat(arr[:, -1:], blocks, axis=1)], axis=1)
+
+        if enc.enc_type == "PER_BLOCK":
+            new.scale, new.offset = widen(new.scale), widen(new.offset)  # type: ignore[assignment]
+        new.per_block_int_scale = widen(new.per_block_int_scale)
+        return new
+    return enc  # padded along an axis the encoding does not index: every channel is whole
 
 
 def _expected_shape(shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], ...]) -> tuple[int, ...]:

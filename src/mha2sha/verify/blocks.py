@@ -598,6 +598,8 @@ def verify_blocks(
         c_out = [c_values[n] for n in c_names]
         stops = set(block.inputs) | {p for n in block.inputs if n in input_pieces for p in input_pieces[n][1]}
         c_cone = _cone(c_out, lambda v, stops=stops: v.name in stops)
+        # inputs only the converted model has (e.g. --lora-alpha-from-input's lora_alpha) come from ``inputs``
+        feeds.update({n: inputs[n] for n in c_cone.inputs if n not in feeds and n in inputs})
         absent = [n for n in c_cone.inputs if n not in feeds]
         if absent:
             raise UserError(

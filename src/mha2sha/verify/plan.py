@@ -30,6 +30,7 @@ from mha2sha.io.prepare import infer_shapes
 from mha2sha.io.save import save_model
 from mha2sha.lower import lower_fused_ops
 from mha2sha.split.record import SplitRecord
+from mha2sha.verify.adapters import AdapterCheck
 from mha2sha.verify.blocks import low_precision_bound, verify_blocks
 from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
 from mha2sha.verify.input_lists import write_input_lists
@@ -134,6 +135,7 @@ class VerifyRecord:
     qdq_local: LocalCheck | None = None  # tensor-by-tensor check, run when the QDQ outputs differ
     htp: HtpCheck | None = None
     input_lists: list[Path] = dataclasses.field(default_factory=list)
+    adapters: list[AdapterCheck] = dataclasses.field(default_factory=list)  # one per LoRA adapter
 
     def to_dict(self) -> dict[str, Any]:
         v, plan = self.float, self.plan
@@ -150,6 +152,7 @@ class VerifyRecord:
             "quantized_max_lsb": self.qdq_lsb,
             "quantized_tensor_by_tensor": self.qdq_local.to_dict() if self.qdq_local else None,
             "htp": self.htp.to_dict() if self.htp else None,
+            "adapters": [a.to_dict() for a in self.adapters] or None,
         }
 
 
