@@ -3,7 +3,7 @@
 ``lora_case(family)`` builds (and caches) for a zoo decoder family (``llama``, ``llama_gqa``,
 ``qwen2``; KV step graphs):
 
-- ``model.onnx``: the HF model with an unmerged peft LoRA (rank :data:`GRAPH_RANK`, scale
+- ``model.onnx``: the KV step (or prefill) graph of the HF model with an unmerged peft LoRA (rank :data:`GRAPH_RANK`, scale
   ``GRAPH_ALPHA / GRAPH_RANK``) on ``q_proj, k_proj, v_proj, o_proj``, exported with TorchScript
   (opset 17). TorchScript writes Linear weights transposed as ``onnx::MatMul_*`` constants, so
   every LoRA initializer is renamed afterwards to its peft state-dict key
@@ -66,12 +66,13 @@ ADAPTERS = (
     AdapterSpec("tiny", 2, 6.0, ("q_proj", "v_proj")),
 )
 
-FAMILIES = {"llama": "llama_step", "llama_gqa": "llama_gqa_step", "qwen2": "qwen2_step"}
+FAMILIES = ("llama", "llama_gqa", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraCase:
     family: str
+    kind: str  # "step" | "prefill"
     folder: Path
 
     @property
@@ -80,7 +81,7 @@ class LoraCase:
 
     @property
     def zoo_case(self) -> str:
-        return FAMILIES[self.family]
+        return f"{self.family}_{self.kind}"
 
     def yaml(self, flow: str = "folded") -> Path:
         return self.folder / ("adapters.yaml" if flow == "folded" else "adapters_alpha.yaml")
@@ -174,7 +175,23 @@ def _write_yaml(path: Path, entries: list[dict]) -> None:
     path.write_text(yaml.safe_dump({"lora_adaptor_list": entries}, sort_keys=False))
 
 
-def _produce(family: str, model_path: Path) -> dict:
+def _lora_as_inputs(path: Path) -> None:
+    """Make every LoRA initializer a graph input (aimet-onnx's ``target="ort"`` export does this)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keep = []
+    for init in model.graph.initializer:
+        if ".lora_" in init.name:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+        else:
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    onnx.save(model, str(path))
+
+
+def _produce(family: str, kind: str, as_inputs: bool, model_path: Path) -> dict:
     import torch
     from safetensors.numpy import save_file
 
@@ -184,15 +201,20 @@ def _produce(family: str, model_path: Path) -> dict:
     folder = model_path.parent
     spec, peft_model = _peft_model(family)
     peft_model.set_adapter("default")
-    built = decoders._step(spec, decoders.STEP_AR, decoders.PAST_LEN)
+    if kind == "step":
+        built = decoders._step(spec, decoders.STEP_AR, decoders.PAST_LEN)
+    else:
+        built = decoders._prefill(spec, decoders.PREFILL_LEN)
     built.module.model = peft_model.base_model.model
     export(built, model_path, "torchscript")
     _rename_lora_initializers(model_path, _state(peft_model, "default"))
+    if as_inputs:
+        _lora_as_inputs(model_path)
 
     graph_scale = GRAPH_ALPHA / GRAPH_RANK
     folded_entries, alpha_entries = [], []
     reference: dict[str, np.ndarray] = {}
-    inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in zoo.example_inputs(FAMILIES[family]).items()}
+    inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in zoo.example_inputs(f"{family}_{kind}").items()}
     for adapter in (None, *ADAPTERS):
         name = "default" if adapter is None else adapter.name
         peft_model.set_adapter(name)
@@ -212,13 +234,16 @@ def _produce(family: str, model_path: Path) -> dict:
     _write_yaml(folder / "adapters.yaml", folded_entries)
     _write_yaml(folder / "adapters_alpha.yaml", alpha_entries)
     np.savez(folder / "reference.npz", **reference)
-    return {"family": family, "adapters": [dataclasses.asdict(a) for a in ADAPTERS]}
+    return {"family": family, "kind": kind, "adapters": [dataclasses.asdict(a) for a in ADAPTERS]}
 
 
-def lora_case(family: str) -> LoraCase:
-    """The cached LoRA base graph and adapters of ``family`` (see the module docstring)."""
-    key = f"lora_{cache_key(FAMILIES[family], 'torchscript')}-{_source_hash()}"
-    return LoraCase(family, cached_build(key, lambda path: _produce(family, path)).parent)
+def lora_case(family: str, kind: str = "step", *, as_inputs: bool = False) -> LoraCase:
+    """The cached LoRA base graph and adapters of ``family`` (see the module docstring); with
+    ``as_inputs`` the graph takes its LoRA weights as graph inputs instead of initializers."""
+    tag = f"{family}_{kind}" + ("_inputs" if as_inputs else "")
+    key = f"lora_{cache_key(tag, 'torchscript')}-{_source_hash()}"
+    folder = cached_build(key, lambda path: _produce(family, kind, as_inputs, path)).parent
+    return LoraCase(family, kind, folder)
 
 
 # -- the MHA graph with an adapter in: the reference a conversion is checked against ----------------
@@ -230,7 +255,12 @@ def lora_tensors(case: LoraCase) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     model = onnx.load(str(case.model))
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if ".lora_" in i.name}
+    found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if ".lora_" in i.name}
+    for v in model.graph.input:
+        if ".lora_" in v.name:
+            dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+            found[v.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+    return found
 
 
 def padded(case: LoraCase, name: str, flow: str = "folded") -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ def save_adapters(
         folder = root / result.name
         folder.mkdir(parents=True, exist_ok=True)
         weights = folder / f"{result.name}.safetensors"
-        save_file(result.tensors, str(weights), metadata={"format": "np", "producer": "mha2sha"})
+        save_file(result.tensors, str(weights))  # no metadata: safetensors writes a dict's keys in any order
         written.append(weights)
         entry: dict[str, Any] = {"name": result.name, "safetensor_path": weights.relative_to(stage).as_posix()}
         qairt: dict[str, Any] = {

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from mha2sha.adapters.listing import AdapterEntry
 from mha2sha.adapters.lora import LoraGraph, LoraTensor, constant_value, find_lora
-from mha2sha.encodings import EncodingSet, convert_encodings, load_encodings
+from mha2sha.encodings import EncodingSet, channel_axes, convert_encodings, load_encodings, resolve_axes
 from mha2sha.encodings.propagate import pad_encoding
 from mha2sha.errors import UserError
 from mha2sha.io.names import tensor_names
@@ -141,22 +141,35 @@ def _encodings(
 ) -> EncodingSet | None:
     if entry.encodings is None:
         return None
-    own = load_encodings(entry.encodings, model=model)
+    try:
+        own = load_encodings(entry.encodings, model=model, resolve=False)
+    except UserError as exc:
+        raise UserError(f"adapter {entry.name!r}: {exc}") from None
     unknown = [n for n in own.names() if n not in names]
     if unknown:
         raise UserError(
             f"adapter {entry.name!r}: encodings {entry.encodings} name {len(unknown)} tensor(s) the graph "
             f"does not have (e.g. {unknown[0]!r})"
         )
-    for name, (small, full) in ranks.items():
-        enc = own.get(name)
-        axis = lora.tensors[name].rank_axis
-        if enc is None or axis is None:
-            continue
-        padded = pad_encoding(enc, lora.tensors[name].shape, axis, small, full)
-        if isinstance(padded, str):
-            raise UserError(f"adapter {entry.name!r}: encoding of {name!r} cannot follow the rank padding: {padded}")
-        (own.params if own.kind_of(name) == "param" else own.activations)[name] = padded
+    if ranks:
+        axes = channel_axes(model)
+        for name, (small, full) in ranks.items():
+            enc, tensor = own.get(name), lora.tensors[name]
+            if enc is None or tensor.rank_axis is None:
+                continue
+            # made on the graph (the graph's rank) or on the adapter alone (aimet-onnx's LoRA flow: its rank)
+            native = tuple(small if i == tensor.rank_axis else d for i, d in enumerate(tensor.shape))
+            one = EncodingSet(version=own.version, params={name: enc})
+            try:
+                resolve_axes(one, channel_axes=axes, shapes={name: tensor.shape})
+            except UserError:
+                enc.axis = enc.block_axis = None
+                resolve_axes(one, channel_axes=axes, shapes={name: native})
+            padded = pad_encoding(enc, tensor.shape, tensor.rank_axis, small, full)
+            if isinstance(padded, str):
+                raise UserError(f"adapter {entry.name!r}: the encoding of {name!r} cannot follow its rank padding: {padded}")
+            (own.params if own.kind_of(name) == "param" else own.activations)[name] = padded
+    resolve_axes(own, model=model)
     if base is None:
         return own
     if own.version != base.version:
@@ -169,7 +182,8 @@ def _encodings(
         merged.activations.pop(name, None)
         (merged.params if own.kind_of(name) == "param" else merged.activations)[name] = enc
     if merged.order is not None:
-        merged.order += [n for n in own.names() if n not in set(merged.order)]
+        listed = set(merged.order)
+        merged.order += [n for n in own.names() if n not in listed]
     return merged
 
 

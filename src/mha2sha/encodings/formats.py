@@ -887,9 +887,10 @@ def convert_encodings(
     return new
 
 
-def load_encodings(path: str | os.PathLike[str], *, model: Any = None) -> EncodingSet:
+def load_encodings(path: str | os.PathLike[str], *, model: Any = None, resolve: bool = True) -> EncodingSet:
     """Read an AIMET encodings file. With ``model`` (onnx_ir.Model), 2.x entries are classified
-    by the model's initializers and channel axes are resolved for 0.6.1/1.0.0."""
+    by the model's initializers and channel axes are resolved for 0.6.1/1.0.0 (unless not
+    ``resolve``: the caller resolves them, e.g. against other shapes)."""
     path = os.fspath(path)
     ctx = _Ctx(path)
     try:
@@ -914,7 +915,8 @@ def load_encodings(path: str | os.PathLike[str], *, model: Any = None) -> Encodi
         from mha2sha.encodings.axes import resolve_axes
 
         _require_same_model(ctx, es, model)
-        resolve_axes(es, model=model)
+        if resolve:
+            resolve_axes(es, model=model)
     return es
 
 
