@@ -91,9 +91,10 @@ DTYPES = {"fp16": "float16", "fp32": "float32"}
 _EAGER_ELEMENTS = 1 << 20  # parameters up to this size are drawn eagerly (norms, biases)
 
 
-def model_dir_name(shape: str, style: str, dtype: str, layers: int | None) -> str:
+def model_dir_name(shape: str, style: str, dtype: str, layers: int | None, lora_rank: int | None = None) -> str:
     cut = f"-{layers}l" if layers is not None else ""
-    return f"{shape}{cut}-{style}-{dtype}"
+    lora = f"-lora{lora_rank}" if lora_rank else ""
+    return f"{shape}{cut}-{style}-{dtype}{lora}"
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -149,8 +150,12 @@ def _example_inputs(shape: LLMShape, style: str, layers: int, ar: int, context: 
     return inputs, outputs
 
 
-def export_meta(shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype: str):
-    """Export the graph of a meta-device model: initializers carry shapes, no data.
+def export_meta(
+    shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype: str, lora_rank: int | None = None
+):
+    """Export the graph of a meta-device model: initializers carry shapes, no data. With
+    ``lora_rank`` the model carries an unmerged peft LoRA of that rank (alpha = 2 * rank) on
+    q/k/v/o_proj, whose A and B keep their parameter names as initializers.
 
     Returns (ir.Model, {buffer name: real numpy value}).
     """
@@ -165,6 +170,16 @@ def export_meta(shape: LLMShape, style: str, layers: int, ar: int, context: int,
     config = _config(shape, layers)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch_dtype).eval()
+        if lora_rank:
+            import warnings
+
+            from peft import LoraConfig, get_peft_model
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            lora = LoraConfig(target_modules=targets, r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hf = get_peft_model(hf, lora).base_model.model.to(torch_dtype).eval()
     module = CausalLMStep(hf, layers, True) if style == "hf" else PreparedLlamaStep(hf)
     module.eval()
     # Buffers (RoPE inv_freq) are not weights: compute their real values on the CPU.
@@ -295,6 +310,7 @@ def generate(
     context: int = 1024,
     seed: int = 0,
     workers: int = 2,
+    lora_rank: int | None = None,
 ) -> Path:
     """Write ``out_dir/<model_dir_name>/model.onnx`` + ``model.data``; returns the .onnx path."""
     import onnxscript.optimizer
@@ -304,11 +320,11 @@ def generate(
 
     shape = SHAPES[shape_name]
     n_layers = shape.layers if layers is None else layers
-    folder = Path(out_dir) / model_dir_name(shape_name, style, dtype, layers)
+    folder = Path(out_dir) / model_dir_name(shape_name, style, dtype, layers, lora_rank)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     t0 = time.perf_counter()
-    model, buffers = export_meta(shape, style, n_layers, ar, context, dtype)
+    model, buffers = export_meta(shape, style, n_layers, ar, context, dtype, lora_rank)
     t_export = time.perf_counter() - t0
 
     graph = model.graph
@@ -345,6 +361,7 @@ def generate(
         "ar": ar,
         "context": context,
         "seed": seed,
+        "lora_rank": lora_rank,
         "weight_bytes": weight_bytes,
         "largest_tensor_mb": round(
             max(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
@@ -370,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024, help="context length CL (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads drawing/writing weights")
+    p.add_argument("--lora-rank", type=int, help="an unmerged peft LoRA of this rank on q/k/v/o_proj")
     args = p.parse_args(argv)
     path = generate(
         args.shape,
@@ -381,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context,
         seed=args.seed,
         workers=args.workers,
+        lora_rank=args.lora_rank,
     )
     print(path)
     print((path.parent / "meta.json").read_text())

@@ -41,6 +41,7 @@ from mha2sha.encodings import (
     EncodingSet,
     channel_axes,
     load_encodings,
+    output_facts,
     propagate,
     save_encodings,
 )
@@ -257,7 +258,7 @@ def convert(
         verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
         plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
-        adapter_set = _load_adapters(options, model, encodings)
+        adapter_set = _load_adapters(options, model)
     with timer.phase("lower fused ops"):
         result_lowering = lower_fused_ops(model)
     with timer.phase("prepare (fold shapes, infer)"):
@@ -270,8 +271,9 @@ def convert(
             alpha = lora_alpha_to_input(model, find_lora(model, adapter_set.names))
             if plan is not None:
                 plan.inputs.add_fixed(alpha.input, alpha.feed())
-    adapters = plan_adapters(adapter_set, alpha) if adapter_set is not None else None
-    encoded = encodings is not None or any(a.encodings is not None for a in (adapters.adapters if adapters else ()))
+    adapters = plan_adapters(adapter_set, alpha, encodings) if adapter_set is not None else None
+    adapter_results = adapters.adapters if adapters is not None else []
+    encoded = encodings is not None or any(a.mha_encodings is not None for a in adapter_results)
     before = _EncodingsContext.of(model) if encoded else None
 
     result = ConversionResult(model, SplitRecord(), lowering=result_lowering, adapters=adapters, timer=timer)
@@ -290,8 +292,9 @@ def convert(
     sha_encodings = None
     mha_encodings = encodings  # the quantized reference of the base graph
     if before is not None:
+        facts = output_facts(model)
 
-        def propagated(es: EncodingSet) -> tuple[EncodingSet, CoverageReport]:
+        def propagated(es: EncodingSet, only: set[str] | None = None) -> tuple[EncodingSet, CoverageReport]:
             return propagate(
                 es,
                 result.split,
@@ -299,6 +302,8 @@ def convert(
                 channel_axes_map=before.axes,
                 strict=options.strict_encodings,
                 original_names=before.names,
+                only=only,
+                facts=facts,
             )
 
         with timer.phase("propagate encodings"):
@@ -308,18 +313,18 @@ def convert(
                     enc, alpha.encoding_source = alpha_encoding(encodings, alpha, alpha.value)
                     sha_source = alpha_encodings(encodings, alpha, enc)
                 sha_encodings, result.coverage = propagated(sha_source)
-            for adapter in adapters.adapters if adapters is not None else ():
-                if adapter.encodings is not None:
-                    adapter.encodings, adapter.coverage = propagated(adapter.encodings)
+            for adapter in adapter_results:  # only its own encodings: the others are the base graph's
+                if adapter.mha_encodings is not None:
+                    adapter.encodings, adapter.coverage = propagated(adapter.mha_encodings, adapter.scope)
     if options.htp_layout:
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
-            every = [sha_encodings, *(a.encodings for a in adapters.adapters)] if adapters else [sha_encodings]
+            every = [sha_encodings, *(a.encodings for a in adapter_results)]
             quantized = {n for es in every if es is not None for n in es.activations}
             apply_htp_layout(model, result.layout, quantized=quantized)
             remove_unused_initializers(model)
             if sha_encodings is not None:
                 sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
-            for adapter in adapters.adapters if adapters is not None else ():
+            for adapter in adapter_results:
                 if adapter.encodings is not None:
                     adapter.encodings = remap_encodings(adapter.encodings, result.layout, model)  # type: ignore[arg-type]
     if adapters is not None:
@@ -349,7 +354,7 @@ def convert(
             )  # fmt: skip
             if adapters is not None:
                 result.verify.adapters = verify_adapters(
-                    adapters, model_path, staged, result.split, result.layout,
+                    adapters, model_path, staged, result.split, result.layout, sha_encodings,
                     inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
                     rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
                     input_shapes=verify_options.input_shapes, phase=timer.phase,
@@ -361,7 +366,7 @@ def convert(
     return result
 
 
-def _load_adapters(options: ConvertOptions, model: ir.Model, encodings: EncodingSet | None) -> AdapterSet | None:
+def _load_adapters(options: ConvertOptions, model: ir.Model) -> AdapterSet | None:
     """The adapters of ``--lora-adaptor-list``, read and checked against the base graph (or None)."""
     if not options.lora_adaptor_list:
         return None
@@ -373,7 +378,7 @@ def _load_adapters(options: ConvertOptions, model: ir.Model, encodings: Encoding
                 f"adapter {given.name!r} gives an alpha, which only --lora-alpha-from-input uses: without it "
                 "the graph's LoRA scale is fixed (fold alpha / r / the graph's scale into B, or add the flag)"
             )
-    adapter_set = load_adapters(entries, model, encodings)
+    adapter_set = load_adapters(entries, model)
     if options.lora_alpha_from_input:
         for adapter in adapter_set.adapters:
             adapter_scale(adapter, adapter_set.lora)  # refuse a scale that cannot be fed now

@@ -153,7 +153,7 @@ def alpha_encoding(encodings: EncodingSet, record: AlphaRecord, value: float) ->
 def alpha_encodings(encodings: EncodingSet, record: AlphaRecord, enc: Encoding) -> EncodingSet:
     """``encodings`` for the graph with the ``lora_alpha`` input: ``enc`` on the input, and no encoding
     for the scale constants the change removed (a constant other nodes still read keeps its own)."""
-    out = encodings.copy()
+    out = encodings.shallow()
     for name in record.removed:
         out.params.pop(name, None)
         out.activations.pop(name, None)

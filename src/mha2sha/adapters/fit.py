@@ -30,7 +30,8 @@ from mha2sha.adapters.alpha import (
     alpha_encodings,
 )
 from mha2sha.adapters.record import AdapterResult, AdaptersRecord
-from mha2sha.adapters.weights import AdapterSet
+from mha2sha.adapters.weights import AdapterSet, overlay
+from mha2sha.encodings import EncodingSet
 from mha2sha.errors import InternalError
 from mha2sha.graph import static_shape
 from mha2sha.layout.record import LayoutRecord, WeightRemap
@@ -102,11 +103,12 @@ def _fit_one(
     return tensors, name_map
 
 
-def plan_adapters(adapters: AdapterSet, alpha: AlphaRecord | None = None) -> AdaptersRecord:
+def plan_adapters(
+    adapters: AdapterSet, alpha: AlphaRecord | None = None, base: EncodingSet | None = None
+) -> AdaptersRecord:
     """One result per adapter with what needs no converted graph: its base-graph tensors, its
-    ``lora_alpha`` value, and its encodings of the base graph (``mha_encodings``; with
-    ``--lora-alpha-from-input`` of the base graph with that input) and, not yet propagated, of the
-    SHA graph (``encodings``, the same until the job propagates them)."""
+    ``lora_alpha`` value, and its encodings of the base graph (``mha_encodings``: ``base`` with the
+    adapter's own in place; ``scope``: those own ones), ready for the job to propagate."""
     results = []
     for adapter in adapters.adapters:
         result = AdapterResult(
@@ -114,14 +116,16 @@ def plan_adapters(adapters: AdapterSet, alpha: AlphaRecord | None = None) -> Ada
         )
         if alpha is not None:
             result.scale, result.scale_source = adapter_scale(adapter, adapters.lora)
-        merged = adapter.encodings
-        if merged is not None and alpha is not None:
-            assert result.scale is not None
-            enc, result.alpha_encoding_source = alpha_encoding(merged, alpha, result.scale)
-            result.mha_encodings = alpha_encodings(merged, alpha, enc)  # the base graph with the input
-            result.encodings = result.mha_encodings.copy()
-        elif merged is not None:
-            result.mha_encodings = result.encodings = merged
+        own = adapter.encodings
+        if own is not None:
+            merged = overlay(base, own)
+            result.scope = set(own.names())
+            if alpha is not None:
+                assert result.scale is not None
+                enc, result.alpha_encoding_source = alpha_encoding(merged, alpha, result.scale)
+                merged = alpha_encodings(merged, alpha, enc)  # the base graph with the input
+                result.scope = (result.scope - set(alpha.removed)) | {alpha.input}
+            result.mha_encodings = merged
         results.append(result)
     return AdaptersRecord(results, adapters.names, [], alpha)
 

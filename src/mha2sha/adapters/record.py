@@ -23,7 +23,10 @@ class AdapterResult:
     ``tensors`` are the SHA graph's tensors with this adapter in (what the runtime writes), keyed by
     the SHA graph's names; ``name_map`` maps each base-graph tensor the adapters update to them.
     ``mha_tensors`` are the base graph's tensors with this adapter in (the reference verification
-    runs against), ``mha_encodings`` / ``encodings`` the adapter's encodings of the base / SHA graph.
+    runs against). ``mha_encodings`` are the base graph's encodings with this adapter's in their
+    place (with ``--lora-alpha-from-input``: of the base graph with that input); ``scope`` names the
+    adapter's own among them, and ``encodings`` are those propagated to the SHA graph (what is
+    written: as much as the adapter's file held, e.g. only its LoRA tensors' encodings).
     """
 
     name: str
@@ -35,6 +38,7 @@ class AdapterResult:
     scale: float | None = None  # the lora_alpha value with --lora-alpha-from-input
     scale_source: str = ""
     mha_encodings: EncodingSet | None = None
+    scope: set[str] = dataclasses.field(default_factory=set)
     encodings: EncodingSet | None = None
     coverage: CoverageReport | None = None
     alpha_encoding_source: str = ""

@@ -8,8 +8,9 @@ A LoRA weight of the graph that an adapter does not name is zero for it (its bra
 aimet-onnx's ``set_lora_weights``); any other tensor it does not name keeps the graph's value.
 
 The adapter's encodings (AIMET, of the graph with this adapter) overlay the base encodings by
-tensor name, so a file holding only the LoRA tensors' encodings works as well as a full one;
-per-channel encodings of a padded rank axis are padded the same way (the padded channels only
+tensor name (:func:`overlay`), so a file holding only the LoRA tensors' encodings (aimet-onnx's
+LoRA flow freezes the base quantizers and calibrates those per adapter) works as well as a full
+one; per-channel encodings of a padded rank axis are padded the same way (the padded channels only
 ever quantize zeros, which every AIMET grid holds exactly).
 """
 
@@ -24,7 +25,8 @@ import onnx_ir as ir
 
 from mha2sha.adapters.listing import AdapterEntry
 from mha2sha.adapters.lora import LoraGraph, LoraTensor, constant_value, find_lora
-from mha2sha.encodings import EncodingSet, channel_axes, convert_encodings, load_encodings, resolve_axes
+from mha2sha.encodings import EncodingSet, channel_axes, load_encodings, resolve_axes
+from mha2sha.encodings.axes import initializer_names, tensor_shapes
 from mha2sha.encodings.propagate import pad_encoding
 from mha2sha.errors import UserError
 from mha2sha.io.names import tensor_names
@@ -54,7 +56,7 @@ class Adapter:
     entry: AdapterEntry
     tensors: dict[str, np.ndarray]  # graph tensor -> value at the graph's shape (the adapter's own keys)
     ranks: dict[str, tuple[int, int]]  # padded tensors: graph tensor -> (adapter's rank, graph's rank)
-    encodings: EncodingSet | None = None  # the base graph's encodings with this adapter (merged)
+    encodings: EncodingSet | None = None  # its own encodings of the base graph (all or only its LoRA's)
     alpha_rank: int | None = None  # the rank its ``alpha`` divides (its LoRA tensors' common rank)
 
     @property
@@ -131,50 +133,67 @@ def _fit(entry: AdapterEntry, key: str, value: np.ndarray, tensor: LoraTensor) -
     return padded, shape[axis]
 
 
+@dataclasses.dataclass
+class _GraphFacts:
+    """What checking encodings reads of the base graph, walked once for every adapter."""
+
+    names: set[str]
+    params: set[str]
+    axes: dict[str, tuple[int, int | None]]
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, model: ir.Model) -> _GraphFacts:
+        return cls(tensor_names(model), initializer_names(model), channel_axes(model), tensor_shapes(model))
+
+
 def _encodings(
-    entry: AdapterEntry,
-    model: ir.Model,
-    names: set[str],
-    base: EncodingSet | None,
-    ranks: Mapping[str, tuple[int, int]],
-    lora: LoraGraph,
+    entry: AdapterEntry, facts: _GraphFacts, ranks: Mapping[str, tuple[int, int]], lora: LoraGraph
 ) -> EncodingSet | None:
+    """The adapter's own encodings (of the base graph with it), checked, their axes resolved, the
+    encodings of padded tensors padded."""
     if entry.encodings is None:
         return None
     try:
-        own = load_encodings(entry.encodings, model=model, resolve=False)
+        own = load_encodings(entry.encodings, param_names=facts.params)
     except UserError as exc:
         raise UserError(f"adapter {entry.name!r}: {exc}") from None
-    unknown = [n for n in own.names() if n not in names]
+    unknown = [n for n in own.names() if n not in facts.names]
     if unknown:
         raise UserError(
             f"adapter {entry.name!r}: encodings {entry.encodings} name {len(unknown)} tensor(s) the graph "
             f"does not have (e.g. {unknown[0]!r})"
         )
-    if ranks:
-        axes = channel_axes(model)
-        for name, (small, full) in ranks.items():
-            enc, tensor = own.get(name), lora.tensors[name]
-            if enc is None or tensor.rank_axis is None:
-                continue
-            # made on the graph (the graph's rank) or on the adapter alone (aimet-onnx's LoRA flow: its rank)
-            native = tuple(small if i == tensor.rank_axis else d for i, d in enumerate(tensor.shape))
-            one = EncodingSet(version=own.version, params={name: enc})
-            try:
-                resolve_axes(one, channel_axes=axes, shapes={name: tensor.shape})
-            except UserError:
-                enc.axis = enc.block_axis = None
-                resolve_axes(one, channel_axes=axes, shapes={name: native})
-            padded = pad_encoding(enc, tensor.shape, tensor.rank_axis, small, full)
-            if isinstance(padded, str):
-                raise UserError(f"adapter {entry.name!r}: the encoding of {name!r} cannot follow its rank padding: {padded}")
-            (own.params if own.kind_of(name) == "param" else own.activations)[name] = padded
-    resolve_axes(own, model=model)
+    for name in [n for n in own.activations if n in facts.params]:  # 0.6.1 / 1.0.0 sections as the graph has it
+        own.params[name] = own.activations.pop(name)
+    for name, (small, full) in ranks.items():
+        enc, tensor = own.get(name), lora.tensors[name]
+        if enc is None or tensor.rank_axis is None:
+            continue
+        # made on the graph (the graph's rank) or on the adapter alone (aimet-onnx's LoRA flow: its rank)
+        native = tuple(small if i == tensor.rank_axis else d for i, d in enumerate(tensor.shape))
+        one = EncodingSet(version=own.version, params={name: enc})
+        try:
+            resolve_axes(one, channel_axes=facts.axes, shapes={name: tensor.shape})
+        except UserError:
+            enc.axis = enc.block_axis = None
+            resolve_axes(one, channel_axes=facts.axes, shapes={name: native})
+        padded = pad_encoding(enc, tensor.shape, tensor.rank_axis, small, full)
+        if isinstance(padded, str):
+            raise UserError(f"adapter {entry.name!r}: the encoding of {name!r} cannot follow its rank padding: {padded}")
+        (own.params if own.kind_of(name) == "param" else own.activations)[name] = padded
+    try:
+        resolve_axes(own, channel_axes=facts.axes, shapes=facts.shapes)
+    except UserError as exc:
+        raise UserError(f"adapter {entry.name!r}: {exc}") from None
+    return own
+
+
+def overlay(base: EncodingSet | None, own: EncodingSet) -> EncodingSet:
+    """``base`` with ``own``'s encodings in place of its own of the same names (entries shared, not copied)."""
     if base is None:
         return own
-    if own.version != base.version:
-        own = convert_encodings(own, base.version, model=model)
-    merged = base.copy()
+    merged = base.shallow()
     for name in own.names():
         enc = own.get(name)
         assert enc is not None
@@ -187,9 +206,7 @@ def _encodings(
     return merged
 
 
-def load_adapters(
-    entries: list[AdapterEntry], model: ir.Model, base_encodings: EncodingSet | None = None
-) -> AdapterSet:
+def load_adapters(entries: list[AdapterEntry], model: ir.Model) -> AdapterSet:
     """Read and check every adapter against ``model`` (the base graph as loaded)."""
     read = [(entry, _read(entry)) for entry in entries]
     graph_inputs = {v.name for v in model.graph.inputs}
@@ -201,7 +218,7 @@ def load_adapters(
                     "or input of the graph"
                 )
     lora = find_lora(model, {k for _, tensors in read for k in tensors})
-    names = tensor_names(model)
+    facts = _GraphFacts.of(model) if any(e.encodings is not None for e in entries) else None
     adapters = []
     for entry, tensors in read:
         fitted: dict[str, np.ndarray] = {}
@@ -223,7 +240,7 @@ def load_adapters(
                 )
         common = set(adapter_ranks.values())
         adapter = Adapter(entry, fitted, ranks, alpha_rank=common.pop() if len(common) == 1 else None)
-        adapter.encodings = _encodings(entry, model, names, base_encodings, ranks, lora)
+        adapter.encodings = _encodings(entry, facts, ranks, lora) if facts is not None else None
         adapters.append(adapter)
     graph_values = {}
     for name in lora.tensors:

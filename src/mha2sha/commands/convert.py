@@ -73,8 +73,11 @@ def _print_result(console: Console, result: ConversionResult, allow_partial: boo
         adapters=result.adapters,
     )
     if result.files:
-        written = ", ".join(str(f) for f in result.files if f.parent.name not in ("goldens", "inputs"))
-        console.print(f"Wrote {written}")
+        root = result.files[-1].parent  # the report, beside the model
+        folders = {f.relative_to(root).parts[0] for f in result.files if f.parent != root}
+        shown = [str(f) for f in result.files if f.parent == root]
+        shown += [f"{root / d}/ ({sum(f.is_relative_to(root / d) for f in result.files)} files)" for d in sorted(folders)]
+        console.print(f"Wrote {', '.join(shown)}")
         console.print(timer.table())
     elif not result.split_blocks:
         console.print("No multi-head attention was split; nothing written (use --force to write anyway).")

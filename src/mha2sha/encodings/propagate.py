@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +36,15 @@ from mha2sha.split.record import SplitRecord, TensorSplit
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-__all__ = ["CoverageReport", "EncodingCoverageError", "pad_encoding", "propagate", "slice_encoding"]
+__all__ = [
+    "CoverageReport",
+    "EncodingCoverageError",
+    "OutputFacts",
+    "output_facts",
+    "pad_encoding",
+    "propagate",
+    "slice_encoding",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +273,20 @@ def _encode_joins(
         report.joined[out.name] = sources[0]  # type: ignore[assignment]
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputFacts:
+    """What propagation reads of the output model: tensor names, static shapes, weights' axes."""
+
+    names: set[str]
+    shapes: dict[str, tuple[int, ...]]
+    axes: dict[str, AxisPair]
+
+
+def output_facts(model: Any) -> OutputFacts:
+    model = as_ir_model(model)
+    return OutputFacts(tensor_names(model), tensor_shapes(model), channel_axes(model))
+
+
 def propagate(
     encodings: EncodingSet,
     record: SplitRecord,
@@ -274,8 +296,15 @@ def propagate(
     channel_axes_map: Mapping[str, int | AxisPair] | None = None,
     strict: bool = False,
     original_names: set[str] | None = None,
+    only: Collection[str] | None = None,
+    facts: OutputFacts | None = None,
 ) -> tuple[EncodingSet, CoverageReport]:
     """Encodings for the split ``model`` from the MHA ``encodings`` and the split's ``record``.
+
+    ``only`` propagates just those encodings (and the head joins that take theirs), the others
+    serving as context (what a removed data-movement tensor copied): a LoRA adapter's own encodings
+    over the base graph's. ``facts`` (:func:`output_facts` of ``model``) saves walking the output
+    model again when it is unchanged since the last call.
 
     ``model`` is the output (per-head) model. Channel axes of 0.6.1/1.0.0 per-channel weights
     come from ``channel_axes_map`` (computed by the caller on the original model, e.g. with
@@ -286,8 +315,8 @@ def propagate(
     dropped encoding raises :class:`EncodingCoverageError` (a UserError).
     """
     out_model = as_ir_model(model)
-    out_names = tensor_names(out_model)
-    out_shapes = tensor_shapes(out_model)
+    facts = facts or output_facts(out_model)
+    out_names, out_shapes, piece_axes = facts.names, facts.shapes, facts.axes
     orig_model = as_ir_model(original) if original is not None else None
     orig_names = tensor_names(orig_model) if orig_model is not None else original_names
 
@@ -296,9 +325,9 @@ def propagate(
         axes.update(channel_axes(orig_model))
     for n, a in (channel_axes_map or {}).items():
         axes[n] = a if isinstance(a, tuple) else (a, None)
-    piece_axes = channel_axes(out_model)
 
-    src = encodings.copy()
+    # the entries are copied as they are changed (resolve), not up front: ``only`` touches a few
+    src = encodings.shallow()
     report = CoverageReport()
     result = EncodingSet(version=src.version, extra=src.extra, style=src.style)
     new_order: list[str] = []
@@ -337,9 +366,11 @@ def propagate(
             )
             enc.axis = None
 
-    for name in src.names():
+    wanted = set(only) if only is not None else None
+    for name in src.names() if wanted is None else [n for n in src.names() if n in wanted]:
         enc = src.get(name)
         assert enc is not None
+        enc = enc.renamed(name)  # a copy: resolve() below fills its axes
         kind = src.kind_of(name)
         target = result.params if kind == "param" else result.activations
         if orig_names is not None and name not in orig_names:
@@ -395,7 +426,7 @@ def propagate(
 
     _encode_joins(out_model, record, result, new_order, report)
     for name in record.tensors:
-        if name not in src:
+        if name not in src and only is None:
             report.unencoded_splits.append(name)
     if src.order is not None:
         result.order = new_order

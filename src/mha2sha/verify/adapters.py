@@ -31,6 +31,8 @@ import onnx_ir as ir
 from mha2sha.adapters.alpha import lora_alpha_to_input
 from mha2sha.adapters.lora import find_lora
 from mha2sha.adapters.record import AdapterResult, AdaptersRecord
+from mha2sha.adapters.weights import overlay
+from mha2sha.encodings import EncodingSet
 from mha2sha.errors import ConversionFailed
 from mha2sha.graph import is_op
 from mha2sha.io.load import fix_input_shapes, load_model
@@ -120,6 +122,7 @@ def verify_adapters(
     converted: Path,
     split: SplitRecord,
     layout: LayoutRecord | None,
+    base: EncodingSet | None = None,
     *,
     inputs: Mapping[str, np.ndarray],
     mode: str,
@@ -130,7 +133,10 @@ def verify_adapters(
     input_shapes: Mapping[str, Any] | None = None,
     phase: Phase | None = None,
 ) -> list[AdapterCheck]:
-    """One check per adapter; raises ConversionFailed naming the adapter on the first that fails."""
+    """One check per adapter; raises ConversionFailed naming the adapter on the first that fails.
+
+    ``base`` are the SHA graph's own encodings: each adapter's (its own propagated) take their place
+    by name, as the adapter's take the base graph's on the MHA side."""
     checks = []
     for result in record.adapters:
         mha, sha, feeds = _models(original, converted, record, result, input_shapes or {})
@@ -157,7 +163,8 @@ def verify_adapters(
             elif paths is None:
                 check.note = "quantized check skipped: it runs whole models (too large here)"
             else:
-                _quantized(check, paths, result, dict(given), split, layout, max_lsb)
+                sha_encodings = overlay(base, result.encodings)
+                _quantized(check, paths, result, sha_encodings, dict(given), split, layout, max_lsb)
         checks.append(check)
     return checks
 
@@ -166,19 +173,20 @@ def _quantized(
     check: AdapterCheck,
     paths: tuple[Path, Path],
     result: AdapterResult,
+    sha_encodings: EncodingSet,
     feeds: dict[str, np.ndarray],
     split: SplitRecord,
     layout: LayoutRecord | None,
     max_lsb: float,
 ) -> None:
-    assert result.mha_encodings is not None and result.encodings is not None
+    assert result.mha_encodings is not None
     mha, sha = paths
-    check.qdq_lsb = run_qdq_compare(mha, result.mha_encodings, sha, result.encodings, feeds)
+    check.qdq_lsb = run_qdq_compare(mha, result.mha_encodings, sha, sha_encodings, feeds)
     worst_name, worst = max(check.qdq_lsb.items(), key=lambda kv: kv[1], default=("", 0.0))
     if worst <= max_lsb:
         return
     check.qdq_local = compare_quantized_tensors(
-        mha, result.mha_encodings, sha, result.encodings, feeds, origins(split, layout)
+        mha, result.mha_encodings, sha, sha_encodings, feeds, origins(split, layout)
     )
     bad = check.qdq_local.first_above(max_lsb)
     if bad is not None or not check.qdq_local.tensors:
