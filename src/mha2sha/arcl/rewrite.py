@@ -233,4 +233,6 @@ def _replace_in_place(value: ir.Value, new: np.ndarray) -> None:
         for key in list(node.attributes):
             del node.attributes[key]
         node.attributes["value"] = ir.AttrTensor("value", tensor)
+        if value.type is None:  # an untyped Constant output gets no invented value_info
+            return
     value.shape = ir.Shape(new.shape)

@@ -75,7 +75,7 @@ class StepContract:
 
     ar: int
     past: int
-    inputs: dict[str, tuple[str, tuple[int, ...]]]  # name -> (numpy dtype name, shape)
+    inputs: dict[str, tuple[str, tuple[Dim, ...]]]  # name -> (numpy dtype name, shape as Dims)
     tokens: str | None = None
     embeds: str | None = None
     mask: str | None = None
@@ -91,6 +91,13 @@ class StepContract:
     @property
     def cl(self) -> int:
         return self.ar + self.past
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(d.at(self.ar, self.past) for d in self.inputs[name][1])
+
+    def at(self, ar: int, past: int) -> StepContract:
+        """The same contract for the variant of this graph with ``ar`` tokens per step and ``past``."""
+        return dataclasses.replace(self, ar=ar, past=past)
 
     @property
     def capacity(self) -> int:
@@ -124,7 +131,8 @@ class StepContract:
             if v.is_initializer():
                 continue
             name = v.name or ""
-            inputs[name] = (np.dtype(v.dtype.numpy()).name, tuple(int(d) for d in v.shape))  # type: ignore[union-attr, arg-type]
+            state = trace.state(v)
+            inputs[name] = (np.dtype(v.dtype.numpy()).name, state.shape)  # type: ignore[union-attr]
             role = roles.inputs.get(name)
             kind = role.kind if role else None
             key = {"tokens": "tokens", "embeds": "embeds", "mask": "mask", "positions": "positions",
@@ -300,7 +308,7 @@ def run_token_loop(
     sess = session or _session(model)
     ar, past = contract.ar, contract.past
     dtypes = {name: _np_dtype(d) for name, (d, _) in contract.inputs.items()}
-    shapes = {name: s for name, (_, s) in contract.inputs.items()}
+    shapes = {name: contract.shape(name) for name in contract.inputs}
     caches = {s.past: np.zeros(shapes[s.past], dtypes[s.past]) for s in contract.kv}
     history: dict[str, list[np.ndarray]] = {s.past: [] for s in contract.kv}
     logits: list[np.ndarray] = []

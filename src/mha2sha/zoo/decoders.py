@@ -361,12 +361,14 @@ def cases() -> list[Case]:
             Case(
                 _info(f"{key}_prefill", spec, "prefill", PREFILL_LEN, 0),
                 lambda s=spec: _prefill(s, PREFILL_LEN),
+                lambda ar, cl, s=spec: _prefill(s, ar),
             )
         )
         out.append(
             Case(
                 _info(f"{key}_step", spec, "step", STEP_AR, PAST_LEN),
                 lambda s=spec: _step(s, STEP_AR, PAST_LEN),
+                lambda ar, cl, s=spec: _step(s, ar, cl - ar),
             )
         )
     llama = SPECS["llama"]
@@ -374,12 +376,14 @@ def cases() -> list[Case]:
         Case(
             _info("llama_decode_ar1", llama, "step", 1, PAST_LEN + 4, "single-token decode step (AR=1)"),
             lambda: _step(llama, 1, PAST_LEN + 4),
+            lambda ar, cl: _step(llama, ar, cl - ar),
         )
     )
     out.append(
         Case(
             _info("adv_llama_ar_eq_heads", llama, "step", 4, PAST_LEN, "adversarial: AR == heads == 4"),
             lambda: _step(llama, 4, PAST_LEN),
+            lambda ar, cl: _step(llama, ar, cl - ar),
         )
     )
     hd8 = replace(
@@ -396,6 +400,7 @@ def cases() -> list[Case]:
                 "adv_llama_hd_eq_heads", hd8, "step", STEP_AR, PAST_LEN, "adversarial: head_dim == heads == 8"
             ),
             lambda: _step(hd8, STEP_AR, PAST_LEN),
+            lambda ar, cl: _step(hd8, ar, cl - ar),
         )
     )
     return out

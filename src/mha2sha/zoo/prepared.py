@@ -143,6 +143,6 @@ def _info(name: str, ar: int, extra: str) -> CaseInfo:
 def cases() -> list[Case]:
     """Prepared-style step with AR=3 and the AR=1 decode variant."""
     return [
-        Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3)),
-        Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1)),
+        Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3), build_prepared),
+        Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1), build_prepared),
     ]
