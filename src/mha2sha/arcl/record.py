@@ -115,7 +115,9 @@ class ArRecord:
         for v in self.variants:
             checks = rows.get(v.path.name, [])
             if not checks:
-                table.add_row(v.path.name, str(v.ar), str(v.cl), str(len(v.constants)), "-", "-", "-", "not verified")
+                table.add_row(
+                    v.path.name, str(v.ar), str(v.cl), str(len(v.constants)), "-", "-", "-", "not verified"
+                )
             for r in checks:
                 table.add_row(
                     v.path.name if r is checks[0] else "",

@@ -33,9 +33,14 @@ def add_ar_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         metavar="N[,M...]",
         help="tokens per step of each graph to build (1 <= AR <= CL-1), e.g. 1 or 1,128",
     )
-    p.add_argument("--cl", type=int, metavar="N", help="context length of the new graphs (default: the model's)")
     p.add_argument(
-        "--tokens", type=int, metavar="T", help="prompt length of the token-loop proof (default: fits every graph)"
+        "--cl", type=int, metavar="N", help="context length of the new graphs (default: the model's)"
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        metavar="T",
+        help="prompt length of the token-loop proof (default: fits every graph)",
     )
     p.add_argument(
         "--rope-theta",
@@ -52,11 +57,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="input .onnx step graph (prepared or Hugging Face style, prefill, split, htp)")
+    p.add_argument(
+        "model", help="input .onnx step graph (prepared or Hugging Face style, prefill, split, htp)"
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--name", help="output name stem (default: the input's)")
     add_ar_options(p, required=True)
-    p.add_argument("--encodings", metavar="FILE", help="AIMET .encodings: copied beside each graph, QDQ-verified")
+    p.add_argument(
+        "--encodings", metavar="FILE", help="AIMET .encodings: copied beside each graph, QDQ-verified"
+    )
     p.add_argument(
         "--verify",
         choices=VERIFY_MODES,
@@ -68,7 +77,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-lsb", type=float, default=_DEFAULTS.max_lsb, help="quantized: max LSBs per token")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the prompt's token ids")
     p.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape"
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="fix a dynamic input shape",
     )
     p.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"], type=str.lower

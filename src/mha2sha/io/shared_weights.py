@@ -65,7 +65,10 @@ def save_sharing_weights(
             continue
         shape = tuple(value.const_value.shape)  # type: ignore[union-attr]
         others = [m.graph.initializers.get(name) for m, _ in models[1:]]
-        if all(o is not None and o.const_value is not None and tuple(o.const_value.shape) == shape for o in others):
+        if all(
+            o is not None and o.const_value is not None and tuple(o.const_value.shape) == shape
+            for o in others
+        ):
             names.append(name)
     placed: dict[str, tuple[int, int]] = {}
     with open(data, "wb") as f:
@@ -89,11 +92,19 @@ def save_sharing_weights(
             tensor = value.const_value
             assert tensor is not None
             value.const_value = ir.ExternalTensor(
-                data.name, offset, length, tensor.dtype, shape=tensor.shape, name=name, base_dir=str(data.parent)
+                data.name,
+                offset,
+                length,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=name,
+                base_dir=str(data.parent),
             )
         ir.save(model, path)
         files.append(path)
-    logger.info("%d tensors (%d bytes) shared by %d graphs in %s", len(placed), data.stat().st_size, len(models), data)
+    logger.info(
+        "%d tensors (%d bytes) shared by %d graphs in %s", len(placed), data.stat().st_size, len(models), data
+    )
     return files
 
 
