@@ -147,6 +147,7 @@ def build_ar(
                     variant.encodings = variant.path.with_suffix(".encodings")
                 record.variants.append(variant)
         _verify(record, source, model_path, staged, variants, enc, options, timer)
+        record.phases = [dataclasses.asdict(r) for r in timer.records]
         report = stage / f"{name}{REPORT_SUFFIX}"
         report.write_text(json.dumps(record.to_dict(), indent=1, default=str))
         record.files = [out_dir / p.relative_to(stage) for p in sorted(stage.rglob("*")) if p.is_file()]

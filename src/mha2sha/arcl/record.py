@@ -84,6 +84,7 @@ class ArRecord:
     verify_mode: str = "none"
     notes: list[str] = dataclasses.field(default_factory=list)
     files: list[Path] = dataclasses.field(default_factory=list)
+    phases: list[dict] = dataclasses.field(default_factory=list)  # name, seconds, peak_rss_mb
 
     @property
     def ok(self) -> bool:
@@ -102,6 +103,7 @@ class ArRecord:
             "variants": [v.to_dict() for v in self.variants],
             "verification": {"mode": self.verify_mode, "rows": [r.to_dict() for r in self.verification]},
             "notes": list(self.notes),
+            "phases": list(self.phases),
         }
 
     def table(self) -> Table:

@@ -53,6 +53,7 @@ __all__ = [
     "LoopResult",
     "StepContract",
     "compare_loops",
+    "compare_step_graphs",
     "prompt_tokens",
     "run_token_loop",
 ]
@@ -442,3 +443,35 @@ def compare_loops(
         unit = "lsb" if lsb is not None and name in lsb else "rel"
         checks.append(LoopCheck(name, err, err <= limit, None, unit))
     return checks
+
+
+def compare_step_graphs(
+    original: str | os.PathLike,
+    candidate: str | os.PathLike,
+    *,
+    tokens: int | None = None,
+    rtol: float = 1e-5,
+    seed: int = 0,
+    rope_theta: float = ROPE_THETA,
+) -> tuple[list[LoopCheck], int, tuple[int, int]]:
+    """Two step graphs of one model (any AR / CL each) through the same prompt.
+
+    Returns the checks (:func:`compare_loops`), the prompt length and the steps each took. The
+    prompt is ``tokens`` long, by default long enough to take both graphs through several steps
+    and short enough to fit both caches.
+    """
+    from mha2sha.io.load import load_model
+
+    contracts = [StepContract.infer(load_model(p)) for p in (original, candidate)]
+    fit = min(c.capacity for c in contracts)
+    length = tokens if tokens is not None else min(fit, max(32, 2 * max(c.ar for c in contracts)))
+    if not 1 <= length <= fit:
+        raise UserError(f"a prompt of {length} tokens does not fit both graphs (at most {fit})")
+    if contracts[0].vocab != contracts[1].vocab:
+        raise UserError(
+            f"the graphs have different vocabularies ({contracts[0].vocab} vs {contracts[1].vocab})"
+        )
+    prompt = prompt_tokens(contracts[0], length, seed)
+    ref = run_token_loop(original, contracts[0], prompt, rope_theta=rope_theta)
+    got = run_token_loop(candidate, contracts[1], prompt, rope_theta=rope_theta)
+    return compare_loops(ref, got, rtol=rtol), length, (ref.steps, got.steps)
