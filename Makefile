@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch 2.13.0 is the CPU wheel on local disk; any other version pulls gigabytes of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[export,htp,dev]'
-	# aimet-onnx makes real encodings in the tests; its pins would replace torch, so no deps.
-	$(BIN)/pip install -q --no-deps aimet-onnx==2.42.0
+	# aimet-onnx makes real encodings in the tests; its pins would replace torch, so it comes
+	# last, without deps, after the few it imports (so pip reports no unmet requirement).
 	$(BIN)/pip install -q tqdm bokeh jsonschema psutil scipy scikit-learn
+	$(BIN)/pip install -q --no-deps aimet-onnx==2.42.0
 	touch $@
 
 demo: $(STAMP)

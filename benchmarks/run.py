@@ -9,7 +9,7 @@ For each model (a folder written by ``generate.py``: ``model.onnx`` + ``model.da
    (convert + sync, so dirty pages are paid for like cp's), exact peak RSS (``VmHWM`` of the
    process, includes file-backed pages) and peak anonymous / file-backed RSS (``/proc/<pid>/status``
    polled every 50 ms), per-phase time and RSS from the report.
-3. Optionally ``python -m mha2sha.verify.blocks <model> <out>`` (blockwise verification against the
+3. Optionally ``mha2sha verify <model> <out>`` (blockwise verification against the
    original) and/or a full-model verification, measured the same way.
 
 ``--quantized`` measures the whole user job instead: ``mha2sha convert <model> --encodings
@@ -198,9 +198,8 @@ def bench_model(
         row["ratio_vs_cp"] = round(conv["seconds"] / max(cp["seconds"], 1e-9), 2)
         for mode in verify if conv["exit"] == 0 else []:
             drop_caches()
-            cmd = [sys.executable, "-m", "mha2sha.verify.blocks", str(model), str(out / "model.onnx")]
-            if mode == "full":
-                cmd.append("--full")
+            cmd = [sys.executable, "-m", "mha2sha.cli", "verify", str(model), str(out / "model.onnx")]
+            cmd += ["--verify", mode]
             res = measure(cmd, log=work / f"verify-{mode}.log")
             res["log_tail"] = (work / f"verify-{mode}.log").read_text()[-600:]
             row[f"verify_{mode}"] = res
@@ -256,7 +255,7 @@ def write_table() -> str:
         "+ `sync` (includes interpreter start-up); both from the same page-cache state: cold =",
         "`drop_caches` before each, warm = input read once before each. Peak RSS = the converter's",
         "`VmHWM` (includes file-backed pages); anon = peak `RssAnon`. Phases are the converter's own",
-        "timer. Verify = `python -m mha2sha.verify.blocks` (blocks) or whole-model onnxruntime",
+        "timer. Verify = `mha2sha verify --verify blocks` (blocks) or `--verify full` (whole-model onnxruntime)",
         "(`--full`), seconds / peak RSS MB, run after the conversion. Machine: 2 cores, 24 GB RAM,",
         "one virtual disk (ext4; its throughput varies run to run by up to 2x).",
         "Code `<tag>+q` = the whole user job: `mha2sha convert --encodings <synthetic 1.0.0 W8A16> --target",

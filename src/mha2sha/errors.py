@@ -1,11 +1,31 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""The three ways a job ends other than success, each with its exit code.
+
+- :class:`UserError` (2): bad input or environment, one line, nothing written, input untouched.
+- :class:`ConversionFailed` (1): the job ran but its result is not acceptable (verification failed,
+  attention left multi-head); nothing written unless the user allowed a partial result.
+- :class:`InternalError` (3): our own failure (onnxruntime rejects a model *we* wrote, a check of
+  ours breaks). Never reported as the user's bad input. Any other exception is treated the same
+  way by the CLI: one line naming the stage, the traceback in a log file.
+"""
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["ConversionFailed", "InternalError", "UserError"]
 
 
 class UserError(Exception):
     """Bad input or environment: reported as a single line, exit code 2, nothing written."""
 
     exit_code = 2
+
+
+class ConversionFailed(Exception):
+    """The conversion ran but its result is not acceptable (verification failed). Exit code 1."""
+
+    exit_code = 1
+
+
+class InternalError(Exception):
+    """A bug of ours, detected (e.g. onnxruntime cannot run the converted model). Exit code 3."""
+
+    exit_code = 3

@@ -96,11 +96,12 @@ def test_dynamic_dims_need_input_shape(tmp_path, model_path):
     dynamic = tmp_path / "dyn.onnx"
     onnx.save(model, dynamic)
     proc = run("convert", str(dynamic), "-o", str(tmp_path / "out"))
-    assert_one_line_error(proc, "'x'", "--input-shape x=")
+    assert_one_line_error(proc, "dynamic: x [1,sequence,32]", "--seq-len 128")
     assert_nothing_written(tmp_path / "out")
-    fixed = run("convert", str(dynamic), "-o", str(tmp_path / "out"), "--input-shape", "x=1,6,32")
-    assert fixed.returncode == 0, fixed.stderr
-    assert (tmp_path / "out" / "dyn.onnx").is_file()
+    for fix in (["--input-shape", "x=1,6,32"], ["--seq-len", "6"]):
+        fixed = run("convert", str(dynamic), "-o", str(tmp_path / "out"), *fix)
+        assert fixed.returncode == 0, fixed.stderr
+        assert (tmp_path / "out" / "dyn.onnx").is_file()
 
 
 def test_bad_input_shape_syntax(tmp_path, model_path):

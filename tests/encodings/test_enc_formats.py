@@ -201,7 +201,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def _one_line(exc: pytest.ExceptionInfo[UserError]) -> str:
+def one_line(exc: pytest.ExceptionInfo[UserError]) -> str:
     msg = str(exc.value)
     assert "\n" not in msg
     return msg
@@ -210,7 +210,7 @@ def _one_line(exc: pytest.ExceptionInfo[UserError]) -> str:
 def test_malformed_json(tmp_path: Path) -> None:
     with pytest.raises(UserError) as exc:
         load_encodings(_write(tmp_path, '{"version": "1.0.0", '))
-    assert "malformed JSON" in _one_line(exc)
+    assert "malformed JSON" in one_line(exc)
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unknown_version(tmp_path: Path) -> None:
     with pytest.raises(UserError) as exc:
         load_encodings(_write(tmp_path, json.dumps({"version": "3.0.0", "encodings": []})))
-    assert "unsupported version '3.0.0'" in _one_line(exc)
+    assert "unsupported version '3.0.0'" in one_line(exc)
 
 
 @pytest.mark.parametrize(
@@ -412,14 +412,14 @@ def test_unknown_version(tmp_path: Path) -> None:
 def test_bad_documents(tmp_path: Path, doc: object, match: str) -> None:
     with pytest.raises(UserError) as exc:
         load_encodings(_write(tmp_path, json.dumps(doc)))
-    assert match in _one_line(exc)
+    assert match in one_line(exc)
 
 
 def test_duplicate_json_keys(tmp_path: Path) -> None:
     text = '{"version": "0.6.1", "activation_encodings": {"a": [{"bitwidth": 8, "dtype": "int", "is_symmetric": "False", "scale": 1.0, "offset": 0}], "a": []}, "param_encodings": {}}'
     with pytest.raises(UserError) as exc:
         load_encodings(_write(tmp_path, text))
-    assert "duplicate key 'a'" in _one_line(exc)
+    assert "duplicate key 'a'" in one_line(exc)
 
 
 def test_axis_shape_mismatch_with_model(tmp_path: Path, model: ir.Model) -> None:

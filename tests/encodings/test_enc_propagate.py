@@ -31,6 +31,7 @@ from mha2sha.encodings import (  # noqa: E402
     save_encodings,
 )
 from mha2sha.errors import UserError  # noqa: E402
+from mha2sha.report.tables import coverage_table  # noqa: E402
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit  # noqa: E402
 
 
@@ -238,7 +239,7 @@ def test_report_rendering(mha: ir.Model, sha: ir.Model) -> None:
     json.dumps(d)
     assert d["counts"]["mha_encoded"] == len(rep.mha_encoded) and d["ok"] is False  # ghost dropped
     buf = io.StringIO()
-    Console(file=buf, width=200).print(rep.table())
+    Console(file=buf, width=200).print(coverage_table(rep))
     text = buf.getvalue()
     assert "per-head tensors encoded" in text and "ghost" in text
 

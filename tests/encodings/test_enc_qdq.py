@@ -210,3 +210,12 @@ def test_errors() -> None:
     )
     with pytest.raises(UserError, match="scaled float"):
         to_qdq(_identity(), es2)
+
+
+def test_saturated_int32_keeps_its_sign() -> None:
+    """A bias past the int32 grid saturates to +2**31-1 (float32 would wrap it to -2**31)."""
+    from mha2sha.verify.qdq import fake_quantize
+
+    x = np.array([1e12, -1e12, 3.0], np.float32)
+    out = fake_quantize(x, np.array(1.0), np.array(0), "int32")
+    assert out[0] > 2e9 and out[1] < -2e9 and out[2] == 3.0

@@ -31,7 +31,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper
 
-from mha2sha.layout import CancelLayoutPass, LayoutRecord, LinearToConvPass, PerHeadOProjPass, remap_encodings
+from mha2sha.encodings.remap import remap_encodings
+from mha2sha.layout import CancelLayoutPass, LayoutRecord, LinearToConvPass, PerHeadOProjPass
 
 from ._helpers import model, vi, weight
 from ._quant import calibrate

@@ -12,8 +12,9 @@ import pytest
 
 from mha2sha import zoo
 from mha2sha.api import ConvertOptions, convert
+from mha2sha.encodings.remap import remap_encodings
 from mha2sha.io.names import tensor_names
-from mha2sha.layout import apply_htp_layout, remap_encodings
+from mha2sha.layout import apply_htp_layout
 from mha2sha.verify.qdq import run_qdq_compare
 
 from ._quant import calibrate
@@ -31,10 +32,10 @@ def test_qdq_identical_after_layout(case: str, tmp_path) -> None:
     before = ir.from_proto(ir.serde.serialize_model(sha))
     # a quantized MatMul output keeps its bias Add (fusing it into the Conv would skip that step)
     result = apply_htp_layout(sha, quantized=set(encodings.activations))
-    assert not result.record.fused
-    converted = remap_encodings(encodings, result.record, sha)
+    assert not result.fused
+    converted = remap_encodings(encodings, result, sha)
     # every per-channel weight encoding now sits on a Conv weight, output channels on axis 0
-    for old, remap in result.record.weights.items():
+    for old, remap in result.weights.items():
         if old in encodings.params:
             enc = converted.params[remap.new_name]
             assert (enc.axis, enc.rank) == (0, 4)

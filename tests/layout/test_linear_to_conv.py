@@ -47,7 +47,7 @@ def test_matmul_becomes_conv_and_keeps_names(rng, x_shape) -> None:
     assert remap.channel_axis == (1, 0)
     assert [v.name for v in m.graph.outputs] == ["y"]
     assert all(n.op_type != "MatMul" for n in m.graph)
-    assert p.converted == ["proj"] and not p.skipped
+    assert p.record.conv == ["proj"] and not p.record.skipped
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
@@ -127,8 +127,8 @@ def test_left_alone_and_reported(rng) -> None:
     p = LinearToConvPass()
     m = check_pass(proto, feed(rng, proto), p)
     assert "Conv" not in ops(m)
-    assert sorted(s.node for s in p.skipped) == ["alpha", "batched", "dynamic", "rank4"]
-    reasons = {s.node: s.reason for s in p.skipped}
+    assert sorted(s.node for s in p.record.skipped) == ["alpha", "batched", "dynamic", "rank4"]
+    reasons = {s.node: s.reason for s in p.record.skipped}
     assert "run time" in reasons["dynamic"] and "alpha" in reasons["alpha"]
     assert "[in, out]" in reasons["batched"] and "[B,S,C]" in reasons["rank4"]
 

@@ -38,7 +38,7 @@ def test_matmul_o_proj_per_head(rng) -> None:
     record, split = LayoutRecord(), SplitRecord()
     p = PerHeadOProjPass(record, split)
     m = check_pass(proto, feed(rng, proto), p)
-    assert p.rewritten == ["o_proj"]
+    assert record.o_proj == ["o_proj"]
     assert "Concat" not in ops(m) and ops(m).count("MatMul") == H and ops(m).count("Add") == H
     assert any(n.outputs[0].name == "o" for n in m.graph)  # the sum keeps the projection's name
     pieces = split.tensors["Wo"].pieces
@@ -92,5 +92,5 @@ def test_left_alone(rng) -> None:
     )
     p = PerHeadOProjPass()
     m = check_pass(proto, feed(rng, proto), p)
-    assert not p.rewritten and ops(m).count("Concat") == 2
-    assert [s.reason for s in p.skipped] == ["its input is a Concat on axis 1, not the contracted last axis"]
+    assert not p.record.o_proj and ops(m).count("Concat") == 2
+    assert [s.reason for s in p.record.skipped] == ["its input is a Concat on axis 1, not the contracted last axis"]

@@ -19,10 +19,10 @@ import pytest
 
 from mha2sha import zoo
 from mha2sha.api import ConvertOptions, convert
+from mha2sha.graph import ELEMENTWISE_OPS
 from mha2sha.io.prepare import prepare_for_split
-from mha2sha.layout import apply_htp_layout, high_rank_tensors
+from mha2sha.layout import apply_htp_layout, high_rank_tensors, split_o_proj_per_head
 from mha2sha.layout._graph import is_generated
-from mha2sha.layout.cancel_layout import ELEMENTWISE_OPS
 
 from ._helpers import RTOL, rel_err, run
 
@@ -96,7 +96,7 @@ def _check(case: str, exporter: str, model: ir.Model, before: ir.Model, result) 
     # names: every vanished original tensor is accounted for, every recorded name exists
     names = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
     names |= set(graph.initializers)
-    record = result.record
+    record = result
     vanished = {
         v.name
         for n in before.graph
@@ -115,7 +115,7 @@ def _check(case: str, exporter: str, model: ir.Model, before: ir.Model, result) 
 
 
 def _new_weights(result) -> set[str]:
-    return {w.new_name for w in result.record.weights.values()}
+    return {w.new_name for w in result.weights.values()}
 
 
 def _expected_gone(name: str, before: ir.Model) -> bool:
@@ -171,7 +171,8 @@ def test_layout_without_split(case: str, exporter: str, workdir: Path) -> None:
 def test_per_head_o_proj(case: str, exporter: str, workdir: Path) -> None:
     before = _prepared(case, exporter, True, workdir)
     model = _prepared(case, exporter, True, workdir)
-    result = apply_htp_layout(model, optimize_o_proj=True)
+    record = split_o_proj_per_head(model)
+    result = apply_htp_layout(model, record)
     assert result.o_proj
     _check(case, exporter, model, before, result)
     # heads are never joined before the output projection any more

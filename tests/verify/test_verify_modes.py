@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from mha2sha import zoo
 from mha2sha.api import ConvertOptions, convert
 from mha2sha.cli import legacy_main, main
 from mha2sha.errors import UserError
@@ -204,3 +205,14 @@ def test_cli_verify_option(source: Path, tmp_path: Path, capsys: pytest.CaptureF
 
 def _report_at(out: Path, source: Path) -> dict:
     return json.loads((out / f"{source.stem}.report.json").read_text())
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, monkeypatch) -> None:
+    """Sizes whose activations exceed the machine's memory are bad input, not an OOM kill."""
+    import mha2sha.verify.plan as plan
+
+    monkeypatch.setattr(plan, "_available_ram", lambda: 4096)  # bytes: every activation is too big
+    model = zoo.build("llama_gqa_step", "torchscript")
+    with pytest.raises(UserError, match="more memory than this machine has"):
+        convert(model, tmp_path / "out", options=ConvertOptions())
+    assert not (tmp_path / "out").exists()

@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _verify_models import embedding_model  # noqa: E402
 
 from mha2sha.errors import UserError  # noqa: E402
+from mha2sha.report.tables import verification_table  # noqa: E402
 from mha2sha.verify.inputs import make_inputs  # noqa: E402
-from mha2sha.verify.runner import compare_outputs, run_model, verification_table, verify  # noqa: E402
+from mha2sha.verify.runner import compare_outputs, run_model, verify  # noqa: E402
 
 
 @pytest.fixture()
@@ -142,3 +143,10 @@ def test_bfloat16_inputs_and_outputs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out["y"], x["x"])
     np.testing.assert_array_equal(out["z"], x["x"].astype(np.float32))
     assert verify(path, path, x).ok
+
+
+def test_an_output_with_nothing_finite_fails() -> None:
+    """A comparison where no element is finite proves nothing: it must not pass."""
+    nan = np.full((2, 3), np.nan, np.float32)
+    check = compare_outputs({"y": nan}, {"y": nan.copy()})
+    assert not check.ok and "no finite value" in check.rows[0].note

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.errors import UserError
+from mha2sha.graph import is_onnx_domain, is_op
 from mha2sha.io.names import graphs
 
 __all__ = ["channel_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
@@ -47,14 +48,14 @@ def initializer_names(model: Any) -> set[str]:
     for g in graphs(model):
         names.update(n for n in g.initializers if n)
     for node in model.graph.all_nodes():
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if is_op(node, "Constant"):
             names.update(o.name for o in node.outputs if o.name)
     return names
 
 
 def _consumer_axes(node: ir.Node, index: int, rank: int) -> AxisPair | None:
     op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
+    if not is_onnx_domain(node.domain):
         return None
     if op == "Conv" and index == 1:
         return (0, 1)

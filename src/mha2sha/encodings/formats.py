@@ -711,6 +711,44 @@ def _heuristic_params(enc: Encoding) -> bool:
     return enc.enc_type != "PER_TENSOR" or enc.qdtype() == "int32"
 
 
+#: Integer widths the formats use (AIMET writes 2-bit in its 1.0.0 examples; QNN takes 4, 8, 16, 32).
+INT_BITWIDTHS = (2, 4, 8, 16, 32)
+FLOAT_BITWIDTHS = (8, 16, 32)
+
+
+def _check_values(ctx: _Ctx, enc: Encoding) -> None:
+    """Values a quantizer can use: a known width, finite positive scales, zero points on the grid.
+
+    A NaN or zero scale would silently turn every value of the tensor into NaN or its zero point."""
+    if enc.is_float:
+        if enc.bitwidth not in FLOAT_BITWIDTHS:
+            raise ctx.fail(enc.name, f"float bitwidth {enc.bitwidth} (expected one of {FLOAT_BITWIDTHS})")
+        if not enc.has_scale:
+            return
+    if not enc.is_float and enc.bitwidth not in INT_BITWIDTHS:
+        raise ctx.fail(enc.name, f"bitwidth {enc.bitwidth} (expected one of {INT_BITWIDTHS})")
+    if enc.enc_type == "LPBQ" and enc.compressed_bw not in INT_BITWIDTHS:
+        raise ctx.fail(enc.name, f"compressed bitwidth {enc.compressed_bw} (expected one of {INT_BITWIDTHS})")
+    scale = np.asarray(enc.effective_scale(), np.float64)
+    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        bad = scale[~(np.isfinite(scale) & (scale > 0))].reshape(-1)[0]
+        raise ctx.fail(enc.name, f"scale {bad} (scales must be finite and > 0)")
+    for key in ("offset", "min", "max"):
+        values = getattr(enc, key)
+        if values is not None and not np.all(np.isfinite(np.asarray(values, np.float64))):
+            raise ctx.fail(enc.name, f"{key} is not finite")
+    if enc.is_float:
+        return
+    qdtype = enc.qdtype()
+    bits = dtype_bits(qdtype)
+    if bits is None:
+        raise ctx.fail(enc.name, f"unknown quantized dtype {qdtype!r}")
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if dtype_is_signed(qdtype) else (0, 2**bits - 1)
+    zp = np.asarray(enc.zero_point(qdtype), np.float64)
+    if zp.size and (zp.min() < lo or zp.max() > hi):
+        raise ctx.fail(enc.name, f"offset / zero point {zp.reshape(-1)[0]:g} outside the {qdtype} grid [{lo}, {hi}]")
+
+
 def parse_encodings(data: Any, *, source: str = "<dict>", param_names: set[str] | None = None) -> EncodingSet:
     """Build an :class:`EncodingSet` from a loaded JSON document.
 
@@ -735,6 +773,7 @@ def parse_encodings(data: Any, *, source: str = "<dict>", param_names: set[str] 
     def add(target: dict[str, Encoding], enc: Encoding) -> None:
         if enc.name in seen:
             raise ctx.fail(enc.name, "duplicate encoding name")
+        _check_values(ctx, enc)
         seen.add(enc.name)
         target[enc.name] = enc
 
@@ -868,13 +907,32 @@ def load_encodings(path: str | os.PathLike[str], *, model: Any = None) -> Encodi
     if model is not None:
         from mha2sha.encodings.axes import initializer_names
 
-        param_names = initializer_names(model) if str(data.get("version", "")).startswith("2.") else None
+        version = data.get("version", "") if isinstance(data, dict) else ""
+        param_names = initializer_names(model) if str(version).startswith("2.") else None
     es = parse_encodings(data, source=path, param_names=param_names)
     if model is not None:
         from mha2sha.encodings.axes import resolve_axes
 
+        _require_same_model(ctx, es, model)
         resolve_axes(es, model=model)
     return es
+
+
+def _require_same_model(ctx: _Ctx, es: EncodingSet, model: Any) -> None:
+    """Encodings whose names mostly miss the model were made for another model: refuse them
+    (propagating the few that match would write a near-empty, useless encodings file)."""
+    from mha2sha.encodings.axes import as_ir_model
+    from mha2sha.io.names import tensor_names
+
+    names = [name for name, _ in es.items()]
+    present = tensor_names(as_ir_model(model))
+    missing = [n for n in names if n not in present]
+    if names and len(missing) * 2 > len(names):
+        raise ctx.fail(
+            "names",
+            f"{len(missing)} of {len(names)} encodings name no tensor of the model "
+            f"(e.g. {', '.join(repr(n) for n in missing[:3])}): they were made for another model",
+        )
 
 
 def save_encodings(
@@ -892,10 +950,13 @@ def save_encodings(
         target = convert_encodings(es, version, model=model, channel_axes=channel_axes)
     doc = dump_encodings(target, version, source=path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".encodings", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # like any file this tool writes (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=4, allow_nan=True)
+            json.dump(doc, f, indent=4, allow_nan=False)  # values are validated when read
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

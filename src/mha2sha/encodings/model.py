@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from mha2sha.graph import DATA_MOVEMENT_OPS, is_op
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
 __all__ = [
-    "DATA_MOVEMENT_OPS",
     "copied_activation",
-    "ENC_TYPES",
     "VERSIONS",
     "Encoding",
     "EncodingSet",
@@ -40,7 +40,6 @@ __all__ = [
 
 #: Versions read and written. 2.1.0 differs from 2.0.0 only in how LPBQ is spelled.
 VERSIONS = ("0.6.1", "1.0.0", "2.0.0", "2.1.0")
-ENC_TYPES = ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK", "LPBQ")
 
 _INT_DTYPE = re.compile(r"(u?)int(\d+)")
 
@@ -257,19 +256,6 @@ class EncodingSet:
     def copy(self) -> EncodingSet:
         return copy.deepcopy(self)
 
-    def classify(self, param_names: set[str]) -> None:
-        """Move encodings so exactly the names in ``param_names`` are params (2.x files)."""
-        everything = dict(self.items())
-        self.params = {n: e for n, e in everything.items() if n in param_names}
-        self.activations = {n: e for n, e in everything.items() if n not in param_names}
-
-
-#: Ops that only move or repeat values: their output lies on their input's quantization grid, so
-#: it carries its input's encoding (data movement inherits, DESIGN.md section 3).
-DATA_MOVEMENT_OPS = frozenset(
-    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Tile", "Identity"}
-)
-
 
 def copied_activation(value: ir.Value | None, encodings: EncodingSet) -> str | None:
     """The encoded activation ``value`` is (``value`` itself, or what a chain of data movement
@@ -280,7 +266,7 @@ def copied_activation(value: ir.Value | None, encodings: EncodingSet) -> str | N
         if value.name in encodings.activations:
             return value.name
         node = value.producer()
-        if node is None or node.op_type not in DATA_MOVEMENT_OPS or node.domain not in ("", "ai.onnx"):
+        if node is None or not is_op(node, DATA_MOVEMENT_OPS):
             return None
         value = node.inputs[0] if node.inputs else None
     return None

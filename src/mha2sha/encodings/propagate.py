@@ -29,6 +29,7 @@ import numpy as np
 from mha2sha.encodings.axes import AxisPair, as_ir_model, channel_axes, tensor_shapes
 from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation
 from mha2sha.errors import UserError
+from mha2sha.graph import is_op
 from mha2sha.io.names import tensor_names
 from mha2sha.split.record import SplitRecord, TensorSplit
 
@@ -46,7 +47,7 @@ class EncodingCoverageError(UserError):
 
 @dataclasses.dataclass
 class CoverageReport:
-    """What propagation did, for the conversion report (rich table) and ``--json`` output."""
+    """What propagation did: the encodings stage's record (the report shows it as a table)."""
 
     mha_encoded: list[str] = dataclasses.field(default_factory=list)
     sha_encoded: list[str] = dataclasses.field(default_factory=list)
@@ -89,38 +90,6 @@ class CoverageReport:
             "joined": dict(self.joined),
             "warnings": list(self.warnings),
         }
-
-    def table(self, examples: int = 3):  # -> rich.table.Table
-        """A rich table: one row per category with its count and the first few names."""
-        from rich.table import Table
-
-        t = Table(title="Encodings coverage" + ("" if self.ok else " (GAPS)"))
-        t.add_column("category")
-        t.add_column("count", justify="right")
-        t.add_column("examples")
-
-        def names(items: list[str] | dict[str, str]) -> str:
-            if isinstance(items, dict):
-                shown = [f"{k} ({v})" for k, v in list(items.items())[:examples]]
-            else:
-                shown = list(items)[:examples]
-            more = f" +{len(items) - examples}" if len(items) > examples else ""
-            return ", ".join(shown) + more
-
-        rows = [
-            ("MHA tensors with encodings (split)", self.mha_encoded, ""),
-            ("per-head tensors encoded", self.sha_encoded, ""),
-            ("per-head tensors missing an encoding", self.missing, "red"),
-            ("encodings dropped (tensor gone)", self.dropped, "red"),
-            ("encodings naming no original tensor", self.unknown, "yellow"),
-            ("split tensors without encoding", self.unencoded_splits, "dim"),
-            ("encodings kept unchanged", self.kept, ""),
-            ("removed, same encoding as its data-movement input or copy", self.folded, "dim"),
-            ("heads joined (Concat), encoding of the pieces' source", self.joined, "dim"),
-        ]
-        for label, items, style in rows:
-            t.add_row(label, str(len(items)), names(items) if items else "", style=style if items else None)
-        return t
 
 
 def _ranges_ok(shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], ...]) -> str | None:
@@ -216,7 +185,7 @@ def _encode_joins(
     """Give each unencoded head join (Concat of all pieces of one split) its pieces' common encoding."""
     owner = {p.name: split.original for split in record.tensors.values() for p in split.pieces}
     for node in out_model.graph:
-        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or not node.inputs:
+        if not is_op(node, "Concat") or not node.inputs:
             continue
         out = node.outputs[0]
         if not out.name or out.name in result:

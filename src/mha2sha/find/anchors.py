@@ -1,7 +1,13 @@
-"""Find attention cores: a Softmax whose probabilities feed ``MatMul(P, V)``.
+"""Find attention cores: a Softmax whose probabilities reach ``MatMul(P, V)``.
 
 The anchor is only the core; which tensors are Q, K and V and how the heads reach the weights is
 learnt by the walk (:mod:`mha2sha.split.walk`), so any exporter's graph around the core works.
+Between the Softmax and the MatMul with V any per-element or layout ops may stand (Cast, Dropout,
+a masking Mul, the decomposed-SDPA NaN guard ``Where(IsNaN(P), 0, P)`` that makes the Softmax
+output have two readers): the split carries the head cut through them by the same rules as
+everywhere else. A Softmax that reaches a MatMul in another way is an attention block the split
+does not understand: it is returned as ``refused`` with the op that stopped the search, so the job
+reports it and exits non-zero instead of treating the model as having no attention.
 """
 
 from __future__ import annotations
@@ -10,23 +16,16 @@ import dataclasses
 
 import onnx_ir as ir
 
-from mha2sha.split.spec import AxisCut, HeadSpec
+from mha2sha.graph import ELEMENTWISE_OPS, FUSED_ATTENTION_OPS, LAYOUT_OPS, is_op
 
-__all__ = ["AttentionCore", "find_attention_cores", "find_fused_attention", "head_spec_of_output"]
+__all__ = ["AttentionCore", "Anchors", "RefusedCore", "find_attention_cores"]
 
-# Fused attention ops: reported as multi-head blocks the split does not handle (yet), never ignored.
-FUSED_ATTENTION_OPS = {
-    "Attention",
-    "MultiHeadAttention",
-    "GroupQueryAttention",
-    "PackedMultiHeadAttention",
-    "PackedAttention",
-    "DecoderMaskedMultiHeadAttention",
-    "SparseAttention",
-}
+#: Ops the probabilities may pass through on their way to ``MatMul(P, V)``.
+PROBABILITY_OPS = ELEMENTWISE_OPS | LAYOUT_OPS
 
-# Ops allowed between the Softmax and the MatMul with V: they move or retype the probabilities.
-_PROBABILITY_PASSTHROUGH = {"Cast", "Dropout", "Identity", "Reshape", "Where", "Squeeze", "Unsqueeze"}
+#: How far past a Softmax an unrecognised path to a MatMul is still called attention (reporting
+#: only: a Softmax further away than this is not an attention core candidate).
+_REPORT_HOPS = 6
 
 
 @dataclasses.dataclass
@@ -40,60 +39,115 @@ class AttentionCore:
 
     @property
     def name(self) -> str:
-        return self.softmax.name or self.pv_matmul.name or self.output.name
+        return self.softmax.name or self.pv_matmul.name or self.output.name or "attention"
 
 
-def _pv_matmul(softmax: ir.Node) -> ir.Node | None:
-    value = softmax.outputs[0]
-    for _ in range(8):  # a handful of retyping/reshaping hops, never a search
-        users = [u for u in value.consumers()]
-        if len(users) != 1:
-            return None
-        (user,) = users
-        if user.op_type == "MatMul" and user.inputs[0] is value:
-            return user
-        if user.op_type not in _PROBABILITY_PASSTHROUGH:
-            return None
-        value = user.outputs[0]
-    return None
+@dataclasses.dataclass
+class RefusedCore:
+    """A node that is attention but cannot be anchored: a fused op, or a Softmax whose path to
+    ``MatMul(P, V)`` leaves the per-element ops."""
+
+    node: ir.Node
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name or self.node.op_type
 
 
-def find_attention_cores(graph: ir.Graph) -> tuple[list[AttentionCore], list[ir.Node]]:
-    """Cores found, and Softmax nodes that are not attention cores (reported, never converted)."""
-    cores, others = [], []
-    for node in graph:
-        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
-            continue
-        pv = _pv_matmul(node)
-        if pv is None:
-            others.append(node)
-        else:
-            cores.append(AttentionCore(node, pv))
-    return cores, others
+@dataclasses.dataclass
+class Anchors:
+    cores: list[AttentionCore]
+    refused: list[RefusedCore]
+    others: list[ir.Node]  # Softmax nodes that are not attention (reported, never converted)
 
 
-def find_fused_attention(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.op_type in FUSED_ATTENTION_OPS]
+def _pv_matmul(softmax: ir.Node) -> tuple[ir.Node | None, str]:
+    """The one ``MatMul(P, V)`` the probabilities reach through :data:`PROBABILITY_OPS`, or the
+    reason there is none."""
+    pv: ir.Node | None = None
+    seen: set[int] = set()
+    frontier = [softmax.outputs[0]]
+    while frontier:
+        value = frontier.pop()
+        if value.is_graph_output():
+            return None, f"the probabilities '{value.name}' are a graph output"
+        for user, index in value.uses():
+            if is_op(user, "MatMul") and index == 0:
+                if pv is not None and pv is not user:
+                    return None, "the probabilities feed two MatMuls"
+                pv = user
+            elif not is_op(user, PROBABILITY_OPS):
+                where = f"{user.domain + '.' if user.domain else ''}{user.op_type} '{user.name}'"
+                return None, f"{where} between Softmax and MatMul(P, V)"
+            elif id(user) not in seen:
+                seen.add(id(user))
+                frontier.extend(user.outputs)
+    return pv, "" if pv is not None else "no MatMul(P, V)"
 
 
-def head_spec_of_output(value: ir.Value) -> HeadSpec:
-    """Head cut of the attention output from its shape: ``[B,H,S,D]``, ``[B*H,S,D]``, ``[B,Hkv,g,S,D]``.
+def _reaches_matmul(softmax: ir.Node) -> bool:
+    """A MatMul takes something computed from the probabilities within a few ops (as its first
+    input): the Softmax is attention even when the path is not understood."""
+    frontier, seen = [softmax], set()
+    for _ in range(_REPORT_HOPS):
+        nxt = []
+        for node in frontier:
+            for out in node.outputs:
+                for user, index in out.uses():
+                    if is_op(user, "MatMul", "Einsum") and index == 0:
+                        return True
+                    if id(user) not in seen:
+                        seen.add(id(user))
+                        nxt.append(user)
+        frontier = nxt
+    return False
 
-    Returns an empty spec when there is a single head (nothing to split).
+
+def _subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    found: list[tuple[str, ir.Graph]] = []
+    for name, attr in node.attributes.items():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append((name, attr.as_graph()))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found += [(f"{name}[{i}]", g) for i, g in enumerate(attr.as_graphs())]
+    return found
+
+
+def _attention_in(graph: ir.Graph) -> int:
+    """Attention cores in ``graph`` and every graph nested in it."""
+    anchors = find_attention_cores(graph)
+    return len(anchors.cores) + len(anchors.refused)
+
+
+def find_attention_cores(graph: ir.Graph) -> Anchors:
+    """Attention cores of ``graph``, attention that cannot be anchored, and other Softmax nodes.
+
+    Attention inside a subgraph (an ``If`` branch of a merged decoder, a ``Loop`` body) is not
+    converted: each such node is refused with the count and the branches named.
     """
-    shape = value.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return ()
-    dims = [int(d) for d in shape]
-    if len(dims) == 4 and dims[1] > 1:
-        return (AxisCut(1, 0, 1, dims[1]),)
-    if len(dims) == 3 and dims[0] > 1:
-        return (AxisCut(0, 0, 1, dims[0]),)
-    if len(dims) == 5:
-        cuts = []
-        if dims[1] > 1:
-            cuts.append(AxisCut(1, 0, 1, dims[1], div=dims[2]))
-        if dims[2] > 1:
-            cuts.append(AxisCut(2, 0, 1, dims[2]))
-        return tuple(cuts)
-    return ()
+    anchors = Anchors([], [], [])
+    for node in graph:
+        inner = [(name, n) for name, sub in _subgraphs(node) if (n := _attention_in(sub))]
+        if inner:
+            where = ", ".join(f"{name} ({n})" for name, n in inner)
+            reason = (
+                f"{sum(n for _, n in inner)} attention block(s) inside the {node.op_type} subgraphs {where}: "
+                "subgraphs are not converted; convert each branch as its own model (optimum writes them "
+                "as decoder_model.onnx and decoder_with_past_model.onnx)"
+            )
+            anchors.refused.append(RefusedCore(node, reason))
+        if node.op_type in FUSED_ATTENTION_OPS:
+            domain = node.domain + "." if node.domain else ""
+            reason = f"fused {domain}{node.op_type} op was not lowered to MatMul/Softmax"
+            anchors.refused.append(RefusedCore(node, reason))
+        if not is_op(node, "Softmax"):
+            continue
+        pv, reason = _pv_matmul(node)
+        if pv is not None:
+            anchors.cores.append(AttentionCore(node, pv))
+        elif _reaches_matmul(node):
+            anchors.refused.append(RefusedCore(node, reason))
+        else:
+            anchors.others.append(node)
+    return anchors

@@ -164,6 +164,12 @@ def _check_external_data(model: ir.Model, path: Path) -> dict[Path, int]:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         file = Path(tensor.base_dir) / tensor.location
+        folder = os.path.join(os.path.realpath(tensor.base_dir), "")
+        if Path(tensor.location).is_absolute() or not os.path.realpath(file).startswith(folder):
+            raise UserError(
+                f"external data '{tensor.location}' of '{value.name}' lies outside the model's folder "
+                f"{tensor.base_dir} (onnx and onnxruntime refuse such paths): move it next to {path.name}"
+            )
         if file not in sizes:
             if not file.is_file():
                 raise UserError(
@@ -217,6 +223,13 @@ def fix_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> 
         if value.shape is not None and len(value.shape) != len(dims):
             raise UserError(
                 f"--input-shape {name}: rank {len(dims)} given, the input has rank {len(value.shape)}"
+            )
+        if value.shape is not None and any(
+            isinstance(d, int) and d != n for d, n in zip(value.shape, dims, strict=True)
+        ):
+            declared = ",".join(str(d) if isinstance(d, int) else "?" for d in value.shape)
+            raise UserError(
+                f"--input-shape {name}={','.join(map(str, dims))} conflicts with the model's static shape [{declared}]"
             )
         value.shape = ir.Shape(dims)
 

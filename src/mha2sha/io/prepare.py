@@ -10,30 +10,25 @@ rule sees one kind of constant.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
-from onnx_ir.passes.common import (
-    LiftConstantsToInitializersPass,
-    RemoveUnusedNodesPass,
-    ShapeInferencePass,
-)
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass, ShapeInferencePass
 
-__all__ = ["FoldSmallConstantsPass", "prepare_for_split", "remove_unused_initializers"]
+from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain, static_shape
+
+__all__ = ["FoldSmallConstantsPass", "infer_shapes", "prepare_for_split", "remove_unused_initializers"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_ELEMENTS = 1 << 16  # constants larger than this are never created by folding
-_NEVER_FOLD = {
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-}
+#: Ops whose output size comes from input *values*: folded only when inference knows it is small.
+_SIZED_BY_VALUES = frozenset(
+    {"ConstantOfShape", "Range", "Expand", "Tile", "Pad", "Resize", "Upsample", "OneHot", "EyeLike"}
+)
 
 
 def _small(value: ir.Value | None) -> bool:
@@ -77,14 +72,12 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
         modified = False
         opset = model.opset_imports.get("", 17)
         for node in list(model.graph):
-            if (
-                node.domain not in ("", "ai.onnx")
-                or node.op_type in _NEVER_FOLD
-                or node.op_type == "Constant"
-            ):
+            if not is_onnx_domain(node.domain) or node.op_type in NONDETERMINISTIC_OPS | {"Constant"}:
                 continue
             if node.op_type == "Shape":
                 results = _fold_shape(node)
+            elif not _small_outputs(node):
+                continue
             elif all(_small(v) for v in node.inputs) and node.inputs:
                 if node.version is None:
                     node.version = opset
@@ -104,6 +97,18 @@ class FoldSmallConstantsPass(ir.passes.InPlacePass):
             _detach_into_initializers(model.graph, node)
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _small_outputs(node: ir.Node) -> bool:
+    """Outputs known to be small, or of an op whose output is no larger than its (small) inputs."""
+    for out in node.outputs:
+        shape = static_shape(out)
+        if shape is not None:
+            if math.prod(shape) > _MAX_ELEMENTS:
+                return False
+        elif node.op_type in _SIZED_BY_VALUES:
+            return False  # a 1e8-token mask would be allocated before its size could be checked
+    return True
 
 
 def _fold_shape(node: ir.Node) -> list[np.ndarray] | None:
@@ -132,12 +137,25 @@ def prepare_for_split(model: ir.Model, max_rounds: int = 4) -> None:
     """Fold shape computations and infer static shapes, in place."""
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     for _ in range(max_rounds):
-        ShapeInferencePass()(model)
+        infer_shapes(model)
         if not FoldSmallConstantsPass()(model).modified:
             break
     RemoveUnusedNodesPass()(model)
     remove_unused_initializers(model)
-    ShapeInferencePass()(model)
+    infer_shapes(model)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference, node by node (a node it cannot infer keeps its shapes unknown and the
+    walk reports the block; the model's consistency was checked once at load by
+    :func:`mha2sha.io.shapes.check_shapes`). Quiet: no traceback reaches the terminal."""
+    quiet = logging.getLogger(ShapeInferencePass.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ShapeInferencePass(strict_mode=False)(model)
+    finally:
+        quiet.setLevel(level)
 
 
 def remove_unused_initializers(model: ir.Model) -> None:

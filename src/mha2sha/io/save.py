@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +184,8 @@ def _shown(path: str | os.PathLike) -> Path:
     parts = list(Path(path).parts)
     if len(parts) >= 2 and parts[-2].startswith(f".{parts[-1]}."):  # onnx_ir: .<name>.xxxx/<name>
         del parts[-2]
+    if parts and parts[-1].startswith(".") and parts[-1].endswith(".tmp"):  # .<name>.xxxx.tmp (atomic writes)
+        parts[-1] = parts[-1][1:].rsplit(".", 2)[0]
     return Path(*[p for p in parts if not p.startswith(_STAGE_PREFIX)])
 
 
@@ -200,38 +202,99 @@ def _os_error(e: OSError, tracker: _WriteTracker, fallback: str) -> UserError:
 
 
 @contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
+def staging_dir(out_dir: Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """A temporary folder inside ``out_dir``; its files are moved into ``out_dir`` only on success.
 
-    On any failure the staging folder is removed, and so are the folders created for ``out_dir``
-    when they are still empty: the output location is left as it was found."""
+    On success each staged file replaces the file of the same name (folders are merged, never
+    removed: a user's ``inputs/mine.txt`` stays), and the files of ``replaces`` (relative paths an
+    earlier run of the same output wrote) that this run did not write again are removed, so the
+    outputs are replaced as a set. The move holds a lock on ``out_dir`` so concurrent runs into one
+    folder leave one run's set, not a mix. On any failure -- a signal included -- the staging folder
+    is removed, and so are the folders created for ``out_dir`` when they are still empty: the output
+    location is left as it was found. Staging folders of dead processes are removed on the way in.
+    """
     out_dir = Path(os.path.abspath(out_dir))
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    prefix = f"{_STAGE_PREFIX}{os.getpid()}-"
     done = False
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir))
-    except OSError as e:
-        _remove_empty(created)
-        raise UserError(f"output folder not writable: {out_dir} ({e.strerror})") from None
-    try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _remove_dead_stages(out_dir)
+            stage = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
+        except OSError as e:
+            raise UserError(f"output folder not writable: {out_dir} ({e.strerror})") from None
         with _WriteTracker.watch(stage) as tracker:
             try:
                 yield stage
             except OSError as e:
                 raise _os_error(e, tracker, f"could not write to {out_dir}") from None
-        for item in sorted(stage.iterdir()):
-            target = out_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        with _locked(out_dir):
+            written = _move_into(stage, out_dir)
+            for rel in replaces:
+                stale = out_dir / rel
+                if rel not in written and stale.is_file() and _inside(stale, out_dir):
+                    stale.unlink()
         done = True
     except OSError as e:
         raise UserError(f"could not write to {out_dir}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        # every staging folder of this process, even one a signal interrupted before it was named
+        for leftover in out_dir.glob(f"{prefix}*") if out_dir.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
         if not done:
             _remove_empty(created)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.abspath(path).startswith(os.path.join(os.path.abspath(folder), ""))
+
+
+def _move_into(stage: Path, out_dir: Path) -> set[str]:
+    """Move every staged file to the same relative path under ``out_dir``; returns those paths."""
+    written = set()
+    for item in sorted(stage.rglob("*")):
+        if item.is_dir():
+            continue
+        rel = item.relative_to(stage)
+        target = out_dir / rel
+        if target.is_dir() and not target.is_symlink():
+            raise UserError(f"cannot write {target}: a folder of that name is in the way")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(item, target)
+        written.add(rel.as_posix())
+    return written
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself (flock on its descriptor: no lock file is left)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_dead_stages(out_dir: Path) -> None:
+    """Staging folders whose process is gone (killed with SIGKILL, machine crash)."""
+    for stage in out_dir.glob(f"{_STAGE_PREFIX}*"):
+        pid = stage.name[len(_STAGE_PREFIX) :].split("-", 1)[0]
+        if stage.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -246,12 +309,18 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> list[Path]:
+def save_model(
+    model: ir.Model,
+    path: Path,
+    shard_bytes: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> list[Path]:
     """Save ``model`` to ``path``; large models get a single ``<name>.data`` external file.
 
     With ``shard_bytes`` the weights always go to external files of at most that many bytes
     (a tensor larger than that gets a file of its own): ``<name>.data`` when one file is enough,
     else ``<name>-00001-of-0000K.data`` ... (Hugging Face's naming). Each tensor records its file.
+    ``progress(bytes written, bytes in all)`` follows the weights as they are written.
     Returns the files written, the ``.onnx`` first.
     """
     if shard_bytes is not None and shard_bytes <= 0:
@@ -259,16 +328,22 @@ def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> l
     check_external_data_unchanged(model)  # fail before writing anything, never midway
     data = path.with_suffix(".data")
     data_files: list[str] = []
+    total = _weight_bytes(model)
+    done = 0
+    report = progress or (lambda done, total: None)
 
-    def written(_tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+    def written(tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+        nonlocal done
         if info.filename not in data_files:
             data_files.append(info.filename)
+        done += tensor.nbytes
+        report(done, total)
 
     onnx_ir_log = logging.getLogger("onnx_ir.external_data")
     onnx_ir_log.addFilter(_oversized_tensor_note)
     with _WriteTracker.watch(path.parent) as tracker:
         try:
-            if shard_bytes is not None or _weight_bytes(model) > EMBED_LIMIT_BYTES:
+            if shard_bytes is not None or total > EMBED_LIMIT_BYTES:
                 # Every external tensor starts on a 4096-byte boundary (onnx_ir aligns to
                 # max(4096, alignment)); align_threshold=0 also aligns the small ones, which onnx_ir
                 # would otherwise pack densely. ir.save streams: one tensor materialised at a time
@@ -292,6 +367,7 @@ def save_model(model: ir.Model, path: Path, shard_bytes: int | None = None) -> l
                 if data.exists() and data.stat().st_size == 0:
                     data.unlink()
                 files = [path]
+            report(total, total)
         except OSError as e:
             raise _os_error(e, tracker, f"could not write {_shown(path)}") from None
         finally:

@@ -9,20 +9,19 @@ from __future__ import annotations
 from mha2sha.layout.cancel_layout import CancelLayoutPass
 from mha2sha.layout.linear_to_conv import LinearToConvPass
 from mha2sha.layout.o_proj import PerHeadOProjPass
-from mha2sha.layout.pipeline import LayoutResult, apply_htp_layout
+from mha2sha.layout.pipeline import apply_htp_layout, split_o_proj_per_head
 from mha2sha.layout.rank import HighRankTensor, high_rank_tensors
-from mha2sha.layout.record import LayoutRecord, Skipped, WeightRemap, remap_encodings
+from mha2sha.layout.record import LayoutRecord, Skipped, WeightRemap
 
 __all__ = [
     "CancelLayoutPass",
     "HighRankTensor",
     "LayoutRecord",
-    "LayoutResult",
     "LinearToConvPass",
     "PerHeadOProjPass",
     "Skipped",
     "WeightRemap",
     "apply_htp_layout",
     "high_rank_tensors",
-    "remap_encodings",
+    "split_o_proj_per_head",
 ]

@@ -7,43 +7,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from mha2sha.graph import LAYOUT_OPS, is_op, static_shape
 from mha2sha.io.names import UniqueNames
 from mha2sha.layout.algebra import Step
 
-__all__ = [
-    "GENERATED",
-    "LAYOUT_OPS",
-    "Editor",
-    "const_array",
-    "is_generated",
-    "layout_step",
-    "static_shape",
-]
+__all__ = ["GENERATED", "Editor", "is_generated", "layout_step"]
 
 #: ``Value.meta`` key marking tensors a layout pass created (their names carry no encoding).
 GENERATED = "mha2sha.layout.generated"
-
-#: Pure data-movement ops whose effect is fully described by a :class:`~.algebra.Step`.
-LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
-
-
-def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """The shape as ints, or None when unknown or symbolic."""
-    if value is None:
-        return None
-    shape = value.shape
-    if shape is None and value.const_value is not None:
-        shape = value.const_value.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value`` (initializer or folded), else None."""
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 def is_generated(value: ir.Value) -> bool:
@@ -56,7 +27,7 @@ def _is_io(value: ir.Value) -> bool:
 
 def layout_step(node: ir.Node) -> Step | None:
     """The data movement ``node`` performs, when it is a layout op with static shapes."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in LAYOUT_OPS or not node.inputs:
+    if not is_op(node, LAYOUT_OPS) or not node.inputs:
         return None
     if len(node.outputs) != 1 or node.inputs[0] is None:
         return None

@@ -29,24 +29,14 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.layout._graph import GENERATED, Editor, can_rename, is_generated, layout_step, static_shape
+from mha2sha.graph import ELEMENTWISE_OPS, is_op, static_shape
+from mha2sha.layout._graph import GENERATED, Editor, can_rename, is_generated, layout_step
 from mha2sha.layout.algebra import Step, compose
 from mha2sha.layout.record import LayoutRecord
 
-__all__ = ["CancelLayoutPass", "ELEMENTWISE_OPS"]
+__all__ = ["CancelLayoutPass"]
 
 logger = logging.getLogger(__name__)
-
-#: Ops that compute each output element from the same-index elements of their inputs.
-ELEMENTWISE_OPS = frozenset(
-    {
-        "Abs", "Add", "And", "Cast", "Ceil", "Clip", "Cos", "Div", "Elu", "Equal", "Erf", "Exp",
-        "Floor", "Gelu", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish", "Identity",
-        "IsNaN", "LeakyRelu", "Less", "LessOrEqual", "Log", "Max", "Min", "Mish", "Mod", "Mul",
-        "Neg", "Not", "Or", "Pow", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign", "Sin",
-        "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tanh", "ThresholdedRelu", "Where", "Xor",
-    }
-)  # fmt: skip
 
 _MAX_CHAIN = 16
 _MAX_ROUNDS = 32
@@ -81,7 +71,6 @@ class CancelLayoutPass(ir.passes.InPlacePass):
         super().__init__()
         self.record = record if record is not None else LayoutRecord()
         self.sink = sink
-        self.removed_nodes = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -111,8 +100,8 @@ class CancelLayoutPass(ir.passes.InPlacePass):
             del graph.initializers[name]
         self._settle_names(graph, {**named, **self._touched})
         TopologicalSortPass()(model)
-        self.removed_nodes = before_count - len(graph)
-        logger.info("CancelLayoutPass: %d nodes fewer", self.removed_nodes)
+        self.record.nodes_removed += before_count - len(graph)
+        logger.info("CancelLayoutPass: %d nodes fewer", before_count - len(graph))
         return ir.passes.PassResult(model, modified=True)
 
     def _same(self, gone: ir.Value, survivor: ir.Value, *, overwrite: bool = True) -> None:
@@ -279,8 +268,7 @@ class CancelLayoutPass(ir.passes.InPlacePass):
     @staticmethod
     def _elementwise(node: ir.Node, dst_shape: tuple[int, ...]) -> bool:
         return (
-            node.domain in ("", "ai.onnx")
-            and node.op_type in ELEMENTWISE_OPS
+            is_op(node, ELEMENTWISE_OPS)
             and len(node.outputs) == 1
             and static_shape(node.outputs[0]) == dst_shape
         )

@@ -34,7 +34,8 @@ from collections.abc import Collection
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.layout._graph import GENERATED, Editor, static_shape
+from mha2sha.graph import is_op, static_shape
+from mha2sha.layout._graph import GENERATED, Editor
 from mha2sha.layout.algebra import Step
 from mha2sha.layout.record import LayoutRecord, Skipped, WeightRemap
 
@@ -112,12 +113,9 @@ class LinearToConvPass(ir.passes.InPlacePass):
         self.record = record if record is not None else LayoutRecord()
         self.fuse_bias = fuse_bias
         self.quantized = frozenset(quantized)
-        self.converted: list[str] = []
-        self.skipped: list[Skipped] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self.converted, self.skipped = [], []
         plans = [p for p in (self._plan(n) for n in list(graph)) if p is not None]
         if not plans:
             return ir.passes.PassResult(model, modified=False)
@@ -131,16 +129,16 @@ class LinearToConvPass(ir.passes.InPlacePass):
             del graph.initializers[name]
         self._finish_weights(graph, weights)
         TopologicalSortPass()(model)
-        logger.info("LinearToConvPass: %d projections -> Conv, %d skipped", len(plans), len(self.skipped))
+        logger.info("LinearToConvPass: %d projections -> Conv", len(plans))
         return ir.passes.PassResult(model, modified=True)
 
     # -- planning -----------------------------------------------------------------------------
     def _skip(self, node: ir.Node, reason: str) -> None:
-        self.skipped.append(Skipped(node.name or node.outputs[0].name or "", node.op_type, reason))
+        self.record.skipped.append(Skipped(node.name or node.outputs[0].name or "", node.op_type, reason))
         logger.debug("not converting %s: %s", node.name, reason)
 
     def _plan(self, node: ir.Node) -> _Plan | None:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        if not is_op(node, "MatMul", "Gemm"):
             return None
         x, w = node.inputs[0], node.inputs[1]
         if x is None or w is None:
@@ -198,7 +196,7 @@ class LinearToConvPass(ir.passes.InPlacePass):
         if len(users) != 1 or mm_out.is_graph_output():
             return None, None
         add, index = users[0]
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        if not is_op(add, "Add") or len(add.inputs) != 2:
             return None, None
         other = add.inputs[1 - index]
         if not _channel_bias(other, out_features, rank) or other.dtype != mm_out.dtype:
@@ -352,4 +350,4 @@ class LinearToConvPass(ir.passes.InPlacePass):
         origin = self.record.origin(original_name)
         for v in (conv_out, back):
             self.record.aliases[v.name] = origin  # type: ignore[index]
-        self.converted.append(node.name or original_name)  # the old nodes are dead now
+        self.record.conv.append(node.name or original_name)  # the old nodes are dead now

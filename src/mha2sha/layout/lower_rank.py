@@ -30,7 +30,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.layout._graph import Editor, const_array, static_shape
+from mha2sha.graph import attr_int, const_array, is_onnx_domain, is_op, static_shape
+from mha2sha.layout._graph import Editor
+from mha2sha.layout.record import LayoutRecord
 
 __all__ = ["LowerRankPass"]
 
@@ -38,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 MAX_RANK = 4
 
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
 
 
 def _squeezed(shape: tuple[int, ...], keep: int | None = None) -> tuple[int, ...]:
@@ -51,9 +49,10 @@ def _squeezed(shape: tuple[int, ...], keep: int | None = None) -> tuple[int, ...
 class LowerRankPass(ir.passes.InPlacePass):
     """Rewrite unit-axis views of rank > 4 into rank <= 4 (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: LayoutRecord | None = None) -> None:
         super().__init__()
-        self.lowered: list[str] = []  # names of tensors (or index constants) brought to rank <= 4
+        self.record = record if record is not None else LayoutRecord()
+        # record.rank_lowered: names of tensors (or index constants) brought to rank <= 4
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -62,7 +61,7 @@ class LowerRankPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.graph is not graph or len(node.outputs) != 1:
                 continue
-            if node.op_type == "GatherND" and node.domain in ("", "ai.onnx"):
+            if is_op(node, "GatherND"):
                 modified |= self._gather_nd(node, edit)
                 continue
             out = node.outputs[0]
@@ -72,7 +71,7 @@ class LowerRankPass(ir.passes.InPlacePass):
             units = frozenset(i for i, d in enumerate(shape) if d == 1)
             if len(shape) - len(units) > MAX_RANK or not self._readers_accept(out, shape, units, via=None):
                 continue
-            if node.op_type == "Gather" and node.domain in ("", "ai.onnx"):
+            if is_op(node, "Gather"):
                 if not self._squeeze_gather_inputs(node, edit, shape, _squeezed(shape)):
                     continue
                 self._squeeze_readers(out, shape, units, edit)
@@ -80,23 +79,23 @@ class LowerRankPass(ir.passes.InPlacePass):
                 self._squeeze(out, units, edit)
             else:
                 continue
-            self.lowered.append(out.name or "")
+            self.record.rank_lowered.append(out.name or "")
             modified = True
-        if self.lowered:
-            logger.info("rank lowered to <= %d: %s", MAX_RANK, ", ".join(self.lowered))
+        if modified:
+            logger.info("rank lowered to <= %d: %s", MAX_RANK, ", ".join(self.record.rank_lowered))
         return ir.passes.PassResult(model, modified)
 
     def _producible(self, value: ir.Value, axes: frozenset[int]) -> bool:
         """Whether ``value``'s producer can write it without ``axes`` (all of size 1)."""
         node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        if node is None or not is_onnx_domain(node.domain) or len(node.outputs) != 1:
             return False
         if node.op_type == "Reshape":
             return True
         if node.op_type == "Concat":
             shape = static_shape(value)
             assert shape is not None
-            axis = _attr_int(node, "axis", 0) % len(shape)
+            axis = attr_int(node, "axis", 0) % len(shape)
             return axis not in axes and all(
                 i is not None
                 and not i.is_graph_input()
@@ -118,7 +117,7 @@ class LowerRankPass(ir.passes.InPlacePass):
         if node.op_type == "Reshape":
             node.replace_input_with(1, edit.const_i64(target, f"{value.name}.shape"))
         else:  # Concat
-            axis = _attr_int(node, "axis", 0) % len(shape)
+            axis = attr_int(node, "axis", 0) % len(shape)
             for i in node.inputs:
                 if static_shape(i) is not None and len(static_shape(i)) == len(shape):  # type: ignore[arg-type]
                     self._squeeze(i, axes, edit)  # type: ignore[arg-type]
@@ -143,14 +142,14 @@ class LowerRankPass(ir.passes.InPlacePass):
     @staticmethod
     def _accepts(user: ir.Node, index: int, shape: tuple[int, ...], axes: frozenset[int]) -> bool:
         """Whether ``user`` computes the same when input ``index`` loses ``axes`` (all of size 1)."""
-        if user.domain not in ("", "ai.onnx"):
+        if not is_onnx_domain(user.domain):
             return False
         if user.op_type == "Reshape" and index == 0:
             target = const_array(user.inputs[1])
-            return target is not None and not (0 in target.tolist() and _attr_int(user, "allowzero", 0) == 0)
+            return target is not None and not (0 in target.tolist() and attr_int(user, "allowzero", 0) == 0)
         if user.op_type == "Gather" and index == 0:
             indices = const_array(user.inputs[1])
-            axis = _attr_int(user, "axis", 0) % len(shape)
+            axis = attr_int(user, "axis", 0) % len(shape)
             kept = indices is not None and indices.ndim == 0 and axis not in axes
             return kept and not user.outputs[0].is_graph_output()
         return False
@@ -158,7 +157,7 @@ class LowerRankPass(ir.passes.InPlacePass):
     @staticmethod
     def _renumber_gather(user: ir.Node, shape: tuple[int, ...], axes: frozenset[int], edit: Editor) -> None:
         """A scalar-index Gather reading the squeezed tensor: renumber its axis, fix its output."""
-        axis = _attr_int(user, "axis", 0) % len(shape)
+        axis = attr_int(user, "axis", 0) % len(shape)
         user.attributes["axis"] = ir.AttrInt64("axis", axis - sum(1 for a in axes if a < axis))
         out = user.outputs[0]
         old = static_shape(out)
@@ -187,7 +186,7 @@ class LowerRankPass(ir.passes.InPlacePass):
         dshape, ishape = static_shape(data), static_shape(indices)
         if data is None or indices is None or dshape is None or ishape is None:
             return False
-        axis = _attr_int(node, "axis", 0) % len(dshape)
+        axis = attr_int(node, "axis", 0) % len(dshape)
         new_data = _squeezed(dshape, keep=axis)
         new_indices = _squeezed(ishape)
         new_axis = sum(1 for d in dshape[:axis] if d != 1)
@@ -210,7 +209,7 @@ class LowerRankPass(ir.passes.InPlacePass):
         data, indices = node.inputs[0], node.inputs[1]
         index = const_array(indices)
         dshape = static_shape(data)
-        if index is None or dshape is None or index.ndim <= MAX_RANK or _attr_int(node, "batch_dims", 0) != 0:
+        if index is None or dshape is None or index.ndim <= MAX_RANK or attr_int(node, "batch_dims", 0) != 0:
             return False
         depth = index.shape[-1]
         lead = dshape[:depth]
@@ -236,5 +235,5 @@ class LowerRankPass(ir.passes.InPlacePass):
         name = out.name
         edit.graph.remove(node, safe=True)
         new_out.name = name
-        self.lowered.append(indices.name or "")  # type: ignore[union-attr]
+        self.record.rank_lowered.append(indices.name or "")  # type: ignore[union-attr]
         return True

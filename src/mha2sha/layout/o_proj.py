@@ -54,7 +54,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.layout._graph import GENERATED, Editor, static_shape
+from mha2sha.graph import attr_int, is_op, static_shape
+from mha2sha.layout._graph import GENERATED, Editor
 from mha2sha.layout.record import LayoutRecord, Skipped
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 
@@ -81,10 +82,6 @@ class _Plan:
     proj: ir.Node
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
-
 
 class PerHeadOProjPass(ir.passes.InPlacePass):
     """Per-head output projection with an Add tree (option (b), see module docstring)."""
@@ -93,12 +90,9 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         super().__init__()
         self.record = record if record is not None else LayoutRecord()
         self.split_record = split_record
-        self.rewritten: list[str] = []
-        self.skipped: list[Skipped] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self.rewritten, self.skipped = [], []
         plans = [p for p in (self._plan(n) for n in list(graph)) if p is not None]
         if not plans:
             return ir.passes.PassResult(model, modified=False)
@@ -114,16 +108,16 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _skip(self, node: ir.Node, reason: str) -> None:
-        self.skipped.append(Skipped(node.name or node.outputs[0].name or "", node.op_type, reason))
+        self.record.skipped.append(Skipped(node.name or node.outputs[0].name or "", node.op_type, reason))
 
     def _plan(self, concat: ir.Node) -> _Plan | None:
-        if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(concat.inputs) < 2:
+        if not is_op(concat, "Concat") or len(concat.inputs) < 2:
             return None
         out = concat.outputs[0]
         shape = static_shape(out)
         if shape is None or any(static_shape(v) is None for v in concat.inputs):
             return None
-        axis = _attr_int(concat, "axis", 0) % len(shape)
+        axis = attr_int(concat, "axis", 0) % len(shape)
         value, reshapes = out, []
         while True:
             uses = list(value.uses())
@@ -137,7 +131,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
                 value = user.outputs[0]
                 continue
             break
-        if user.op_type not in ("MatMul", "Gemm") or user.domain not in ("", "ai.onnx") or index != 0:
+        if not is_op(user, "MatMul", "Gemm") or index != 0:
             return None
         if axis != len(shape) - 1:
             self._skip(user, f"its input is a Concat on axis {axis}, not the contracted last axis")
@@ -146,7 +140,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         if w is None or w.const_value is None or w.is_graph_input() or len(static_shape(w) or ()) != 2:
             self._skip(user, "weight is not a constant [in, out] matrix")
             return None
-        if user.op_type == "Gemm" and _attr_int(user, "transA", 0):
+        if user.op_type == "Gemm" and attr_int(user, "transA", 0):
             self._skip(user, "Gemm transA=1")
             return None
         return _Plan(concat, reshapes, user)
@@ -155,7 +149,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         proj, concat = plan.proj, plan.concat
         w = proj.inputs[1]
         assert w is not None and w.const_value is not None and w.name is not None
-        trans_b = proj.op_type == "Gemm" and bool(_attr_int(proj, "transB", 0))
+        trans_b = proj.op_type == "Gemm" and bool(attr_int(proj, "transB", 0))
         in_axis = 1 if trans_b else 0
         out = proj.outputs[0]
         out_shape = static_shape(out)
@@ -223,7 +217,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         self.record.new_activations.extend(p.name for p in partials if p is not total)  # type: ignore[misc]
         if self.split_record is not None:
             self.split_record.tensors.setdefault(w.name, split)
-        self.rewritten.append(proj.name or name)
+        self.record.o_proj.append(proj.name or name)
 
     def _sum_tree(
         self, graph: ir.Graph, editor: Editor, proj: ir.Node, partials: list[ir.Value], like: ir.Value

@@ -12,7 +12,7 @@ import logging
 
 import onnx_ir as ir
 
-from mha2sha.layout._graph import static_shape
+from mha2sha.graph import static_shape
 
 __all__ = ["HighRankTensor", "high_rank_tensors"]
 

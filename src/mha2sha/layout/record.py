@@ -1,27 +1,21 @@
-"""What the layout passes did to tensor names: the contract with the encodings layer.
+"""What the layout passes did: the only output of the layout stage.
 
 The layout passes move data (Transpose/Reshape) and re-express projections as Conv 1x1; they never
 change a value that an encoding describes, except where stated (a MatMul output fused into a Conv
 with its bias, a per-head partial sum of ``o_proj``). Everything the encodings layer needs is in
-:class:`LayoutRecord`; :func:`remap_encodings` applies it to an :class:`~mha2sha.encodings.EncodingSet`.
+:class:`LayoutRecord` (:func:`mha2sha.encodings.remap.remap_encodings` applies it), and so is
+everything the report shows (projections converted or skipped with the reason, nodes removed,
+tensors of rank > 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
-import onnx_ir as ir
+from mha2sha.layout.rank import HighRankTensor
 
-from mha2sha.io.names import tensor_names
-
-if TYPE_CHECKING:
-    from mha2sha.encodings.model import EncodingSet
-
-__all__ = ["LayoutRecord", "Skipped", "WeightRemap", "remap_encodings"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["LayoutRecord", "Skipped", "WeightRemap"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +63,11 @@ class LayoutRecord:
       output before its bias Add, now inside a Conv) -> why.
     - ``new_activations``: tensors with values that existed in no original tensor (per-head partial
       sums of ``o_proj``): they need calibration, no encoding can be derived for them.
+
+    What each pass did, for the report: ``conv`` (projections now Conv 1x1), ``o_proj``
+    (projections split per head), ``skipped`` (left as they were, why), ``nodes_removed`` (by the
+    layout cancellation), ``rank_lowered`` (unit axes taken out), ``high_rank`` (what is left of
+    rank > 4).
     """
 
     weights: dict[str, WeightRemap] = dataclasses.field(default_factory=dict)
@@ -76,6 +75,12 @@ class LayoutRecord:
     moved: dict[str, str] = dataclasses.field(default_factory=dict)
     fused: dict[str, str] = dataclasses.field(default_factory=dict)
     new_activations: list[str] = dataclasses.field(default_factory=list)
+    conv: list[str] = dataclasses.field(default_factory=list)
+    o_proj: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    nodes_removed: int = 0
+    rank_lowered: list[str] = dataclasses.field(default_factory=list)
+    high_rank: list[HighRankTensor] = dataclasses.field(default_factory=list)
 
     def origin(self, name: str) -> str:
         """The original tensor whose values ``name`` holds (itself when it is original)."""
@@ -88,7 +93,7 @@ class LayoutRecord:
             if value == old:
                 self.moved[key] = new
 
-    def to_dict(self) -> dict[str, object]:
+    def names_dict(self) -> dict[str, Any]:
         return {
             "weights": {k: dataclasses.asdict(v) for k, v in self.weights.items()},
             "aliases": dict(self.aliases),
@@ -97,51 +102,13 @@ class LayoutRecord:
             "new_activations": list(self.new_activations),
         }
 
-
-def remap_encodings(encodings: EncodingSet, record: LayoutRecord, model: ir.Model) -> EncodingSet:
-    """Encodings for ``model`` after the layout passes, from those of the model before them.
-
-    Weights are renamed and their channel/block axes moved (``axis``/``block_axis``/``rank``);
-    aliases receive a copy of their original's encoding; encodings of moved tensors follow their
-    values; encodings of fused or vanished tensors are dropped (logged). Encodings of tensors the
-    layout passes did not touch are kept as they are.
-    """
-    present = tensor_names(model)
-    out = encodings.copy()
-    for old, remap in record.weights.items():
-        enc = out.params.pop(old, None)
-        if enc is None:
-            continue
-        new = enc.renamed(remap.new_name)
-        if new.axis is not None:
-            new.axis = remap.axis_map[new.axis]
-        if new.block_axis is not None:
-            new.block_axis = remap.axis_map[new.block_axis]
-        new.rank = len(remap.new_shape)
-        out.params[remap.new_name] = new
-        if (
-            old in present and old != remap.new_name
-        ):  # the original weight still feeds another op: keep its encoding too
-            out.params[old] = enc
-        if out.order is not None:
-            out.order = [remap.new_name if n == old else n for n in out.order]
-    for old, new_name in record.moved.items():
-        enc = out.activations.pop(old, None)
-        if enc is not None and new_name not in out:
-            out.activations[new_name] = enc.renamed(new_name)
-            if out.order is not None:
-                out.order.append(new_name)
-    for new_name, original in record.aliases.items():
-        enc = encodings.get(original) or out.get(original)
-        if enc is not None and new_name not in out and new_name in present:
-            out.activations[new_name] = enc.renamed(new_name)
-            if out.order is not None:
-                out.order.append(new_name)
-    for name in list(out.activations):
-        if name not in present:
-            logger.info("encoding of %s dropped: %s", name, record.fused.get(name, "tensor gone"))
-            del out.activations[name]
-    if out.order is not None:
-        seen: set[str] = set()
-        out.order = [n for n in out.order if n in out and not (n in seen or seen.add(n))]
-    return out
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conv": list(self.conv),
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "o_proj_per_head": list(self.o_proj),
+            "layout_nodes_removed": self.nodes_removed,
+            "rank_lowered": list(self.rank_lowered),
+            "rank_above_4": [dataclasses.asdict(t) for t in self.high_rank],
+            "names": self.names_dict(),
+        }

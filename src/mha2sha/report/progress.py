@@ -8,13 +8,13 @@ import dataclasses
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["PhaseTimer", "PhaseRecord"]
+__all__ = ["PhaseTimer", "PhaseRecord", "Advance"]
 
 
 def _peak_rss_mb() -> float:
@@ -30,6 +30,21 @@ def _peak_rss_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / (1024 * 1024)
 
 
+class Advance:
+    """Moves a phase's bar: ``advance(n)`` by n steps, ``advance.to(done, total)`` to a position."""
+
+    def __init__(self, bar: Progress | None, task: TaskID | None):
+        self._bar, self._task = bar, task
+
+    def __call__(self, n: int = 1) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task, n)
+
+    def to(self, done: int, total: int | None) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=done, total=total)
+
+
 @dataclasses.dataclass
 class PhaseRecord:
     name: str
@@ -42,6 +57,7 @@ class PhaseTimer:
 
     def __init__(self, show: bool = False):
         self.records: list[PhaseRecord] = []
+        self.current: str | None = None  # the phase running now (named in internal-error messages)
         console = Console(stderr=True)
         self._bar = (
             Progress(
@@ -57,21 +73,21 @@ class PhaseTimer:
         )
 
     @contextlib.contextmanager
-    def phase(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-        """Time ``name``; the yielded function advances its bar by n steps (e.g. one per block)."""
+    def phase(self, name: str, total: int | None = None) -> Iterator[Advance]:
+        """Time ``name``; the yielded :class:`Advance` moves its bar (e.g. one step per block)."""
         start = time.perf_counter()
+        outer, self.current = self.current, name
         task = None
         if self._bar is not None:
             if not self._bar.live.is_started:
                 self._bar.start()
             task = self._bar.add_task(name, total=total)
-
-        def advance(n: int = 1) -> None:
-            if task is not None and self._bar is not None:
-                self._bar.advance(task, n)
-
         try:
-            yield advance
+            yield Advance(self._bar, task)
+        except BaseException:
+            raise  # self.current keeps naming the failed phase
+        else:
+            self.current = outer
         finally:
             if task is not None and self._bar is not None:
                 self._bar.remove_task(task)

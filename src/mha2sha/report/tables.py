@@ -1,15 +1,31 @@
-"""Summaries a person reads: one row per attention block, one line per finding."""
+"""Summaries a person reads: one table per stage record, one line per finding.
+
+Every stage returns a record; this module is the only place that turns records into terminal
+output, so a new stage adds its table here and nowhere else.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from rich.table import Table
+from rich.text import Text
 
-from mha2sha.split.split_heads import BlockReport
+from mha2sha.encodings.propagate import CoverageReport
+from mha2sha.layout.record import LayoutRecord
+from mha2sha.split.record import BlockReport
 from mha2sha.verify.htp import HtpCheck
+from mha2sha.verify.runner import Verification
 
-__all__ = ["blocks_table", "blocks_json", "htp_summary"]
+__all__ = [
+    "blocks_json",
+    "blocks_table",
+    "coverage_table",
+    "htp_summary",
+    "layout_summary",
+    "verification_table",
+]
 
 
 def _what_was_split(block: BlockReport) -> str:
@@ -64,6 +80,61 @@ def blocks_json(blocks: Sequence[BlockReport]) -> list[dict]:
     ]
 
 
+def _fmt(x: float) -> str:
+    return "-" if math.isinf(x) else f"{x:.3e}"
+
+
+def verification_table(v: Verification, mode: str | None = None) -> Table:
+    """One row per output (``mode``: "full" / "blocks")."""
+    verdict = "[bold green]PASS[/]" if v.ok else "[bold red]FAIL[/]"
+    what = f"Verification ({mode})" if mode else "Verification"
+    table = Table(title=f"{what} {verdict} (rtol {v.rtol:.1e}, max rel err {_fmt(v.max_rel_err)})")
+    table.add_column("output")
+    table.add_column("shape")
+    table.add_column("max abs err", justify="right")
+    table.add_column("max rel err", justify="right")
+    table.add_column("status")
+    for r in v.rows:
+        status = Text("ok", style="green") if r.ok else Text("FAIL", style="bold red")
+        if r.note:
+            status.append(f" ({r.note})", style="dim" if r.ok else "red")
+        table.add_row(
+            r.name, "x".join(map(str, r.shape)) or "scalar", _fmt(r.max_abs_err), _fmt(r.max_rel_err), status
+        )
+    return table
+
+
+def coverage_table(report: CoverageReport, examples: int = 3) -> Table:
+    """Encodings propagation: one row per category with its count and the first few names."""
+    t = Table(title="Encodings coverage" + ("" if report.ok else " (GAPS)"))
+    t.add_column("category")
+    t.add_column("count", justify="right")
+    t.add_column("examples")
+
+    def names(items: list[str] | dict[str, str]) -> str:
+        if isinstance(items, dict):
+            shown = [f"{k} ({v})" for k, v in list(items.items())[:examples]]
+        else:
+            shown = list(items)[:examples]
+        more = f" +{len(items) - examples}" if len(items) > examples else ""
+        return ", ".join(shown) + more
+
+    rows: list[tuple[str, list[str] | dict[str, str], str]] = [
+        ("MHA tensors with encodings (split)", report.mha_encoded, ""),
+        ("per-head tensors encoded", report.sha_encoded, ""),
+        ("per-head tensors missing an encoding", report.missing, "red"),
+        ("encodings dropped (tensor gone)", report.dropped, "red"),
+        ("encodings naming no original tensor", report.unknown, "yellow"),
+        ("split tensors without encoding", report.unencoded_splits, "dim"),
+        ("encodings kept unchanged", report.kept, ""),
+        ("removed, same encoding as its data-movement input or copy", report.folded, "dim"),
+        ("heads joined (Concat), encoding of the pieces' source", report.joined, "dim"),
+    ]
+    for label, items, style in rows:
+        t.add_row(label, str(len(items)), names(items) if items else "", style=style if items else None)
+    return t
+
+
 def htp_summary(check: HtpCheck) -> str:
     """Two lines: does SHA run on HTP alone, and how far MHA and SHA are apart there."""
 
@@ -81,3 +152,21 @@ def htp_summary(check: HtpCheck) -> str:
         f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}\n"
         f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}"
     )
+
+
+def layout_summary(record: LayoutRecord) -> str:
+    """One line per layout fact: projections converted or kept (why), layout ops removed, rank."""
+    lines = []
+    if record.o_proj:
+        lines.append(f"per-head o_proj: {len(record.o_proj)} projection(s) split over the heads")
+    lines.append(
+        f"HTP layout: {len(record.conv)} projection(s) now Conv 1x1, {record.nodes_removed} layout op(s) removed"
+        + (f", {len(record.rank_lowered)} tensor(s) lowered to rank <= 4" if record.rank_lowered else "")
+    )
+    if record.skipped:
+        reasons = sorted({s.reason for s in record.skipped})
+        lines.append(f"[yellow]kept as they were[/]: {len(record.skipped)} node(s) ({'; '.join(reasons[:3])})")
+    if record.high_rank:
+        names = ", ".join(t.name for t in record.high_rank[:3])
+        lines.append(f"[yellow]{len(record.high_rank)} tensor(s) of rank > 4 remain[/]: {names}")
+    return "\n".join(lines)

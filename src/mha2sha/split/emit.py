@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from mha2sha.io.names import UniqueNames
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
-from mha2sha.split.rules import RULES, is_identity_per_head, static_shape
+from mha2sha.split.rules import rule_of, static_shape
 from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key, piece_ranges, piece_shape
 from mha2sha.split.walk import Region, Step
 
@@ -146,8 +146,9 @@ class Emitter:
     def _node_piece(self, region: Region, step: Step, head: int) -> ir.Value:
         node = step.node
         assert node is not None
-        rule = RULES[node.op_type]
-        if rule.kind == "slice" and is_identity_per_head(node, step.out_index, step.spec):
+        rule = rule_of(node)
+        assert rule is not None
+        if rule.identity_when is not None and rule.identity_when(node, step.out_index, step.spec):
             k = next(i for i, s in enumerate(step.in_specs) if s)
             return self.piece(region, node.inputs[k], step.in_specs[k], head)
         inputs = [
@@ -155,8 +156,13 @@ class Emitter:
             for v, s in zip(node.inputs, step.in_specs, strict=False)
         ]
         inputs += list(node.inputs[len(inputs) :])
-        if rule.kind == "reshape":
+        if rule.emit == "reshape":
             return self._reshape(step, head, inputs[0])
+        if rule.emit == "tile":
+            repeats = self._tile_repeats(step, head, inputs[0])
+            if repeats is None:
+                return inputs[0]
+            inputs[1] = repeats
         clone_key = (id(node), tuple(id(v) for v in inputs))
         clone = self._clones.get(clone_key)
         if clone is None:
@@ -206,6 +212,14 @@ class Emitter:
         )
         self.add(new)
         return out
+
+    def _tile_repeats(self, step: Step, head: int, source: ir.Value) -> ir.Value | None:
+        """Tile repeats that turn the head's input piece into its output piece (None: no repeat)."""
+        target = piece_shape(static_shape(step.value), step.spec)
+        repeats = [t // s for t, s in zip(target, static_shape(source), strict=True)]
+        if all(r == 1 for r in repeats):
+            return None
+        return self.const_i64(repeats, f"{step.value.name}{_suffix(piece_key(step.spec, head))}.repeats")
 
     # -- helpers --------------------------------------------------------------------------------
     def const_i64(self, values: list[int], name: str) -> ir.Value:

@@ -9,7 +9,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-__all__ = ["Piece", "TensorSplit", "SplitRecord"]
+__all__ = ["BlockReport", "Piece", "TensorSplit", "SplitRecord"]
+
+
+@dataclasses.dataclass
+class BlockReport:
+    """What happened to one attention block: ``split``, ``unsupported`` (left as multi-head, with
+    the reason) or ``single-head`` (nothing to split)."""
+
+    name: str
+    status: Literal["split", "unsupported", "single-head"]
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    weights: list[str] = dataclasses.field(default_factory=list)
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    kv_cache: list[str] = dataclasses.field(default_factory=list)  # cache concats cut after appending
+    activations: list[str] = dataclasses.field(default_factory=list)  # "tensor (reason)"
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +68,20 @@ class SplitRecord:
     # tensors the split made vanish (e.g. the outputs of a packed-QKV Split) that data-movement
     # tensors of the split regions copied: the same values live on there, cut per head
     copied_by: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # one report per attention block found (split or not), and Softmax nodes that are not attention
+    blocks: list[BlockReport] = dataclasses.field(default_factory=list)
+    other_softmax: list[str] = dataclasses.field(default_factory=list)
+    # with per-head KV I/O: original graph input / output -> (head axis, per-head names in order)
+    input_pieces: dict[str, tuple[int, list[str]]] = dataclasses.field(default_factory=dict)
+    output_pieces: dict[str, tuple[int, list[str]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def split_blocks(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.status == "split"]
+
+    @property
+    def unsupported_blocks(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.status == "unsupported"]
 
     def prune(self, existing: set[str]) -> None:
         """Forget pieces that the cleanup removed (intermediates of collapsed reshape chains)."""

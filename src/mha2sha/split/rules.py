@@ -1,25 +1,41 @@
-"""Per-op rules of the head split, read like a table.
+"""Per-op rules of the head split: one row per op type, holding everything the split knows of it.
 
-Each rule answers, for a node whose output ``out_index`` is cut per head by ``spec``: which part of
-each input does one head need? (``None``: the input is shared whole by every head.) A rule raises
-:class:`Unsplittable` when the op mixes heads or the shapes do not allow a contiguous cut; the walk
-then stops there. Rules whose per-head node is not a plain clone also name an emitter
-(see :mod:`mha2sha.split.emit`): reshapes get per-head target shapes, and slicing ops whose slice is
-taken along the head axis become the identity because the head's piece already is the slice.
+A :class:`Rule` answers, for a node whose output ``out_index`` is cut per head by ``spec``:
+- ``backward``: which part of each input does one head need? (``None``: the input is shared whole
+  by every head.) It raises :class:`Unsplittable` when the op mixes heads or the shapes do not
+  allow a contiguous cut; the walk then stops there.
+- ``forward``: for pure data movement, the output's cut given input 0's cut (used to push the head
+  join past Transpose/Reshape towards the output projection); ``None`` for other ops.
+- ``emit``: how a head's node is built (:mod:`mha2sha.split.emit`): ``"clone"`` the op on per-head
+  inputs, ``"reshape"`` one Reshape/Expand to the piece's shape, ``"tile"`` a Tile with the piece's
+  repeats.
+- ``identity_when``: for slicing ops, when the slice is taken along a cut axis the head's input
+  piece already is its output piece, and no node is emitted.
+Adding an op is one row in :data:`RULES` and one row in ``tests/split/test_rules.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Literal
 
-import numpy as np
 import onnx_ir as ir
 
+from mha2sha.graph import (
+    BROADCAST_OPS,
+    RESHAPE_OPS,
+    UNARY_OPS,
+    attr_int,
+    attr_ints,
+    const_ints,
+    is_onnx_domain,
+)
+from mha2sha.graph import static_shape as shape_or_none
 from mha2sha.split.reshape_map import Unmappable, map_spec_through_reshape
 from mha2sha.split.spec import AxisCut, HeadSpec
 
-__all__ = ["Unsplittable", "Rule", "RULES", "static_shape", "forward_spec"]
+__all__ = ["Unsplittable", "Rule", "RULES", "forward_spec", "rule_of", "static_shape"]
 
 InSpecs = list[HeadSpec | None]
 
@@ -29,29 +45,11 @@ class Unsplittable(Exception):
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...]:
-    shape = value.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    """The static shape every tensor of a split region must have (else the walk stops here)."""
+    shape = shape_or_none(value)
+    if shape is None:
         raise Unsplittable(f"tensor '{value.name}' has no static shape")
-    return tuple(int(d) for d in shape)
-
-
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        return None
-    return [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
-
-
-def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(x) for x in attr.as_ints()]
+    return shape
 
 
 def _broadcast(spec: HeadSpec, out_shape: tuple[int, ...], value: ir.Value | None) -> HeadSpec | None:
@@ -96,14 +94,14 @@ def along_axis(default_axis: int) -> Callable[[ir.Node, int, HeadSpec], InSpecs]
 
     def rule(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
         rank = len(_out_shape(node, 0))
-        _check_axes_uncut(spec, [_attr_int(node, "axis", default_axis)], rank, node.op_type)
+        _check_axes_uncut(spec, [attr_int(node, "axis", default_axis)], rank, node.op_type)
         return first_input(node, out_index, spec)
 
     return rule
 
 
 def cumsum(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
-    axis = _const_ints(node.inputs[1])
+    axis = const_ints(node.inputs[1])
     if axis is None:
         raise Unsplittable("CumSum with a dynamic axis")
     _check_axes_uncut(spec, axis, len(_out_shape(node, 0)), "CumSum")
@@ -115,7 +113,7 @@ def normalization(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     if out_index != 0:
         raise Unsplittable(f"{node.op_type} statistics output")
     rank = len(_out_shape(node, 0))
-    axis = _attr_int(node, "axis", -1) % rank
+    axis = attr_int(node, "axis", -1) % rank
     if any(cut.axis >= axis for cut in spec):
         raise Unsplittable(f"{node.op_type} normalises across the head axis")
     return first_input(node, out_index, spec)
@@ -124,13 +122,13 @@ def normalization(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 def reduce(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     in_shape = static_shape(node.inputs[0])
     rank = len(in_shape)
-    axes = _attr_ints(node, "axes")
+    axes = attr_ints(node, "axes")
     if axes is None and len(node.inputs) > 1:
-        axes = _const_ints(node.inputs[1])
+        axes = const_ints(node.inputs[1])
         if axes is None:
             raise Unsplittable(f"{node.op_type} with dynamic axes")
     axes = sorted(a % rank for a in (axes if axes is not None else range(rank)))
-    if _attr_int(node, "keepdims", 1):
+    if attr_int(node, "keepdims", 1):
         mapping = list(range(rank))
     else:
         mapping = [a for a in range(rank) if a not in axes]
@@ -145,7 +143,7 @@ def reduce(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 
 def transpose(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     rank = len(_out_shape(node, 0))
-    perm = _attr_ints(node, "perm") or list(reversed(range(rank)))
+    perm = attr_ints(node, "perm") or list(reversed(range(rank)))
     return [tuple(sorted(cut.moved(perm[cut.axis]) for cut in spec))]
 
 
@@ -183,7 +181,7 @@ def matmul(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 
 def gemm(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     out_shape = _out_shape(node, 0)
-    trans_a, trans_b = _attr_int(node, "transA", 0), _attr_int(node, "transB", 0)
+    trans_a, trans_b = attr_int(node, "transA", 0), attr_int(node, "transB", 0)
     a_cuts, b_cuts = [], []
     for cut in spec:
         if cut.axis == 0:
@@ -197,7 +195,7 @@ def gemm(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 
 
 def conv(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
-    if _attr_int(node, "group", 1) != 1:
+    if attr_int(node, "group", 1) != 1:
         raise Unsplittable("grouped Conv")
     x_cuts, w_cuts = [], []
     for cut in spec:
@@ -215,10 +213,10 @@ def _slice_bounds(node: ir.Node) -> dict[int, tuple[int, int]]:
     """Static Slice parameters as {axis: (start, stop)}; raises for steps other than 1."""
     in_shape = static_shape(node.inputs[0])
     rank = len(in_shape)
-    starts = _const_ints(node.inputs[1])
-    ends = _const_ints(node.inputs[2])
-    axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    starts = const_ints(node.inputs[1])
+    ends = const_ints(node.inputs[2])
+    axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
     if starts is None or ends is None:
         raise Unsplittable("Slice with dynamic bounds")
     axes = list(range(len(starts))) if axes is None else axes
@@ -245,7 +243,7 @@ def slice_(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 
 def _split_starts(node: ir.Node) -> tuple[int, list[int]]:
     in_shape = static_shape(node.inputs[0])
-    axis = _attr_int(node, "axis", 0) % len(in_shape)
+    axis = attr_int(node, "axis", 0) % len(in_shape)
     sizes = [static_shape(o)[axis] for o in node.outputs]
     return axis, [sum(sizes[:k]) for k in range(len(sizes))]
 
@@ -260,7 +258,7 @@ def split(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 
 def gather(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     data_rank = len(static_shape(node.inputs[0]))
-    axis = _attr_int(node, "axis", 0) % data_rank
+    axis = attr_int(node, "axis", 0) % data_rank
     q = len(static_shape(node.inputs[1]))
     cuts = []
     for cut in spec:
@@ -275,7 +273,7 @@ def gather(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
 
 def concat(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     rank = len(_out_shape(node, 0))
-    axis = _attr_int(node, "axis", 0) % rank
+    axis = attr_int(node, "axis", 0) % rank
     on_axis = [cut for cut in spec if cut.axis == axis]
     if not on_axis:
         return [spec for _ in node.inputs]
@@ -294,75 +292,106 @@ def concat(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
     raise Unsplittable("Concat along the head axis spans several inputs")
 
 
-# --- emitters that are not a plain clone ------------------------------------------------------
+def tile(node: ir.Node, out_index: int, spec: HeadSpec) -> InSpecs:
+    """``repeat_kv`` as Unsqueeze -> Tile: a repeated axis of size 1 is shared (query head ``h`` uses
+    KV head ``h // g`` through the cut on the axis before it); a repeated axis of size ``n`` maps
+    piece ``i`` to input piece ``i mod (n / block)``."""
+    in_shape = static_shape(node.inputs[0])
+    repeats = const_ints(node.inputs[1])
+    if repeats is None:
+        raise Unsplittable("Tile with dynamic repeats")
+    cuts = []
+    for cut in spec:
+        n, r = in_shape[cut.axis], repeats[cut.axis]
+        if r == 1:
+            cuts.append(cut)
+        elif n == 1:
+            continue  # every head uses the one repeated slice
+        elif n % cut.block == 0 and cut.offset == 0 and cut.count % (n // cut.block) == 0:
+            cuts.append(dataclasses.replace(cut, count=n // cut.block))
+        else:
+            raise Unsplittable(f"Tile repeats the head axis {cut.axis} in pieces that straddle copies")
+    return [tuple(cuts) or None, None]
 
 
-def is_identity_per_head(node: ir.Node, out_index: int, spec: HeadSpec) -> bool:
-    """Slicing ops whose slice lies along a cut axis: the head's input piece is its output piece."""
+# --- forward rules: data movement carries a cut from input 0 to the output --------------------
+
+
+def transpose_forward(node: ir.Node, spec: HeadSpec) -> HeadSpec:
+    rank = len(static_shape(node.inputs[0]))
+    perm = attr_ints(node, "perm") or list(reversed(range(rank)))
+    return tuple(sorted(cut.moved(perm.index(cut.axis)) for cut in spec))
+
+
+def reshape_forward(node: ir.Node, spec: HeadSpec) -> HeadSpec:
+    try:
+        return map_spec_through_reshape(spec, static_shape(node.inputs[0]), _out_shape(node, 0))
+    except Unmappable as e:
+        raise Unsplittable(str(e)) from e
+
+
+# --- slicing ops: no node per head when the slice lies along a cut axis ----------------------
+
+
+def slices_cut_axis(node: ir.Node, out_index: int, spec: HeadSpec) -> bool:
+    """Slice/Split/Concat along a cut axis: the head's input piece is its output piece."""
     op = node.op_type
-    rank = len(_out_shape(node, out_index))
     if op == "Slice":
         return any(cut.axis in _slice_bounds(node) for cut in spec)
     if op == "Split":
         axis, _ = _split_starts(node)
         return any(cut.axis == axis for cut in spec)
-    if op == "Concat":
-        return any(cut.axis == _attr_int(node, "axis", 0) % rank for cut in spec)
-    return False
+    rank = len(_out_shape(node, out_index))
+    return any(cut.axis == attr_int(node, "axis", 0) % rank for cut in spec)
+
+
+Backward = Callable[[ir.Node, int, HeadSpec], InSpecs]
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    backward: Callable[[ir.Node, int, HeadSpec], InSpecs]
-    kind: str = "clone"  # "clone" | "reshape" (per-head target shape) | "slice" (identity on cut axis)
+    """Everything the split knows about one op type (see the module docstring)."""
+
+    backward: Backward
+    emit: Literal["clone", "reshape", "tile"] = "clone"
+    forward: Callable[[ir.Node, HeadSpec], HeadSpec] | None = None
+    identity_when: Callable[[ir.Node, int, HeadSpec], bool] | None = None
 
 
-_ELEMENTWISE = (
-    "Add Sub Mul Div Pow Where Max Min Sum Mean Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor "
-    "Mod PRelu BitShift"
-).split()
-_UNARY = (
-    "Neg Sqrt Tanh Exp Log Cast CastLike Relu Sigmoid Erf Reciprocal Identity Abs Sin Cos Floor Ceil Round "
-    "Sign Not IsNaN IsInf Gelu Softplus Elu LeakyRelu HardSigmoid HardSwish Clip Dropout Selu Celu Mish"
-).split()
+_REDUCE_OPS = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL2 ReduceSumSquare".split()
+_NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 
 RULES: dict[str, Rule] = {
-    **{op: Rule(elementwise) for op in _ELEMENTWISE},
-    **{op: Rule(first_input) for op in _UNARY},
+    **{op: Rule(elementwise) for op in sorted(BROADCAST_OPS)},
+    **{op: Rule(first_input) for op in sorted(UNARY_OPS)},
     "Softmax": Rule(along_axis(-1)),
     "LogSoftmax": Rule(along_axis(-1)),
     "CumSum": Rule(cumsum),
-    "LayerNormalization": Rule(normalization),
-    "SimplifiedLayerNormalization": Rule(normalization),
-    "RMSNormalization": Rule(normalization),
-    **{
-        op: Rule(reduce)
-        for op in "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL2 ReduceSumSquare".split()
-    },
-    "Transpose": Rule(transpose),
-    **{op: Rule(reshape, "reshape") for op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten")},
+    **{op: Rule(normalization) for op in _NORM_OPS},
+    **{op: Rule(reduce) for op in _REDUCE_OPS},
+    "Transpose": Rule(transpose, forward=transpose_forward),
+    **{op: Rule(reshape, "reshape", forward=reshape_forward) for op in sorted(RESHAPE_OPS)},
     "Expand": Rule(expand, "reshape"),
+    "Tile": Rule(tile, "tile"),
     "MatMul": Rule(matmul),
     "Gemm": Rule(gemm),
     "Conv": Rule(conv),
-    "Slice": Rule(slice_, "slice"),
-    "Split": Rule(split, "slice"),
+    "Slice": Rule(slice_, identity_when=slices_cut_axis),
+    "Split": Rule(split, identity_when=slices_cut_axis),
     "Gather": Rule(gather),
-    "Concat": Rule(concat, "slice"),
+    "Concat": Rule(concat, identity_when=slices_cut_axis),
 }
 
 
+def rule_of(node: ir.Node) -> Rule | None:
+    """The split rule of ``node`` (ONNX domain only; contrib ops are lowered before the split)."""
+    return RULES.get(node.op_type) if is_onnx_domain(node.domain) else None
+
+
 def forward_spec(node: ir.Node, spec: HeadSpec) -> HeadSpec:
-    """Carry a cut on input 0 forward through a data-movement op (used to push the head concat
-    towards the output projection). Raises :class:`Unsplittable` for other ops."""
-    op = node.op_type
-    if op == "Transpose":
-        rank = len(static_shape(node.inputs[0]))
-        perm = _attr_ints(node, "perm") or list(reversed(range(rank)))
-        return tuple(sorted(cut.moved(perm.index(cut.axis)) for cut in spec))
-    if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
-        try:
-            return map_spec_through_reshape(spec, static_shape(node.inputs[0]), _out_shape(node, 0))
-        except Unmappable as e:
-            raise Unsplittable(str(e)) from e
-    raise Unsplittable(f"no forward rule for {op}")
+    """Carry a cut on input 0 forward through a data-movement op; raises :class:`Unsplittable`
+    for ops without a forward rule."""
+    rule = rule_of(node)
+    if rule is None or rule.forward is None:
+        raise Unsplittable(f"no forward rule for {node.op_type}")
+    return rule.forward(node, spec)

@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["AxisCut", "HeadSpec", "piece_key", "piece_shape", "piece_ranges", "is_full_cover"]
+__all__ = [
+    "AxisCut",
+    "HeadSpec",
+    "head_spec_of_output",
+    "is_full_cover",
+    "piece_key",
+    "piece_ranges",
+    "piece_shape",
+]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -72,6 +80,22 @@ def is_full_cover(spec: HeadSpec, shape: tuple[int, ...]) -> bool:
     return cut.offset == 0 and cut.block * cut.count == shape[cut.axis]
 
 
-def normalize(spec: list[AxisCut] | HeadSpec) -> HeadSpec:
-    """Sort cuts by axis and drop cuts that select a whole size-1 axis (broadcast, nothing to cut)."""
-    return tuple(sorted(spec))
+def head_spec_of_output(shape: tuple[int, ...]) -> HeadSpec:
+    """Head cut of an attention output ``MatMul(P, V)`` of static ``shape``: ``[B,H,S,D]``,
+    ``[B*H,S,D]`` (heads folded into batch), ``[B,Hkv,g,S,D]`` (GQA without repeat_kv).
+
+    Returns an empty spec when there is a single head (nothing to split).
+    """
+    dims = list(shape)
+    if len(dims) == 4 and dims[1] > 1:
+        return (AxisCut(1, 0, 1, dims[1]),)
+    if len(dims) == 3 and dims[0] > 1:
+        return (AxisCut(0, 0, 1, dims[0]),)
+    if len(dims) == 5:
+        cuts = []
+        if dims[1] > 1:
+            cuts.append(AxisCut(1, 0, 1, dims[1], div=dims[2]))
+        if dims[2] > 1:
+            cuts.append(AxisCut(2, 0, 1, dims[2]))
+        return tuple(cuts)
+    return ()

@@ -24,41 +24,19 @@ from collections.abc import Callable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.encodings.model import DATA_MOVEMENT_OPS
-from mha2sha.find.anchors import (
-    AttentionCore,
-    find_attention_cores,
-    find_fused_attention,
-    head_spec_of_output,
-)
+from mha2sha.find.anchors import AttentionCore, find_attention_cores
+from mha2sha.graph import DATA_MOVEMENT_OPS
+from mha2sha.graph import static_shape as shape_or_none
 from mha2sha.io.names import tensor_names
 from mha2sha.split.emit import Emitter
-from mha2sha.split.record import SplitRecord
-from mha2sha.split.rules import RULES, Unsplittable, forward_spec, static_shape
-from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key
+from mha2sha.split.record import BlockReport, SplitRecord
+from mha2sha.split.rules import Unsplittable, forward_spec, rule_of, static_shape
+from mha2sha.split.spec import HeadSpec, head_spec_of_output, is_full_cover, piece_key
 from mha2sha.split.walk import CACHE_CONCAT_REASON, Region, Step, walk_back
 
-__all__ = ["BlockReport", "SplitHeadsPass"]
+__all__ = ["SplitHeadsPass"]
 
 logger = logging.getLogger(__name__)
-
-_FORWARD_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
-
-
-@dataclasses.dataclass
-class BlockReport:
-    """What happened to one attention core."""
-
-    name: str
-    status: str  # "split" | "unsupported" | "single-head"
-    heads: int = 0
-    kv_heads: int = 0
-    head_dim: int = 0
-    weights: list[str] = dataclasses.field(default_factory=list)
-    inputs: list[str] = dataclasses.field(default_factory=list)
-    kv_cache: list[str] = dataclasses.field(default_factory=list)  # cache concats cut after appending
-    activations: list[str] = dataclasses.field(default_factory=list)  # "tensor (reason)"
-    reason: str = ""
 
 
 @dataclasses.dataclass
@@ -74,15 +52,18 @@ class _Block:
 def _push_forward(value: ir.Value, spec: HeadSpec) -> tuple[ir.Value, HeadSpec]:
     while not value.is_graph_output():
         users = list(value.consumers())
-        if len(users) != 1 or users[0].op_type not in _FORWARD_OPS or users[0].inputs[0] is not value:
+        if len(users) != 1 or users[0].inputs[0] is not value:
             break
         user = users[0]
+        rule = rule_of(user)
+        if rule is None or rule.forward is None:
+            break
         try:
             new_spec = forward_spec(user, spec)
             out = user.outputs[0]
             if not is_full_cover(new_spec, static_shape(out)):
                 break
-            if RULES[user.op_type].backward(user, 0, new_spec)[0] != spec:
+            if rule.backward(user, 0, new_spec)[0] != spec:
                 break
         except Unsplittable:
             break
@@ -146,11 +127,18 @@ def _kv_heads(region: Region, core: AttentionCore, heads: int) -> int:
     return min(len({piece_key(s.spec, h) for h in range(heads)}) for s in k_steps)
 
 
+def _model_heads(region: Region, pieces: int) -> int:
+    """The model's head count: distinct per-head weight pieces (a batch folded into the head axis,
+    ``[B*H, S, D]``, gives ``B*H`` pieces of attention but ``H`` of each projection weight)."""
+    counts = [len({piece_key(s.spec, h) for h in range(pieces)}) for s in region.of_kind("param")]
+    return max(counts, default=pieces) or pieces
+
+
 def _describe(block: _Block) -> None:
     report, region = block.report, block.region
-    report.heads = block.heads
+    report.heads = _model_heads(region, block.heads)
     report.head_dim = static_shape(block.core.output)[-1]
-    report.kv_heads = _kv_heads(region, block.core, block.heads)
+    report.kv_heads = min(_kv_heads(region, block.core, block.heads), report.heads)
     report.weights = sorted({s.value.name for s in region.of_kind("param")})
     report.inputs = sorted({s.value.name for s in region.of_kind("input")})
     cuts = region.of_kind("activation")
@@ -168,36 +156,31 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         record: SplitRecord | None = None,
         *,
         per_head_io: bool = False,
-        on_block: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
         super().__init__()
-        self.on_block = on_block  # progress: called once per attention core handled
         self.record = record if record is not None else SplitRecord()
         self.per_head_io = per_head_io
-        # with per_head_io: original input/output name -> (head axis, per-head names in order)
-        self.input_pieces: dict[str, tuple[int, list[str]]] = {}
-        self.output_pieces: dict[str, tuple[int, list[str]]] = {}
-        self.blocks: list[BlockReport] = []
-        self.other_softmax: list[str] = []
+        self.progress = progress or (lambda done, total: None)  # (blocks done, blocks in all)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        cores, others = find_attention_cores(graph)
-        self.other_softmax = [n.name or n.outputs[0].name for n in others]
-        for node in find_fused_attention(graph):
-            reason = f"fused {node.domain + '.' if node.domain else ''}{node.op_type} op: lower it to MatMul/Softmax first"
-            self.blocks.append(BlockReport(node.name or node.outputs[0].name, "unsupported", reason=reason))
-        blocks = [b for b in (self._plan(core) for core in cores) if b is not None]
-        if self.on_block is not None:
-            self.on_block(len(cores) - len(blocks))  # cores left alone are done already
+        anchors = find_attention_cores(graph)
+        self.record.other_softmax = [n.name or n.outputs[0].name or "Softmax" for n in anchors.others]
+        for refused in anchors.refused:
+            self.record.blocks.append(BlockReport(refused.name, "unsupported", reason=refused.reason))
+            logger.warning("attention %s left as multi-head: %s", refused.name, refused.reason)
+        blocks = [b for b in (self._plan(core) for core in anchors.cores) if b is not None]
+        done, total = len(anchors.cores) - len(blocks), len(anchors.cores)
+        self.progress(done, total)  # cores left alone are done already
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
         emitter = Emitter(graph, self.record, per_head_inputs=self.per_head_io)
         for block in blocks:
             for head in range(block.heads):
                 emitter.piece(block.region, block.start, block.start_spec, head)
-            if self.on_block is not None:
-                self.on_block(1)
+            done += 1
+            self.progress(done, total)
         copies = {  # data-movement tensor -> the tensor it copies (read before joins rename and cleanup detaches)
             step.value.name: step.node.inputs[0].name
             for block in blocks
@@ -219,9 +202,15 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _plan(self, core: AttentionCore) -> _Block | None:
-        spec = head_spec_of_output(core.output)
         report = BlockReport(core.name, "single-head")
-        self.blocks.append(report)
+        self.record.blocks.append(report)
+        shape = shape_or_none(core.output)
+        if shape is None:
+            report.status = "unsupported"
+            report.reason = f"shape of the attention output '{core.output.name}' is unknown"
+            logger.warning("attention %s left as multi-head: %s", core.name, report.reason)
+            return None
+        spec = head_spec_of_output(shape)
         if not spec:
             return None
         heads = math.prod(cut.count for cut in spec)
@@ -282,9 +271,9 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                     else:
                         graph.outputs[k] = whole
                 if self.per_head_io:
-                    self.output_pieces[original_name] = (cut.axis, [p.name for p in pieces])
+                    self.record.output_pieces[original_name] = (cut.axis, [p.name for p in pieces])
         for name, (value, axis, pieces) in emitter.input_pieces.items():
             if value.uses():
                 value.replace_all_uses_with(emitter.concat(pieces, axis, value))
             graph.inputs.remove(value)
-            self.input_pieces[name] = (axis, [p.name for p in pieces])
+            self.record.input_pieces[name] = (axis, [p.name for p in pieces])

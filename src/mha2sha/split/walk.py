@@ -14,7 +14,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from mha2sha.split.rules import RULES, Unsplittable, static_shape
+from mha2sha.split.rules import Unsplittable, rule_of, static_shape
 from mha2sha.split.spec import HeadSpec
 
 __all__ = ["Step", "Region", "walk_back"]
@@ -80,7 +80,7 @@ def walk_back(region: Region, value: ir.Value, spec: HeadSpec, *, cut_cache_inpu
         if not cut_cache_inputs and is_cache_concat(producer):
             region.steps[key] = Step("activation", value, spec, reason=CACHE_CONCAT_REASON)
             continue
-        rule = RULES.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
+        rule = rule_of(producer)
         if rule is None:
             region.steps[key] = Step("activation", value, spec, reason=f"no rule for {producer.op_type}")
             continue

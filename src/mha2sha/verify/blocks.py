@@ -40,41 +40,36 @@ a block passes when its fp32 run matches and the fp16 difference is within
 :data:`LOW_PRECISION_EPS` eps (the row's note keeps both numbers). Rows of the returned
 :class:`Verification` are named ``<block>/<output>``.
 
-Command line (used by ``benchmarks/run.py``)::
-
-    python -m mha2sha.verify.blocks original.onnx converted.onnx [--rtol 1e-5] [--full]
+Command line: ``mha2sha verify original.onnx converted.onnx [--verify blocks|full] [--rtol 1e-5]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import logging
 import math
 import os
-import sys
 import tempfile
-import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
-from mha2sha.errors import UserError
+from mha2sha.errors import InternalError, UserError
 from mha2sha.find.anchors import find_attention_cores
 from mha2sha.io.names import values_by_name
+from mha2sha.io.prepare import infer_shapes
 from mha2sha.verify.runner import (
     Optimization,
     Verification,
-    _from_ort,
-    _one_line,
-    _session_options,
-    _to_ort,
     compare_outputs,
+    from_ort,
+    one_line,
+    session_options,
+    to_ort,
 )
 
 __all__ = [
@@ -85,7 +80,6 @@ __all__ = [
     "infer_pieces",
     "low_precision_bound",
     "verify_blocks",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -245,14 +239,14 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
     leave it (they are computed inside the block on both sides, never fed independently).
     """
     if any(n.outputs and n.outputs[0].shape is None for n in original.graph):
-        ShapeInferencePass()(original)  # raw exports carry few shapes; the stable check needs them
+        infer_shapes(original)  # raw exports carry few shapes; the stable check needs them
     o_values, c_values = values_by_name(original.graph), values_by_name(converted.graph)
     o_stable = _stable_in(converted, original.graph)
     c_stable = _stable_in(original, converted.graph)
     out_pieces = infer_pieces(list(original.graph.outputs), list(converted.graph.outputs))
     in_pieces = infer_pieces(list(original.graph.inputs), list(converted.graph.inputs))
     whole_of = {p: name for name, (_, pieces) in in_pieces.items() for p in pieces}
-    cores, _ = find_attention_cores(original.graph)
+    cores = find_attention_cores(original.graph).cores
     blocks = []
     for core in cores:
         end = _first_stable_after(core.output, o_stable)
@@ -343,7 +337,7 @@ def _run(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], optimization: 
     names = [o.name for o in proto.graph.output]
     wanted = [i.name for i in proto.graph.input]
     try:
-        options = _session_options(optimization)
+        options = session_options(optimization)
         if proto.ByteSize() < _PROTO_LIMIT:
             sess = ort.InferenceSession(
                 proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
@@ -354,10 +348,11 @@ def _run(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], optimization: 
                 onnx.save_model(proto, path, save_as_external_data=True, location="block.data")
                 sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         del proto
-        values = sess.run_with_ort_values(names, {n: _to_ort(feeds[n]) for n in wanted})
-        return {n: _from_ort(v) for n, v in zip(names, values, strict=True)}
+        values = sess.run_with_ort_values(names, {n: to_ort(feeds[n]) for n in wanted})
+        return {n: from_ort(v) for n, v in zip(names, values, strict=True)}
     except Exception as exc:
-        raise UserError(f"onnxruntime failed on {what}: {_one_line(exc)}") from None
+        error = UserError if what.startswith("original") else InternalError
+        raise error(f"onnxruntime failed on {what}: {one_line(exc)}") from None
 
 
 def _is_low(elem_type: int) -> bool:
@@ -614,44 +609,3 @@ def verify_blocks(
         if on_block is not None:
             on_block(1)
     return Verification(rows=tuple(rows), rtol=rtol, reference=None)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from mha2sha.io.load import load_model
-    from mha2sha.verify.inputs import plan_inputs
-    from mha2sha.verify.runner import verification_table, verify
-
-    p = argparse.ArgumentParser(prog="python -m mha2sha.verify.blocks", description=__doc__.split("\n\n")[0])
-    p.add_argument("original")
-    p.add_argument("converted")
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--full", action="store_true", help="verify the whole models instead (onnxruntime)")
-    args = p.parse_args(argv)
-    from rich.console import Console
-
-    console = Console()
-    start = time.perf_counter()
-    try:
-        original = load_model(args.original)
-        inputs = plan_inputs(original, args.seed)
-        if args.full:
-            result = verify(args.original, args.converted, dict(inputs), rtol=args.rtol)
-        else:
-            converted = load_model(args.converted)
-            result = verify_blocks(original, converted, inputs=inputs, rtol=args.rtol, seed=args.seed)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(result.rows) > 12 and result.ok:
-        what = "outputs" if args.full else "block outputs"
-        console.print(f"{len(result.rows)} {what} compared, max rel err {result.max_rel_err:.3e}")
-    else:
-        console.print(verification_table(result))
-    mode = "full" if args.full else "blocks"
-    console.print(f"verify {mode}: {'PASS' if result.ok else 'FAIL'} in {time.perf_counter() - start:.1f} s")
-    return 0 if result.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

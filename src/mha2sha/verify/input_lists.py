@@ -23,6 +23,7 @@ can never write outside ``out_dir``; shapes.json maps every file back to its ten
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ import numpy as np
 from mha2sha.errors import UserError
 
 __all__ = ["write_input_lists"]
+
+logger = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -99,6 +102,14 @@ def write_input_lists(
 
     out = Path(out_dir).resolve()
     host = Path(host_dir).resolve() if host_dir is not None else out
+    if any(c.isspace() for c in str(host)):
+        # qnn-net-run splits list lines at whitespace and knows no quoting: name files relative to
+        # the output folder instead (run qnn-net-run from there)
+        logger.warning(
+            "input_list.txt names files relative to %s (its path has whitespace, which the list format "
+            "cannot hold): run qnn-net-run from that folder", host
+        )
+        host = Path(".")
     (out / "inputs").mkdir(parents=True, exist_ok=True)
     (out / "goldens").mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -109,7 +120,7 @@ def write_input_lists(
         arr = np.asarray(inputs[name])
         rel = f"inputs/{in_stems[name]}.raw"
         _write(out / rel, _le_bytes(arr), written)
-        host_items.append(f"{name}:={(host / rel).as_posix()}")
+        host_items.append(f"{name}:={(host / rel).as_posix() if host != Path('.') else rel}")
         device_items.append(f"{name}:={rel}")
         in_entries.append(_entry(name, rel, arr))
 

@@ -42,6 +42,7 @@ through the split and the save); blockwise verification makes each layer's KV fo
 
 from __future__ import annotations
 
+import logging
 import re
 import zipfile
 import zlib
@@ -53,6 +54,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.graph import RESHAPE_OPS, is_onnx_domain
 
 __all__ = [
     "MASK_NEG",
@@ -63,6 +65,8 @@ __all__ = [
     "parse_input_shapes",
     "plan_inputs",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Additive value of a masked position in float masks.  Qualcomm's prepared-LLM pipelines use
 #: -100: after softmax it is exactly 0 in fp16 and ~4e-44 in fp32, it never overflows to -inf
@@ -75,7 +79,7 @@ ROPE_THETA = 10000.0
 
 _FALLBACK_VOCAB = 100
 _SMALL_INT_CAP = 100
-_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"})
+_PASS_THROUGH = RESHAPE_OPS | {"Cast", "Identity", "Expand"}  # token ids keep their values
 _TABLE_PRODUCERS = frozenset({"DequantizeLinear", "Cast", "Identity", "Constant"})
 _TOKEN_ID_NAMES = frozenset({"input_ids", "decoder_input_ids", "token_ids", "tokens", "input_tokens"})
 
@@ -112,8 +116,8 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
             raise UserError(
                 f"bad --input-shape {spec!r}: dims must be integers separated by commas, e.g. {name}=1,128"
             ) from None
-        if any(d < 0 for d in dims):
-            raise UserError(f"bad --input-shape {spec!r}: dims must be >= 0")
+        if any(d < 1 for d in dims):
+            raise UserError(f"bad --input-shape {spec!r}: dims must be >= 1")
         if name in shapes:
             raise UserError(f"--input-shape given twice for input {name!r}")
         shapes[name] = dims
@@ -238,7 +242,7 @@ def _embedding_vocab(value: ir.Value) -> int | None:
             continue
         seen.add(id(v))
         for node, idx in v.uses():
-            if node.domain not in ("", "ai.onnx"):
+            if not is_onnx_domain(node.domain):
                 continue
             if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None:
                 rows = _table_rows(node.inputs[0], node.attributes.get_int("axis", 0))
@@ -476,6 +480,11 @@ def _read_npz(path: Path, name: str, dtype: np.dtype, shape: tuple[int, ...]) ->
         raise UserError(f"cannot read input {name!r} from {str(path)!r}: {exc}") from None
     if array.dtype != dtype or array.shape != shape:
         raise UserError(f"{path.name}: input {name!r} changed since it was checked")
+    if _is_float(array.dtype) and not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise UserError(
+            f"{path.name}: input {name!r} has {count} NaN/inf value(s); verification needs finite inputs"
+        )
     return array
 
 
@@ -518,6 +527,8 @@ class ModelInputs(Mapping[str, np.ndarray]):
         self._seed = seed
         self._npz = npz
         self._provided = frozenset(provided)
+        #: inputs made here although the user gave an .npz (it does not have them)
+        self.generated = [n for n in self._specs if n not in self._provided] if npz is not None else []
 
     def __getitem__(self, name: str) -> np.ndarray:
         spec = self._specs[name]
@@ -606,7 +617,10 @@ def plan_inputs(
                 if all(d is not None for d in dims):
                     merged[name] = [int(d) for d in dims]  # type: ignore[arg-type]
     specs = _specs(model, merged)
-    return ModelInputs(specs, _infer_lengths(specs), seed, path, provided)
+    planned = ModelInputs(specs, _infer_lengths(specs), seed, path, provided)
+    if planned.generated:
+        logger.warning("%s has no %s: generated", path, ", ".join(planned.generated))
+    return planned
 
 
 def make_inputs(

@@ -39,7 +39,8 @@ import onnx_ir as ir
 
 from mha2sha.encodings.axes import as_ir_model, resolve_axes
 from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation, dtype_bits, dtype_is_signed
-from mha2sha.errors import UserError
+from mha2sha.errors import InternalError, UserError
+from mha2sha.graph import DATA_MOVEMENT_OPS, is_op
 
 __all__ = [
     "to_qdq",
@@ -64,6 +65,15 @@ _NP_QDTYPE: dict[str, Any] = {
     "int32": np.int32,
 }
 _FLOAT_CAST = {16: ir.DataType.FLOAT16}
+
+#: Quantized outputs of the MHA and SHA models may differ by this many LSBs (``--max-lsb``).
+DEFAULT_MAX_LSB = 1.0
+
+
+def _saturate(values: np.ndarray, lo: int, hi: int, dtype: type) -> np.ndarray:
+    """Clip to ``[lo, hi]`` in float64 and cast: float32 cannot hold int32's 2**31 - 1 (it rounds to
+    2**31, which would wrap to -2**31 -- a saturated bias turned negative)."""
+    return np.clip(values.astype(np.float64), lo, hi).astype(dtype)
 
 
 def _qrange(dtype: str) -> tuple[int, int]:
@@ -112,7 +122,7 @@ def fake_quantize(
         bshape[axis] = -1
         s, z = s.reshape(bshape), z.reshape(bshape)
     lo, hi = _qrange(dtype)
-    q = np.clip(np.rint(x / s) + z, lo, hi)
+    q = _saturate(np.rint(x / s) + z, lo, hi, np.int64).astype(np.float32)  # as ORT converts the int
     return ((q - z) * s).astype(np.float32)
 
 
@@ -275,7 +285,7 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
             bshape[enc.axis] = -1
             s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
         np_q = _NP_QDTYPE.get(qdtype, np.int32)
-        q = np.clip(np.rint(x / s32) + z32, lo, hi).astype(np_q)
+        q = _saturate(np.rint(x / s32) + z32, lo, hi, np_q)
         if domain == "com.microsoft":
             b.uses_ms = True
         qv = b.const(f"{name}_q", q)
@@ -308,7 +318,7 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
             bshape = [1] * x.ndim
             bshape[axis] = -1
             s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
-        q = np.clip(np.rint(x / s32) + z32, lo, hi).astype(np.int32)
+        q = _saturate(np.rint(x / s32) + z32, lo, hi, np.int32)
         qv = b.const(f"{name}_q", q)
         sv = b.const(f"{name}_scale", s_arr)
         zv = b.const(f"{name}_zero_point", z_arr.astype(np.int32))
@@ -333,8 +343,9 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
 
 
 #: Data movement ORT's QDQPropagationTransformer does not pass a DQ through (it does Reshape,
-#: Transpose, (Un)Squeeze, Slice, MaxPool): without an encoding of its own the op runs in float.
-_NOT_PROPAGATED = frozenset({"Expand", "Tile", "Flatten"})
+#: Transpose, (Un)Squeeze, Slice, MaxPool; Identity is removed): without an encoding of its own
+#: the op runs in float.
+_NOT_PROPAGATED = DATA_MOVEMENT_OPS - {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
 def _inherit_through_copies(model: ir.Model, es: EncodingSet) -> None:
@@ -346,7 +357,7 @@ def _inherit_through_copies(model: ir.Model, es: EncodingSet) -> None:
     is the identity, so this cannot change the CPU outputs; AIMET's 2.x export writes the same entries.
     """
     for node in model.graph:
-        if node.op_type not in _NOT_PROPAGATED or node.domain not in ("", "ai.onnx") or not node.inputs:
+        if not is_op(node, _NOT_PROPAGATED) or not node.inputs:
             continue
         out = node.outputs[0]
         if not out.name or out.name in es:
@@ -397,7 +408,7 @@ def _session(model: ir.Model, workdir: str):  # -> ort.InferenceSession
     try:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise UserError(
+        raise InternalError(
             f"onnxruntime cannot load the QDQ model: {' '.join(str(exc).split())[:300]}"
         ) from None
 

@@ -29,18 +29,28 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.io.names import values_by_name
+from mha2sha.io.prepare import infer_shapes
+from mha2sha.layout.record import LayoutRecord
+from mha2sha.split.record import SplitRecord
 from mha2sha.verify.qdq import max_steps, output_lsb, run_qdq_model, to_qdq_ir
 
-__all__ = ["Origin", "TensorDiff", "LocalCheck", "compare_quantized_tensors"]
+__all__ = ["Origin", "TensorDiff", "LocalCheck", "compare_quantized_tensors", "origins"]
 
 #: SHA tensor -> (MHA tensor, ((axis, start, stop), ...)); empty ranges: the whole tensor.
 Origin = Mapping[str, tuple[str, tuple[tuple[int, int, int], ...]]]
 
 _REF_SUFFIX = "__mha_ref"
+
+
+def origins(split: SplitRecord, layout: LayoutRecord | None) -> Origin:
+    """SHA tensor -> (MHA tensor, ranges of its piece): per-head pieces, and layout copies of them."""
+    found = {p.name: (t.original, p.ranges) for t in split.tensors.values() for p in t.pieces}
+    for new, old in (layout.aliases if layout is not None else {}).items():
+        found.setdefault(new, found.get(old, (old, ())))
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +97,8 @@ def _qdq_value(model: ir.Model, values: Mapping[str, ir.Value], name: str) -> ir
 
 def _with_shapes(model: ir.Model | str | os.PathLike) -> ir.Model:
     model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else ir.load(model)
-    return ShapeInferencePass()(model).model
+    infer_shapes(model)
+    return model
 
 
 def _expose(model: ir.Model, values: list[ir.Value]) -> list[str]:

@@ -15,22 +15,23 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from rich.table import Table
-from rich.text import Text
 
-from mha2sha.errors import UserError
+from mha2sha.errors import InternalError, UserError
 
 __all__ = [
+    "DEFAULT_RTOL",
     "OutputCheck",
     "Verification",
     "compare_outputs",
     "estimate_ort_bytes",
     "run_model",
-    "verification_table",
     "verify",
 ]
 
 Optimization = Literal["disable", "basic", "extended", "all"]
+
+#: Max relative error per output (relative to the output's largest magnitude), ``--rtol``.
+DEFAULT_RTOL = 1e-5
 
 #: Denominator floor of the relative error, so an all-zero reference does not divide by zero.
 _TINY = float(np.finfo(np.float64).tiny)
@@ -45,7 +46,7 @@ ORT_BYTES_PER_WEIGHT_BYTE = {"low": 3.6, "other": 1.15}
 _LOW_PRECISION = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
-def _session_options(optimization: Optimization):  # -> ort.SessionOptions
+def session_options(optimization: Optimization):  # -> ort.SessionOptions
     import onnxruntime as ort
 
     levels = {
@@ -62,7 +63,7 @@ def _session_options(optimization: Optimization):  # -> ort.SessionOptions
     return opts
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -72,35 +73,38 @@ def run_model(
     inputs: Mapping[str, np.ndarray],
     *,
     optimization: Optimization = "basic",
+    ours: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the model at ``path`` on ``inputs`` with onnxruntime (CPU); outputs in model order.
 
     The model is loaded from its path so external data files next to it are found.  Inputs the
     session does not take are ignored (e.g. extra keys); a missing input, a model ORT cannot load
-    or a failed run raises UserError with ORT's message on one line.  ``optimization`` defaults
-    to "basic": constant folding and redundant-node removal only, so the comparison tests the
-    graphs as written, not ORT's fused kernels.
+    or a failed run raises UserError with ORT's message on one line -- or InternalError when
+    ``ours`` (the converted model: its failure is our bug).  ``optimization`` defaults to "basic":
+    constant folding and redundant-node removal only, so the comparison tests the graphs as
+    written, not ORT's fused kernels.
     """
     import onnxruntime as ort
 
+    error = InternalError if ours else UserError
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"model {path!r} does not exist")
     try:
-        sess = ort.InferenceSession(path, _session_options(optimization), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(path, session_options(optimization), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise UserError(f"onnxruntime cannot load {path!r}: {_one_line(exc)}") from None
+        raise error(f"onnxruntime cannot load {path!r}: {one_line(exc)}") from None
     wanted = [i.name for i in sess.get_inputs()]
     missing = [n for n in wanted if n not in inputs]
     if missing:
-        raise UserError(f"no value for input(s) {', '.join(map(repr, missing))} of {path!r}")
+        raise error(f"no value for input(s) {', '.join(map(repr, missing))} of {path!r}")
     names = [o.name for o in sess.get_outputs()]
     try:
-        feeds = {n: _to_ort(inputs[n]) for n in wanted}
+        feeds = {n: to_ort(inputs[n]) for n in wanted}
         values = sess.run_with_ort_values(names, feeds)
-        return {n: _from_ort(v) for n, v in zip(names, values, strict=True)}
+        return {n: from_ort(v) for n, v in zip(names, values, strict=True)}
     except Exception as exc:
-        raise UserError(f"onnxruntime failed to run {path!r}: {_one_line(exc)}") from None
+        raise error(f"onnxruntime failed to run {path!r}: {one_line(exc)}") from None
 
 
 # numpy (ml_dtypes) types onnxruntime's numpy bridge does not know: passed as same-size ints.
@@ -115,7 +119,7 @@ _ML_DTYPES = {
 _BY_ORT_TYPE = {ort_type: name for name, (_, ort_type) in _ML_DTYPES.items()}
 
 
-def _to_ort(arr: np.ndarray):  # -> ort.OrtValue
+def to_ort(arr: np.ndarray):  # -> ort.OrtValue
     """OrtValue for ``arr``, including bfloat16/float8 arrays ORT's numpy bridge rejects."""
     import onnxruntime as ort
 
@@ -127,7 +131,7 @@ def _to_ort(arr: np.ndarray):  # -> ort.OrtValue
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(view, special[0])
 
 
-def _from_ort(value) -> np.ndarray:
+def from_ort(value) -> np.ndarray:
     """Copy an output OrtValue to numpy; bfloat16/float8 are read raw and viewed via ml_dtypes."""
     name = _BY_ORT_TYPE.get(value.data_type())
     if name is None:
@@ -221,11 +225,10 @@ def _check(name: str, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: floa
         nonfinite_bad = int(np.count_nonzero(~both & ~same_nonfinite))
         nonfinite_same = int(np.count_nonzero(~both & same_nonfinite))
 
-    if both.any():
-        abs_err = float(np.abs(a[both] - b[both]).max())
-        scale = float(np.abs(a[both]).max())
-    else:
-        abs_err, scale = 0.0, 0.0
+    if not both.any():  # nothing finite to compare: such a check could never fail
+        return OutputCheck(name, shape, math.inf, math.inf, False, "no finite value to compare (all NaN/inf)")
+    abs_err = float(np.abs(a[both] - b[both]).max())
+    scale = float(np.abs(a[both]).max())
     rel_err = abs_err / max(scale, _TINY)
     within = rel_err <= rtol or abs_err <= atol
     notes = []
@@ -241,7 +244,7 @@ def _check(name: str, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: floa
 def compare_outputs(
     reference: Mapping[str, np.ndarray],
     candidate: Mapping[str, np.ndarray],
-    rtol: float = 1e-5,
+    rtol: float = DEFAULT_RTOL,
     *,
     atol: float = 0.0,
 ) -> Verification:
@@ -284,13 +287,13 @@ def verify(
     converted_path: str | os.PathLike[str],
     inputs: Mapping[str, np.ndarray],
     *,
-    rtol: float = 1e-5,
+    rtol: float = DEFAULT_RTOL,
     atol: float = 0.0,
     optimization: Optimization = "basic",
 ) -> Verification:
     """Run both models on ``inputs`` and compare; ``result.reference`` holds the golden outputs."""
     reference = run_model(original_path, inputs, optimization=optimization)
-    candidate = run_model(converted_path, inputs, optimization=optimization)
+    candidate = run_model(converted_path, inputs, optimization=optimization, ours=True)
     return compare_outputs(reference, candidate, rtol, atol=atol)
 
 
@@ -318,27 +321,3 @@ def estimate_ort_bytes(model: ir.Model, input_bytes: int = 0) -> tuple[int, ir.D
     )
     dtype = max(low, key=low.__getitem__) if sum(low.values()) > other else None
     return int(estimate), dtype
-
-
-def _fmt(x: float) -> str:
-    return "-" if math.isinf(x) else f"{x:.3e}"
-
-
-def verification_table(v: Verification, mode: str | None = None) -> Table:
-    """A rich table, one row per output, for the CLI report (``mode``: "full" / "blocks")."""
-    verdict = "[bold green]PASS[/]" if v.ok else "[bold red]FAIL[/]"
-    what = f"Verification ({mode})" if mode else "Verification"
-    table = Table(title=f"{what} {verdict} (rtol {v.rtol:.1e}, max rel err {_fmt(v.max_rel_err)})")
-    table.add_column("output")
-    table.add_column("shape")
-    table.add_column("max abs err", justify="right")
-    table.add_column("max rel err", justify="right")
-    table.add_column("status")
-    for r in v.rows:
-        status = Text("ok", style="green") if r.ok else Text("FAIL", style="bold red")
-        if r.note:
-            status.append(f" ({r.note})", style="dim" if r.ok else "red")
-        table.add_row(
-            r.name, "x".join(map(str, r.shape)) or "scalar", _fmt(r.max_abs_err), _fmt(r.max_rel_err), status
-        )
-    return table

@@ -28,6 +28,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
+def repeat_kv_tile(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``repeat_kv`` as AIMET re-exports it: Unsqueeze -> Tile -> Reshape (``Tensor.repeat``)."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].repeat(1, 1, n_rep, 1, 1).reshape(b, h * n_rep, s, d)
+
+
 def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF "rotate_half" RoPE with half-width cos/sin: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
     half = x.shape[-1] // 2
@@ -38,8 +46,9 @@ def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 class PreparedLlamaStep(nn.Module):
     """Llama decoder step with prepared-style I/O; weights are the HF model's own modules."""
 
-    def __init__(self, hf: nn.Module) -> None:
+    def __init__(self, hf: nn.Module, tile: bool = False) -> None:
         super().__init__()
+        self.repeat_kv = repeat_kv_tile if tile else repeat_kv
         cfg = hf.config
         self.embed = hf.model.embed_tokens
         self.layers = hf.model.layers
@@ -72,9 +81,9 @@ class PreparedLlamaStep(nn.Module):
             keys = torch.cat([past[2 * i], k_t], dim=3)  # [1, Hkv, D, CL]
             values = torch.cat([past[2 * i + 1], v], dim=2)  # [1, Hkv, CL, D]
             rep = self.heads // self.kv_heads
-            scores = torch.matmul(q, repeat_kv(keys, rep)) * self.scale + attention_mask
+            scores = torch.matmul(q, self.repeat_kv(keys, rep)) * self.scale + attention_mask
             probs = torch.softmax(scores, dim=-1)
-            ctx = torch.matmul(probs, repeat_kv(values, rep))  # [1, H, AR, D]
+            ctx = torch.matmul(probs, self.repeat_kv(values, rep))  # [1, H, AR, D]
             ctx = ctx.transpose(1, 2).reshape(1, ar, self.heads * self.head_dim)
             h = h + attn.o_proj(ctx)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -99,7 +108,7 @@ def prepared_mask(ar: int, context: int, padded: int = 2) -> torch.Tensor:
     return torch.where(allowed, 0.0, MASK_VALUE)[None, None].float()
 
 
-def build_prepared(ar: int, context: int = CONTEXT) -> Built:
+def build_prepared(ar: int, context: int = CONTEXT, tile: bool = False) -> Built:
     """Prepared-style step over the ``llama_gqa`` weights (8 q heads, 2 kv heads, head_dim 12)."""
     spec = SPECS["llama_gqa"]
     hf = make_causal_lm(spec)
@@ -118,7 +127,7 @@ def build_prepared(ar: int, context: int = CONTEXT) -> Built:
         inputs[f"past_key_{layer}_in"] = torch.randn(1, spec.kv_heads, spec.head_dim, past, generator=gen)
         inputs[f"past_value_{layer}_in"] = torch.randn(1, spec.kv_heads, past, spec.head_dim, generator=gen)
         outputs += [f"past_key_{layer}_out", f"past_value_{layer}_out"]
-    return Built(PreparedLlamaStep(hf).eval(), inputs, outputs)
+    return Built(PreparedLlamaStep(hf, tile).eval(), inputs, outputs)
 
 
 def _info(name: str, ar: int, extra: str) -> CaseInfo:
@@ -141,8 +150,13 @@ def _info(name: str, ar: int, extra: str) -> CaseInfo:
 
 
 def cases() -> list[Case]:
-    """Prepared-style step with AR=3 and the AR=1 decode variant."""
+    """Prepared-style step with AR=3, the AR=1 decode variant, and repeat_kv through Tile."""
     return [
         Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3), build_prepared),
         Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1), build_prepared),
+        Case(
+            _info("prepared_llama_gqa_tile", 3, "; repeat_kv as Unsqueeze -> Tile (AIMET re-export)"),
+            lambda: build_prepared(3, tile=True),
+            lambda ar, cl: build_prepared(ar, cl, tile=True),
+        ),
     ]

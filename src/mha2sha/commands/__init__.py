@@ -1,0 +1,10 @@
+"""The subcommands of ``mha2sha``: one module each, registered here in one line."""
+
+from __future__ import annotations
+
+from mha2sha.commands import convert, verify
+
+#: ``mha2sha <name>``: each module has ``add_parser(subparsers)``, which sets ``run``.
+COMMANDS = (convert, verify)
+
+__all__ = ["COMMANDS"]

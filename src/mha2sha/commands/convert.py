@@ -1,0 +1,81 @@
+"""``mha2sha convert``: split multi-head attention into per-head attention, verified."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from rich.console import Console
+
+from mha2sha.commands.options import add_conversion_options, options_from_flags
+from mha2sha.job import ConversionResult, ConvertOptions, convert
+from mha2sha.report.progress import PhaseTimer
+from mha2sha.report.summary import print_conversion
+from mha2sha.verify.plan import VERIFY_MODES
+
+__all__ = ["add_parser", "run", "run_conversion"]
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="split multi-head attention into per-head attention, verified")
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--name", help="output model name (default: the input's)")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default=_DEFAULTS["verify"],
+        help="onnxruntime comparison of the whole models, or of each attention block on its own "
+        "(bounded memory); auto (default) = full when it needs <= 1 GiB (and 1/4 of free RAM), else blocks",
+    )
+    p.add_argument("--no-verify", action="store_true", help="same as --verify none")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        default=_DEFAULTS["rtol"],
+        help=f"max relative error per output (default {_DEFAULTS['rtol']:g})",
+    )
+    p.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        help="save the weights in external files of at most SIZE each (e.g. 2GB, 500MB, 1073741824)",
+    )
+    add_conversion_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
+    options = options_from_flags(vars(args))
+    return run_conversion(args.model, args.output, args.name, options, console, timer)
+
+
+def run_conversion(
+    model: str, out: str, name: str | None, options: ConvertOptions, console: Console, timer: PhaseTimer
+) -> int:
+    """Convert, print every record, and say by the exit code whether the result is complete."""
+    result = convert(model, out, name=name, options=options, timer=timer)
+    return _print_result(console, result, options.allow_partial, timer)
+
+
+def _print_result(console: Console, result: ConversionResult, allow_partial: bool, timer: PhaseTimer) -> int:
+    if not result.blocks and not result.files:
+        console.print("No attention found (no Softmax feeding a MatMul with V); nothing written.")
+        return 0
+    print_conversion(
+        console, split=result.split, layout=result.layout, coverage=result.coverage, verify=result.verify
+    )
+    if result.files:
+        written = ", ".join(str(f) for f in result.files if f.parent.name not in ("goldens", "inputs"))
+        console.print(f"Wrote {written}")
+        console.print(timer.table())
+    elif not result.split_blocks:
+        console.print("No multi-head attention was split; nothing written (use --force to write anyway).")
+    unsupported = result.unsupported_blocks
+    if unsupported:
+        console.print(
+            f"[yellow]{len(unsupported)} attention block(s) left as multi-head[/]; see the table above."
+        )
+        return 0 if allow_partial else 1
+    return 0

@@ -1,0 +1,98 @@
+"""The conversion report: ``<name>.report.json`` and what the terminal shows, from the stage records."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+
+from mha2sha.encodings.propagate import CoverageReport
+from mha2sha.layout.record import LayoutRecord
+from mha2sha.report.progress import PhaseRecord
+from mha2sha.report.tables import (
+    blocks_json,
+    blocks_table,
+    coverage_table,
+    htp_summary,
+    layout_summary,
+    verification_table,
+)
+from mha2sha.split.record import SplitRecord
+from mha2sha.verify.plan import VerifyRecord
+
+__all__ = ["print_conversion", "report_json"]
+
+#: A blockwise verification with more rows than this is shown as one line when it passes.
+_MAX_ROWS = 12
+
+
+def report_json(
+    *,
+    split: SplitRecord,
+    layout: LayoutRecord | None,
+    coverage: CoverageReport | None,
+    verify: VerifyRecord | None,
+    phases: Sequence[PhaseRecord],
+) -> dict[str, Any]:
+    checks = verify.to_dict() if verify is not None else {}
+    return {
+        "blocks": blocks_json(split.blocks),
+        "non_attention_softmax": split.other_softmax,
+        "phases": [dataclasses.asdict(r) for r in phases],
+        "encodings_coverage": coverage.to_dict() if coverage else None,
+        "quantized_max_lsb": checks.get("quantized_max_lsb"),
+        "quantized_tensor_by_tensor": checks.get("quantized_tensor_by_tensor"),
+        "htp": checks.get("htp"),
+        "layout": layout.to_dict() if layout else None,
+        "verification": checks.get("verification"),
+    }
+
+
+def print_conversion(
+    console: Console,
+    *,
+    split: SplitRecord,
+    layout: LayoutRecord | None,
+    coverage: CoverageReport | None,
+    verify: VerifyRecord | None,
+) -> None:
+    """Every record of a finished conversion, as tables and one-line findings."""
+    if split.blocks:
+        console.print(blocks_table(split.blocks))
+    if split.other_softmax:
+        console.print(f"Softmax not in an attention core (left as is): {', '.join(split.other_softmax)}")
+    if layout is not None:
+        console.print(layout_summary(layout))
+    if coverage is not None:
+        console.print(coverage_table(coverage))
+    if verify is None:
+        return
+    v, plan = verify.float, verify.plan
+    if v is not None:
+        if plan.mode == "blocks" and v.ok and len(v.rows) > _MAX_ROWS:
+            console.print(
+                f"Verification (blocks) [bold green]PASS[/]: {len(v.rows)} block outputs compared, "
+                f"max rel err {v.max_rel_err:.3e} (rtol {v.rtol:.1e})"
+            )
+        else:
+            console.print(verification_table(v, plan.mode))
+    console.print(f"Verify mode: {plan.mode} ({plan.reason()})")
+    for note in plan.notes:
+        console.print(f"[yellow]Note:[/] {note}")
+    if verify.qdq_lsb is not None:
+        worst = max(verify.qdq_lsb.values(), default=0.0)
+        verdict = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
+        console.print(
+            f"Quantized (QDQ, onnxruntime CPU) MHA vs SHA: [green]{verdict}[/] over {len(verify.qdq_lsb)} outputs"
+        )
+    if verify.qdq_local is not None:
+        local = verify.qdq_local
+        worst_t = local.worst
+        console.print(
+            f"Quantized tensor by tensor: {len(local.tensors)} tensors, "
+            f"max {worst_t.lsb if worst_t else 0:g} LSB given the same quantized inputs"
+        )
+    if verify.htp is not None:
+        console.print(htp_summary(verify.htp))

@@ -1,0 +1,490 @@
+"""How a conversion is proven, and what the proof found: the verify stage of the job.
+
+Two calls: :func:`plan_verification` at load time (inputs checked, whole-model or blockwise
+decided, impossible requests refused before any heavy work) and :func:`verify_conversion` after
+the save (float comparison, then with encodings the quantized comparison on ORT CPU, the HTP
+emulator when asked, the tensor-by-tensor check when CPU outputs differ, goldens and input lists).
+The result is one :class:`VerifyRecord`; a failed check raises
+:class:`~mha2sha.errors.ConversionFailed` naming the output or tensor, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from mha2sha.encodings.model import EncodingSet
+from mha2sha.errors import ConversionFailed, UserError
+from mha2sha.io.load import fix_input_shapes, load_model
+from mha2sha.io.save import save_model
+from mha2sha.split.record import SplitRecord
+from mha2sha.verify.blocks import low_precision_bound, verify_blocks
+from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
+from mha2sha.verify.input_lists import write_input_lists
+from mha2sha.verify.inputs import ModelInputs, plan_inputs
+from mha2sha.verify.qdq import DEFAULT_MAX_LSB, output_lsb, run_qdq_compare, to_qdq_ir
+from mha2sha.verify.qdq_local import LocalCheck, Origin, compare_quantized_tensors
+from mha2sha.verify.runner import (
+    DEFAULT_RTOL,
+    Verification,
+    compare_outputs,
+    estimate_ort_bytes,
+    run_model,
+    verify,
+)
+
+__all__ = [
+    "FULL_VERIFY_MAX_BYTES",
+    "VERIFY_MODES",
+    "VerifyMode",
+    "VerifyOptions",
+    "VerifyPlan",
+    "VerifyRecord",
+    "plan_verification",
+    "require_memory",
+    "verify_conversion",
+]
+
+logger = logging.getLogger(__name__)
+
+VerifyMode = Literal["auto", "full", "blocks", "none"]
+VERIFY_MODES: tuple[VerifyMode, ...] = ("auto", "full", "blocks", "none")
+
+#: ``auto`` runs the whole models in onnxruntime when their estimated footprint
+#: (:func:`~mha2sha.verify.runner.estimate_ort_bytes`, from the "verify full" measurements in
+#: benchmarks/RESULTS.md) is at most this and a quarter of the available RAM, else verifies block
+#: by block. 1 GiB keeps a conversion within the 1 GB peak-RSS target: fp16 models up to ~0.28 GB
+#: of weights, fp32 up to ~0.9 GB, are verified whole.
+FULL_VERIFY_MAX_BYTES = 1 << 30
+
+Progress = Callable[[int], None]
+Phase = Callable[..., Any]  # PhaseTimer.phase: (name, total=None) -> context yielding an advance function
+
+
+@dataclasses.dataclass
+class VerifyOptions:
+    """What the user asked of the proof (defaults live here and in the checks they belong to)."""
+
+    mode: VerifyMode = "auto"
+    rtol: float = DEFAULT_RTOL
+    max_lsb: float = DEFAULT_MAX_LSB
+    seed: int = 0
+    inputs: str | None = None  # .npz of user inputs
+    input_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    full_verify_max_bytes: int = FULL_VERIFY_MAX_BYTES
+    verify_htp: bool = False
+    soc: str = DEFAULT_SOC
+    create_input_lists: bool = False
+
+
+@dataclasses.dataclass
+class VerifyPlan:
+    """How a conversion is verified, decided at load time (before any heavy work)."""
+
+    requested: VerifyMode  # "auto" | "full" | "blocks"
+    mode: Literal["full", "blocks"]  # what decided (a failed fp16 full run can hand over to "blocks")
+    inputs: ModelInputs  # checked now, arrays made when verifying
+    estimate_bytes: int  # onnxruntime footprint of a whole-model run (estimate_ort_bytes)
+    limit_bytes: int  # whole-model runs allowed up to this (unless --verify full)
+    low_precision: ir.DataType | None  # FLOAT16/BFLOAT16 when most weights are
+    notes: list[str] = dataclasses.field(default_factory=list)  # fallbacks, skipped checks
+    full: Verification | None = None  # the whole-model result when blockwise verification decided after it
+
+    @property
+    def whole_model_runs(self) -> bool:
+        """Whole-model runs (float, QDQ, HTP, goldens) fit, or the user asked for them."""
+        return self.requested == "full" or self.estimate_bytes <= self.limit_bytes
+
+    def reason(self) -> str:
+        size = f"{_gb(self.estimate_bytes)} estimated for onnxruntime"
+        if self.requested != "auto":
+            return f"--verify {self.requested}; {size}"
+        return f"auto: {size}, {'<=' if self.mode == 'full' else '>'} limit {_gb(self.limit_bytes)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "mode": self.mode,
+            "estimated_ort_bytes": self.estimate_bytes,
+            "limit_bytes": self.limit_bytes,
+            "notes": list(self.notes),
+        }
+
+
+@dataclasses.dataclass
+class VerifyRecord:
+    """What the verify stage proved, and how."""
+
+    plan: VerifyPlan
+    float: Verification | None = None
+    qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
+    qdq_local: LocalCheck | None = None  # tensor-by-tensor check, run when the QDQ outputs differ
+    htp: HtpCheck | None = None
+    input_lists: list[Path] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        v, plan = self.float, self.plan
+        return {
+            "verification": None
+            if v is None
+            else {
+                "ok": v.ok,
+                **plan.to_dict(),
+                "rtol": v.rtol,
+                "outputs": [dataclasses.asdict(r) for r in v.rows],
+                **({"full_outputs": [dataclasses.asdict(r) for r in plan.full.rows]} if plan.full else {}),
+            },
+            "quantized_max_lsb": self.qdq_lsb,
+            "quantized_tensor_by_tensor": self.qdq_local.to_dict() if self.qdq_local else None,
+            "htp": self.htp.to_dict() if self.htp else None,
+        }
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: bool) -> VerifyPlan | None:
+    """Check the inputs, estimate a whole-model run, pick the mode; refuse what cannot be done.
+
+    ``auto`` runs the whole models when onnxruntime's estimated footprint is at most
+    ``options.full_verify_max_bytes`` and a quarter of the available RAM, else block by block.
+    ``--create-input-lists`` and ``--verify-htp`` need whole-model runs (the goldens are the whole
+    original model's outputs; the HTP emulator runs whole QDQ models): when those do not fit they
+    are refused here, before any heavy work, rather than silently skipped (``--verify full``
+    forces them). ``--verify-htp`` compares quantized models, so it needs ``--encodings``.
+    """
+    if options.verify_htp and not encodings:
+        raise UserError("--verify-htp compares the quantized models: add --encodings")
+    if options.mode == "none":
+        return None
+    inputs = plan_inputs(model, options.seed, npz=options.inputs)
+    estimate, low = estimate_ort_bytes(model, inputs.nbytes)
+    limit = min(options.full_verify_max_bytes, _available_ram() // 4)
+    fits: Literal["full", "blocks"] = "full" if estimate <= limit else "blocks"
+    mode = fits if options.mode == "auto" else options.mode
+    plan = VerifyPlan(options.mode, mode, inputs, estimate, limit, low)
+    if inputs.generated:
+        plan.notes.append(f"inputs not in {options.inputs} were generated: {', '.join(inputs.generated)}")
+    if not plan.whole_model_runs:
+        asked = [f for f, on in (("--create-input-lists", options.create_input_lists),
+                                 ("--verify-htp", options.verify_htp)) if on]  # fmt: skip
+        if asked:
+            raise UserError(
+                f"{' and '.join(asked)} need(s) whole-model onnxruntime runs, estimated at "
+                f"{_gb(estimate)} for this model (limit {_gb(limit)}); verification is block by block "
+                f"({plan.reason()}): add --verify full to run whole models anyway, or drop {asked[0]}"
+            )
+    return plan
+
+
+def require_memory(plan: VerifyPlan, model: ir.Model) -> None:
+    """The largest tensor of a verification run must fit in memory: refuse now, before anything is
+    allocated, rather than be killed by the kernel (a 1e8-token ``--input-shape`` makes 25 GB
+    activations). Needs the static shapes of the prepared model."""
+    largest, name = 0, ""
+    for node in model.graph:
+        for value in node.outputs:
+            shape = value.shape
+            if shape is None or not shape.is_static() or value.dtype is None:
+                continue
+            size = int(math.prod(int(d) for d in shape) * value.dtype.itemsize)  # type: ignore[arg-type]
+            if size > largest:
+                largest, name = size, value.name or ""
+    need = largest * 3 + plan.inputs.nbytes  # a tensor, its consumer's output, the feeds
+    available = _available_ram()
+    if need > available:
+        raise UserError(
+            f"verification would need more memory than this machine has: tensor '{name}' alone is "
+            f"{_gb(largest)} ({_gb(available)} available); use smaller input sizes or --verify none"
+        )
+
+
+@dataclasses.dataclass
+class Quantized:
+    """The quantized side of a conversion: the original encodings, the converted ones, and where
+    each converted tensor's values come from (for the tensor-by-tensor check)."""
+
+    original: EncodingSet
+    converted: EncodingSet
+    origins: Origin
+
+
+def verify_conversion(
+    plan: VerifyPlan,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    quantized: Quantized | None,
+    phase: Phase,
+    stage: Path,
+    host_dir: Path,
+) -> VerifyRecord:
+    """Every check the plan and options ask for; raises ConversionFailed on the first that fails.
+
+    ``phase`` times each check (:meth:`~mha2sha.report.progress.PhaseTimer.phase`); input lists
+    are written under ``stage`` naming paths under ``host_dir`` (where the staging folder goes).
+    """
+    record = VerifyRecord(plan)
+    wanted = quantized is not None or options.create_input_lists
+    inputs, golden = _verify_float(record, options, original, converted, split, phase, wanted)
+    assert record.float is not None
+    if not record.float.ok:
+        raise ConversionFailed(_failure_line(record.float, plan.mode))
+    if inputs is None and quantized is not None:
+        _skip_whole_model_check(plan, "quantized (QDQ) verification")
+    if inputs is not None and quantized is not None:
+        _verify_quantized(record, options, original, converted, split, quantized, inputs, phase)
+    if options.create_input_lists and inputs is not None:
+        if golden is None:  # blockwise verification ran no whole model
+            with phase("goldens (onnxruntime)"):
+                golden = run_model(original, inputs)
+        feeds = per_head_feeds(inputs, split)
+        goldens = per_head_outputs(golden, split)
+        order = [v.name for v in load_model(converted).graph.inputs if v.name in feeds]
+        record.input_lists = write_input_lists(stage, feeds, goldens, order, host_dir=host_dir)
+    return record
+
+
+def _verify_quantized(
+    record: VerifyRecord,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    quantized: Quantized,
+    inputs: Mapping[str, np.ndarray],
+    phase: Phase,
+) -> None:
+    """QDQ on ORT CPU; the HTP emulator when asked; tensor by tensor when CPU outputs differ.
+
+    The HTP runs the device's numerics and is the reference when the whole model runs there;
+    otherwise (or without --verify-htp) the CPU QDQ comparison decides.
+    """
+    if split.input_pieces or split.output_pieces:
+        raise UserError("quantized verification with --per-head-kv-io is not supported yet; add --no-verify")
+    with phase("verify quantized (QDQ)"):
+        record.qdq_lsb = run_qdq_compare(original, quantized.original, converted, quantized.converted, inputs)
+    if options.verify_htp:
+        with phase(f"verify on HTP emulator ({options.soc})"):
+            record.htp = _verify_htp(original, converted, quantized, inputs, options.soc)
+        if record.htp.error:
+            raise ConversionFailed(f"HTP verification could not run: {record.htp.error}")
+    if record.htp is not None and not record.htp.cpu_fallback_used:
+        _require_within_lsb("HTP verification", record.htp.max_lsb, options.max_lsb)
+    elif max(record.qdq_lsb.values(), default=0.0) > options.max_lsb:
+        with phase("verify quantized tensor by tensor"):
+            record.qdq_local = compare_quantized_tensors(
+                original, quantized.original, converted, quantized.converted, inputs, quantized.origins
+            )
+        _require_local_within_lsb(record.qdq_local, record.qdq_lsb, options.max_lsb)
+
+
+def per_head_feeds(inputs: Mapping[str, np.ndarray], split: SplitRecord) -> dict[str, np.ndarray]:
+    """The converted model's feeds: inputs that became per-head inputs are cut along the head axis."""
+    feeds = {k: v for k, v in inputs.items() if k not in split.input_pieces}
+    for name, (axis, names) in split.input_pieces.items():
+        feeds.update(zip(names, np.split(inputs[name], len(names), axis=axis), strict=True))
+    return feeds
+
+
+def per_head_outputs(outputs: Mapping[str, np.ndarray], split: SplitRecord) -> dict[str, np.ndarray]:
+    """Outputs named as the converted model names them (per-head outputs cut along the head axis)."""
+    result: dict[str, np.ndarray] = {}
+    for name, array in outputs.items():
+        if name in split.output_pieces:
+            axis, names = split.output_pieces[name]
+            result.update(zip(names, np.split(array, len(names), axis=axis), strict=True))
+        else:
+            result[name] = array
+    return result
+
+
+def _require_within_lsb(what: str, diffs: Mapping[str, float], max_lsb: float) -> None:
+    name, worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
+    if worst > max_lsb:
+        raise ConversionFailed(
+            f"{what} failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}); nothing was written"
+        )
+
+
+def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], max_lsb: float) -> None:
+    """Outputs differ on ORT CPU: accept only if every quantized tensor is within ``max_lsb`` given
+    the MHA model's quantized inputs (then the output difference is rounding flips that grew)."""
+    name, worst = max(outputs.items(), key=lambda kv: kv[1])
+    bad = local.first_above(max_lsb)
+    if bad is not None:
+        piece = f" (head piece of '{bad.origin}')" if bad.origin != bad.name else ""
+        raise ConversionFailed(
+            f"quantized verification failed: '{bad.name}'{piece} differs from the MHA model by {bad.lsb:.3g} LSB"
+            f" (> {max_lsb:g}) given the same quantized inputs; nothing was written"
+        )
+    if not local.tensors:
+        raise ConversionFailed(
+            f"quantized verification failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}) and no"
+            " quantized tensor could be compared on its own; nothing was written (try --verify-htp)"
+        )
+    logger.warning(
+        "quantized outputs differ by up to %.3g LSB on onnxruntime CPU ('%s'), but each of the %d quantized"
+        " tensors is within %g LSB of the MHA model given the same quantized inputs (%d exact): float"
+        " summation order flips roundings that grow downstream; --verify-htp checks on the device's arithmetic",
+        worst, name, len(local.tensors), max_lsb, sum(t.lsb == 0 for t in local.tensors),
+    )  # fmt: skip
+
+
+def _verify_htp(
+    original: Path, converted: Path, quantized: Quantized, inputs: Mapping[str, np.ndarray], soc: str
+) -> HtpCheck:
+    """Both models as QDQ on the HTP emulator: unsupported nodes, and MHA vs SHA in LSBs."""
+    with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-") as tmp:
+        paths = []
+        for tag, path, es in (("mha", original, quantized.original), ("sha", converted, quantized.converted)):
+            target = Path(tmp) / f"{tag}.onnx"
+            save_model(to_qdq_ir(path, es), target)
+            paths.append(target)
+        shapes = {v.name: tuple(v.shape or ()) for v in ir.load(converted).graph.outputs}
+        lsb = {name: output_lsb(quantized.original.get(name), shape) for name, shape in shapes.items()}
+        return compare_on_htp(paths[0], paths[1], inputs, lsb, soc)
+
+
+def _verify_whole(
+    original: Path, converted: Path, inputs: Mapping[str, np.ndarray], split: SplitRecord, rtol: float
+) -> Verification:
+    """Compare on the same data; per-head outputs are joined back before comparing."""
+    if not (split.input_pieces or split.output_pieces):
+        return verify(original, converted, inputs, rtol=rtol)
+    reference = run_model(original, inputs)
+    got = run_model(converted, per_head_feeds(inputs, split), ours=True)
+    for name, (axis, names) in split.output_pieces.items():
+        got[name] = np.concatenate([got.pop(n) for n in names], axis=axis)
+    return compare_outputs(reference, {k: got[k] for k in reference if k in got} | got, rtol)
+
+
+def _skip_whole_model_check(plan: VerifyPlan, what: str) -> None:
+    note = (
+        f"{what} skipped: it runs whole models ({_gb(plan.estimate_bytes)} estimated for onnxruntime, "
+        f"limit {_gb(plan.limit_bytes)}); the float conversion was verified block by block "
+        "(--verify full runs it anyway)"
+    )
+    logger.warning(note)
+    plan.notes.append(note)
+
+
+def _verify_float(
+    record: VerifyRecord,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    phase: Phase,
+    whole_model_checks: bool,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+    """Float verification in ``plan.mode``; sets ``record.float``.
+
+    Inputs are made here, after the model was saved. Returns the inputs when whole-model checks
+    (QDQ, HTP, goldens) follow and fit, and the original's outputs when a whole-model run made them.
+    A low-precision model whose full verification fails only within fp16/bf16 kernel rounding
+    (:func:`~mha2sha.verify.blocks.low_precision_bound`; CPU kernels round a 64-column fp16
+    matmul differently from a 2048-column one) is decided block by block, where failing fp16 blocks
+    are re-run in fp32; ``rtol`` itself is never loosened.
+    """
+    plan = record.plan
+    blocks = len(split.split_blocks) or None
+    if plan.mode == "blocks":
+        with phase("verify blocks (onnxruntime)", total=blocks) as advance:
+            record.float = _verify_blocks(plan, options, original, converted, split, advance)
+        keep = plan.whole_model_runs and whole_model_checks
+        return (dict(plan.inputs) if keep else None), None
+
+    with phase("verify (onnxruntime)"):
+        inputs = dict(plan.inputs)
+        record.float = full = _verify_whole(original, converted, inputs, split, options.rtol)
+    if not full.ok and _rounding_only(full, plan.low_precision):
+        assert plan.low_precision is not None
+        worst = max((r for r in full.rows if not r.ok), key=lambda r: r.max_rel_err)
+        dtype = plan.low_precision.name.lower()
+        note = (
+            f"full verification of this {dtype} model differs by {worst.max_rel_err:.2g} on '{worst.name}'"
+            f" (within {dtype} kernel rounding, <= {low_precision_bound(plan.low_precision):.2g}); decided"
+            " block by block, re-running differing blocks in fp32"
+        )
+        logger.info(note)
+        plan.notes.append(note)
+        plan.mode, plan.full = "blocks", full
+        with phase("verify blocks (onnxruntime)", total=blocks) as advance:
+            record.float = _verify_blocks(plan, options, original, converted, split, advance)
+    return inputs, full.reference
+
+
+def _rounding_only(check: Verification, dtype: ir.DataType | None) -> bool:
+    """Every failing output is finite and differs by at most fp16/bf16 kernel rounding."""
+    bad = [r for r in check.rows if not r.ok]
+    return (
+        dtype is not None
+        and bool(bad)
+        and all(
+            math.isfinite(r.max_rel_err)
+            and "NaN" not in r.note
+            and r.max_rel_err <= low_precision_bound(dtype)
+            for r in bad
+        )
+    )
+
+
+def _verify_blocks(
+    plan: VerifyPlan,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    advance: Progress,
+) -> Verification:
+    """Each attention block of both saved models cut out and compared (one block in memory)."""
+    source = load_model(original)
+    fix_input_shapes(source, options.input_shapes)
+    return verify_blocks(
+        source,
+        load_model(converted),
+        inputs=plan.inputs,  # made block by block (a layer's past KV only for its block)
+        rtol=options.rtol,
+        seed=options.seed,
+        input_pieces=split.input_pieces,
+        output_pieces=split.output_pieces,
+        on_block=advance,
+    )
+
+
+def _failure_line(v: Verification, mode: str = "full") -> str:
+    bad = [r for r in v.rows if not r.ok]
+    worst = max(bad, key=lambda r: r.max_rel_err) if bad else None
+    detail = (
+        f"output '{worst.name}' differs (max rel err {worst.max_rel_err:.3g}) {worst.note}"
+        if worst
+        else "outputs differ"
+    )
+    what = "blockwise verification" if mode == "blocks" else "verification"
+    return f"{what} failed: {detail}; nothing was written"

@@ -1,0 +1,101 @@
+"""The command line's contract: subcommands, one translation of the old flags, exit code 3."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from mha2sha import zoo
+from mha2sha.cli import main
+from mha2sha.commands.options import options_from_flags
+from mha2sha.legacy import MHA2SHAConverter
+from mha2sha.legacy import main as legacy_main
+from tests.encodings.aimet_gen import aimet_encodings
+from tests.split._graphs import attention_model
+
+CASE = "llama_gqa_step"
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every output file's content hash, the report's timings excepted."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.endswith(".report.json"):
+            out[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def test_old_cli_and_old_python_api_agree(tmp_path: Path) -> None:
+    """The same old flags give the same files through either door, encodings included."""
+    calibration = [zoo.example_inputs(CASE), zoo.example_inputs(CASE, seed=1)]
+    model, encodings = aimet_encodings(zoo.build(CASE), calibration, config="w8a16", version="1.0.0")
+    flags = {"exported_model_encoding_path": str(encodings), "mha_conv": True, "handle_rope_ops": True}
+    argv = [
+        "--model-name", "m", "--exported-model-path", str(model), "--sha-export-path", str(tmp_path / "cli"),
+        "--exported-model-encoding-path", str(encodings), "--mha-conv", "--handle-rope-ops",
+    ]  # fmt: skip
+    assert legacy_main(argv) == 0
+    _, status = MHA2SHAConverter("m", tmp_path / "api", model, **flags).convert()
+    assert status is True
+    cli_files, api_files = _files(tmp_path / "cli"), _files(tmp_path / "api")
+    assert "m.encodings" in cli_files and cli_files == api_files
+    options = options_from_flags(flags)
+    assert options.htp_layout and options.encodings == str(encodings)
+
+
+def test_translation_understands_both_spellings() -> None:
+    old = options_from_flags({"no_verification": True, "nchw_aligned": True, "exported_model_encoding_path": "e"})
+    new = options_from_flags({"verify": "none", "target": "htp", "encodings": "e"})
+    assert old == new
+
+
+def test_later_flags_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    argv = ["--model-name", "m", "--exported-model-path", "x.onnx", "--sha-export-path", str(tmp_path), "--build-ar", "1"]
+    assert legacy_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --build-ar")
+
+
+def test_verify_subcommand(tmp_path: Path, capsys) -> None:
+    model = zoo.build(CASE, "torchscript")
+    assert main(["convert", str(model), "-o", str(tmp_path), "--no-verify"]) == 0
+    for mode in ("blocks", "full"):
+        assert main(["verify", str(model), str(tmp_path / "model.onnx"), "--verify", mode]) == 0
+        assert f"verify {mode}: PASS" in capsys.readouterr().out
+    # a wrong model fails the proof: exit 1
+    other = zoo.build("llama_step", "torchscript")
+    assert main(["verify", str(other), str(tmp_path / "model.onnx"), "--verify", "full"]) != 0
+
+
+def test_our_own_failure_is_exit_3_with_a_log(tmp_path: Path) -> None:
+    """An exception inside a stage is a bug of ours: one line naming the stage and a log file."""
+    src = tmp_path / "m.onnx"
+    onnx.save(attention_model(4, 6, 8, None), src)
+    code = (
+        "import sys\n"
+        "import mha2sha.split.split_heads as s\n"
+        "def boom(self, model): raise ZeroDivisionError('injected')\n"
+        "s.SplitHeadsPass.call = boom\n"
+        "from mha2sha.cli import main\n"
+        f"sys.exit(main(['convert', {str(src)!r}, '-o', {str(tmp_path / 'out')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error in stage 'split heads'" in lines[0] and "Traceback" not in proc.stderr
+    log = Path(lines[0].rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert "ZeroDivisionError: injected" in log.read_text()
+    log.unlink()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["verify", "--help"]])
+def test_help(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "usage: mha2sha" in capsys.readouterr().out
