@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean-cache
+.PHONY: demo test lint corpus clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m mha2sha.demo
 
+# The suite includes tests/thirdparty: it builds the third-party tools' own venvs and exports on
+# demand (cached under $MHA2SHA_CACHE, default ~/.cache/mha2sha; ~5 min cold, ~20 s warm).
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Build (or reuse) the whole third-party graph corpus and print its catalogue.
+corpus: $(STAMP)
+	$(BIN)/python -m mha2sha.zoo.thirdparty --build
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -30,6 +30,7 @@ from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
 from mha2sha.io.save import save_model, staging_dir
 from mha2sha.io.shapes import ShapeRoles, check_shapes, resolve_input_shapes
 from mha2sha.layout import LayoutRecord, apply_htp_layout, split_o_proj_per_head
+from mha2sha.lower import LowerRecord, lower_fused_ops
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
 from mha2sha.split.record import BlockReport, SplitRecord
@@ -122,6 +123,7 @@ class ConversionResult:
 
     model: ir.Model
     split: SplitRecord
+    lowering: LowerRecord | None = None
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
     verify: VerifyRecord | None = None
@@ -181,6 +183,7 @@ class ConversionResult:
 
     def to_json(self) -> dict[str, Any]:
         return report_json(
+            lowering=self.lowering,
             split=self.split,
             layout=self.layout,
             coverage=self.coverage,
@@ -223,13 +226,15 @@ def convert(
         verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
         plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
+    with timer.phase("lower fused ops"):
+        result_lowering = lower_fused_ops(model)
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
         if plan is not None:
             require_memory(plan, model)
         before = _EncodingsContext.of(model) if encodings is not None else None
 
-    result = ConversionResult(model, SplitRecord(), timer=timer)
+    result = ConversionResult(model, SplitRecord(), lowering=result_lowering, timer=timer)
     if options.split_heads:
         with timer.phase("split heads") as progress:
             SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)(model)

@@ -2,7 +2,8 @@
 
 The converter's equivalence tests trust the zoo, so this checks the zoo itself: exported graphs
 are static, use eager (unfused) attention, keep descriptive I/O names, and reproduce the torch
-model on inputs other than the ones they were traced with.
+model on inputs other than the ones they were traced with. The SDPA variants are checked the same
+way, with the ONNX ``Attention`` op expected at opset 23.
 """
 
 from __future__ import annotations
@@ -41,14 +42,41 @@ def _params() -> list:
 @pytest.mark.parametrize(("case", "exporter"), _params())
 def test_export_matches_torch(case: str, exporter: str) -> None:
     path = zoo.build(case, exporter)
-    model = onnx.load(str(path))
-    ops = {node.op_type for node in model.graph.node}
+    ops = _static_ops(path)
     assert "Softmax" in ops, "attention should be exported as primitive ops"
     assert not ops & FUSED_ATTENTION_OPS
+    _check_against_torch(case, exporter, path)
+
+
+def _variant_params() -> list:
+    return [
+        pytest.param(case, exporter, id=f"{case}-{exporter}")
+        for case, info in zoo.VARIANTS.items()
+        for exporter in info.exporters
+    ]
+
+
+@pytest.mark.parametrize(("case", "exporter"), _variant_params())
+def test_variant_export_matches_torch(case: str, exporter: str) -> None:
+    """SDPA variants: decomposed to MatMul/Softmax below opset 23, one ONNX ``Attention`` op at 23."""
+    path = zoo.build(case, exporter)
+    ops = _static_ops(path)
+    if exporter == "dynamo23":
+        assert "Attention" in ops and "Softmax" not in ops, sorted(ops)
+    else:
+        assert "Softmax" in ops and not ops & FUSED_ATTENTION_OPS, sorted(ops)
+    _check_against_torch(case, exporter, path)
+
+
+def _static_ops(path: Path) -> set[str]:
+    model = onnx.load(str(path))
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         assert all(d.HasField("dim_value") for d in dims), f"{value.name} has a dynamic dim"
+    return {node.op_type for node in model.graph.node}
 
+
+def _check_against_torch(case: str, exporter: str, path: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     expected_inputs = list(zoo.example_inputs(case))
     assert [i.name for i in session.get_inputs()] == expected_inputs
@@ -73,6 +101,13 @@ def test_case_metadata() -> None:
         assert set(info.exporters) <= set(zoo.EXPORTERS)
         if info.kind in ("step", "prepared_step"):
             assert info.past_len > 0
+        assert info.attn_implementation == "eager"
+    assert not set(zoo.VARIANTS) & set(zoo.CASES)
+    for name, info in zoo.VARIANTS.items():
+        assert info.name == name and name.endswith("_sdpa")
+        assert info.attn_implementation == "sdpa"
+        assert info.exporters and set(info.exporters) <= set(zoo.ALL_EXPORTERS)
+    assert zoo.available_variants("dynamo23")
 
 
 def test_step_present_is_concat_of_past() -> None:

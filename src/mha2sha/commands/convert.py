@@ -64,7 +64,12 @@ def _print_result(console: Console, result: ConversionResult, allow_partial: boo
         console.print("No attention found (no Softmax feeding a MatMul with V); nothing written.")
         return 0
     print_conversion(
-        console, split=result.split, layout=result.layout, coverage=result.coverage, verify=result.verify
+        console,
+        lowering=result.lowering,
+        split=result.split,
+        layout=result.layout,
+        coverage=result.coverage,
+        verify=result.verify,
     )
     if result.files:
         written = ", ".join(str(f) for f in result.files if f.parent.name not in ("goldens", "inputs"))

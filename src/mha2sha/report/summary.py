@@ -10,6 +10,7 @@ from rich.console import Console
 
 from mha2sha.encodings.propagate import CoverageReport
 from mha2sha.layout.record import LayoutRecord
+from mha2sha.lower import LowerRecord
 from mha2sha.report.progress import PhaseRecord
 from mha2sha.report.tables import (
     blocks_json,
@@ -17,6 +18,7 @@ from mha2sha.report.tables import (
     coverage_table,
     htp_summary,
     layout_summary,
+    lowering_summary,
     verification_table,
 )
 from mha2sha.split.record import SplitRecord
@@ -30,6 +32,7 @@ _MAX_ROWS = 12
 
 def report_json(
     *,
+    lowering: LowerRecord | None,
     split: SplitRecord,
     layout: LayoutRecord | None,
     coverage: CoverageReport | None,
@@ -38,6 +41,7 @@ def report_json(
 ) -> dict[str, Any]:
     checks = verify.to_dict() if verify is not None else {}
     return {
+        "lowered": lowering.to_dict() if lowering else None,
         "blocks": blocks_json(split.blocks),
         "non_attention_softmax": split.other_softmax,
         "phases": [dataclasses.asdict(r) for r in phases],
@@ -53,12 +57,15 @@ def report_json(
 def print_conversion(
     console: Console,
     *,
+    lowering: LowerRecord | None,
     split: SplitRecord,
     layout: LayoutRecord | None,
     coverage: CoverageReport | None,
     verify: VerifyRecord | None,
 ) -> None:
     """Every record of a finished conversion, as tables and one-line findings."""
+    if lowering is not None and (lowering.lowered or lowering.refused):
+        console.print(lowering_summary(lowering))
     if split.blocks:
         console.print(blocks_table(split.blocks))
     if split.other_softmax:

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from mha2sha.encodings.propagate import CoverageReport
 from mha2sha.layout.record import LayoutRecord
+from mha2sha.lower import LowerRecord
 from mha2sha.split.record import BlockReport
 from mha2sha.verify.htp import HtpCheck
 from mha2sha.verify.runner import Verification
@@ -24,6 +25,7 @@ __all__ = [
     "coverage_table",
     "htp_summary",
     "layout_summary",
+    "lowering_summary",
     "verification_table",
 ]
 
@@ -152,6 +154,20 @@ def htp_summary(check: HtpCheck) -> str:
         f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}\n"
         f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}"
     )
+
+
+def lowering_summary(record: LowerRecord) -> str:
+    """Fused ops rewritten into primitives (by op), and those left as they were with the reason."""
+    counts: dict[str, int] = {}
+    for _, op, _ in record.lowered:
+        counts[op] = counts.get(op, 0) + 1
+    lines = []
+    if counts:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
+        lines.append(f"Lowered to ONNX primitives: {ops}")
+    for node, op, reason in record.refused:
+        lines.append(f"[yellow]{op} '{node}' kept as it is[/]: {reason}")
+    return "\n".join(lines)
 
 
 def layout_summary(record: LayoutRecord) -> str:

@@ -60,6 +60,7 @@ import onnx_ir as ir
 
 from mha2sha.errors import InternalError, UserError
 from mha2sha.find.anchors import find_attention_cores
+from mha2sha.graph import FUSED_ATTENTION_OPS
 from mha2sha.io.names import values_by_name
 from mha2sha.io.prepare import infer_shapes
 from mha2sha.verify.runner import (
@@ -246,14 +247,15 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
     out_pieces = infer_pieces(list(original.graph.outputs), list(converted.graph.outputs))
     in_pieces = infer_pieces(list(original.graph.inputs), list(converted.graph.inputs))
     whole_of = {p: name for name, (_, pieces) in in_pieces.items() for p in pieces}
-    cores = find_attention_cores(original.graph).cores
+    anchors = find_attention_cores(original.graph)
+    # a fused attention op of the original is a block too: its outputs keep their names when lowered
+    ends = [(c.name, c.output) for c in anchors.cores]
+    ends += [(r.name, r.node.outputs[0]) for r in anchors.refused if r.node.op_type in FUSED_ATTENTION_OPS]
     blocks = []
-    for core in cores:
-        end = _first_stable_after(core.output, o_stable)
+    for name, output in ends:
+        end = _first_stable_after(output, o_stable)
         if end is None:
-            raise RuntimeError(
-                f"attention block {core.name}: no value after it exists in the converted model"
-            )
+            raise RuntimeError(f"attention block {name}: no value after it exists in the converted model")
         cut = set(_cone([end], o_stable).inputs)
         for _ in range(16):
             o_cone = _cone([end], lambda v, cut=cut: v.name in cut)
@@ -272,7 +274,7 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
         c_cone = _cone(c_out, lambda v, cut=cut: v.name in cut)
         c_inputs = (whole_of.get(n, n) for n in c_cone.inputs)
         inputs = dict.fromkeys([*o_cone.inputs, *(n for n in c_inputs if n in o_values)])
-        blocks.append(Block(core.name, tuple(inputs), tuple(names)))
+        blocks.append(Block(name, tuple(inputs), tuple(names)))
     return blocks
 
 

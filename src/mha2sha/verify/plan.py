@@ -24,8 +24,11 @@ import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.errors import ConversionFailed, UserError
+from mha2sha.graph import is_onnx_domain
 from mha2sha.io.load import fix_input_shapes, load_model
+from mha2sha.io.prepare import infer_shapes
 from mha2sha.io.save import save_model
+from mha2sha.lower import lower_fused_ops
 from mha2sha.split.record import SplitRecord
 from mha2sha.verify.blocks import low_precision_bound, verify_blocks
 from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
@@ -466,6 +469,7 @@ def _verify_blocks(
     """Each attention block of both saved models cut out and compared (one block in memory)."""
     source = load_model(original)
     fix_input_shapes(source, options.input_shapes)
+    _borrow_shapes_through_fused_ops(source, original, options)
     return verify_blocks(
         source,
         load_model(converted),
@@ -476,6 +480,23 @@ def _verify_blocks(
         output_pieces=split.output_pieces,
         on_block=advance,
     )
+
+
+def _borrow_shapes_through_fused_ops(source: ir.Model, path: Path, options: VerifyOptions) -> None:
+    """ONNX shape inference stops at contrib ops, and block boundaries need shapes: take them from
+    a lowered copy of the original (the lowering keeps every fused op's output names)."""
+    if all(is_onnx_domain(n.domain) for n in source.graph):
+        return
+    lowered = load_model(path)  # weights stay memory-mapped: this costs the graph only
+    fix_input_shapes(lowered, options.input_shapes)
+    lower_fused_ops(lowered)
+    infer_shapes(lowered)
+    shapes = {v.name: v for n in lowered.graph for v in n.outputs if v.name and v.shape is not None}
+    for node in source.graph:
+        for value in node.outputs:
+            known = shapes.get(value.name or "")
+            if value.shape is None and known is not None:
+                value.shape, value.dtype = known.shape, known.dtype
 
 
 def _failure_line(v: Verification, mode: str = "full") -> str:

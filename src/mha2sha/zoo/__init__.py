@@ -4,6 +4,11 @@
 ``torch_reference`` give the matching inputs and the PyTorch outputs, so a test can check the
 exported (and later, the converted) graph numerically. Needs the ``export`` extra (torch);
 transformers, peft and diffusers are imported only when a case is built.
+
+``CASES`` are the eager-attention cases (exporters ``EXPORTERS``); ``VARIANTS`` are the same
+builders with transformers' default SDPA attention (``<case>_sdpa``), exported with their own
+exporters, including other opsets (``EXTRA_EXPORTERS``: TorchScript 20, dynamo 18 and 23).
+``build``, ``example_inputs`` and ``torch_reference`` take either.
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from .cache import cache_key, cache_root, cached_build
-from .cases import CASES, REGISTRY
-from .spec import EXPORTERS, Built, CaseInfo
+from .cases import CASES, REGISTRY, VARIANT_REGISTRY, VARIANTS
+from .spec import ALL_EXPORTERS, EXPORTERS, EXTRA_EXPORTERS, Built, CaseInfo
 
 __all__ = [
+    "ALL_EXPORTERS",
     "CASES",
     "EXPORTERS",
+    "EXTRA_EXPORTERS",
+    "VARIANTS",
     "CaseInfo",
     "available_cases",
+    "available_variants",
     "build",
     "cache_root",
+    "case_info",
     "example_inputs",
     "torch_reference",
 ]
@@ -35,11 +45,21 @@ def available_cases(exporter: str | None = None) -> list[str]:
     return [n for n, info in CASES.items() if exporter is None or exporter in info.exporters]
 
 
+def available_variants(exporter: str | None = None) -> list[str]:
+    """Variant case names (``*_sdpa``), optionally only those exported with ``exporter``."""
+    return [n for n, info in VARIANTS.items() if exporter is None or exporter in info.exporters]
+
+
 def _case(case: str):
-    try:
-        return REGISTRY[case]
-    except KeyError:
-        raise KeyError(f"unknown zoo case {case!r}; see mha2sha.zoo.available_cases()") from None
+    entry = REGISTRY.get(case) or VARIANT_REGISTRY.get(case)
+    if entry is None:
+        raise KeyError(f"unknown zoo case {case!r}; see mha2sha.zoo.available_cases() / available_variants()")
+    return entry
+
+
+def case_info(case: str) -> CaseInfo:
+    """Metadata of a case or a variant."""
+    return _case(case).info
 
 
 @lru_cache(maxsize=8)
@@ -56,8 +76,8 @@ def build(case: str, exporter: str = "torchscript", *, ar: int | None = None, cl
     an AR/CL rewrite of the default export with a re-export.
     """
     entry = _case(case)
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    if exporter not in ALL_EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {ALL_EXPORTERS}")
     if exporter not in entry.info.exporters:
         raise NotImplementedError(f"{case} does not export with {exporter}: {entry.info.notes}")
     info, builder, label = entry.info, entry.builder, case
@@ -102,7 +122,7 @@ def example_inputs(case: str, seed: int | None = None) -> dict[str, np.ndarray]:
     base = {k: v.detach().cpu().numpy().copy() for k, v in _built(case).inputs.items()}
     if seed is None:
         return base
-    info = CASES[case]
+    info = case_info(case)
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for name, value in base.items():

@@ -22,10 +22,15 @@ MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
 
 
+def base_root() -> Path:
+    """``$MHA2SHA_CACHE`` (default ``~/.cache/mha2sha``): zoo exports, tool venvs, corpus outputs."""
+    base = os.environ.get("MHA2SHA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mha2sha")
+    return Path(base)
+
+
 def cache_root() -> Path:
     """``$MHA2SHA_CACHE/zoo`` (default ``~/.cache/mha2sha/zoo``)."""
-    base = os.environ.get("MHA2SHA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mha2sha")
-    return Path(base) / "zoo"
+    return base_root() / "zoo"
 
 
 @lru_cache(maxsize=1)
@@ -62,7 +67,7 @@ def cache_key(case: str, exporter: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -84,7 +89,7 @@ def cached_build(key: str, produce: Callable[[Path], dict]) -> Path:
     model = final / MODEL_FILE
     if model.is_file():
         return model
-    with _locked(root / ".locks" / f"{key}.lock"):
+    with locked(root / ".locks" / f"{key}.lock"):
         if model.is_file():  # another process finished while we waited
             return model
         if final.exists():  # a directory without model.onnx was not published by us: replace it

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .spec import Built, Case, CaseInfo
+from .spec import ALL_EXPORTERS, Built, Case, CaseInfo
 from .weights import reinit_
 
 VOCAB = 256
@@ -39,6 +39,7 @@ class DecoderSpec:
     position_ids: bool = True  # False for ALiBi models (Bloom) that take no position ids
     notes: str = ""
     lora: bool = False
+    attn: str = "eager"  # transformers attn_implementation: "eager" or "sdpa"
 
 
 def _cfg(cls_name: str, **kw: object) -> Callable[[], object]:
@@ -235,12 +236,13 @@ SPECS: dict[str, DecoderSpec] = {
 
 
 def make_causal_lm(spec: DecoderSpec) -> nn.Module:
-    """Instantiate the HF model with eager attention and deterministic, distinct weights."""
+    """Instantiate the HF model with ``spec.attn`` attention and deterministic, distinct weights."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = spec.make_config()
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    config._attn_implementation = spec.attn
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn)
     if spec.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -336,8 +338,17 @@ def _step(spec: DecoderSpec, ar: int, past: int) -> Built:
     return Built(CausalLMStep(model, layers, spec.position_ids).eval(), inputs, outputs)
 
 
-def _info(name: str, spec: DecoderSpec, kind: str, seq: int, past: int, extra: str = "") -> CaseInfo:
+def _info(
+    name: str,
+    spec: DecoderSpec,
+    kind: str,
+    seq: int,
+    past: int,
+    extra: str = "",
+    exporters: tuple[str, ...] | None = None,
+) -> CaseInfo:
     notes = "; ".join(n for n in (spec.notes, extra) if n)
+    more = {} if exporters is None else {"exporters": exporters}
     return CaseInfo(
         name=name,
         family=spec.family,
@@ -350,6 +361,8 @@ def _info(name: str, spec: DecoderSpec, kind: str, seq: int, past: int, extra: s
         past_len=past,
         vocab_size=VOCAB,
         notes=notes,
+        attn_implementation=spec.attn,
+        **more,
     )
 
 
@@ -403,4 +416,56 @@ def cases() -> list[Case]:
             lambda ar, cl: _step(hd8, ar, cl - ar),
         )
     )
+    return out
+
+
+# --- SDPA variants -------------------------------------------------------------------------------
+# transformers' default attention calls F.scaled_dot_product_attention. TorchScript decomposes it
+# into MatMul/Softmax with its own scale and mask handling, dynamo (opset < 23) likewise, and dynamo
+# at opset 23 may keep it as one ONNX ``Attention`` node. These variants are not in ``CASES`` (the
+# converter's own family tests run on ``CASES``); the third-party corpus tests convert them.
+
+SDPA_EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo", "dynamo23")
+SDPA_UNSUPPORTED: dict[str, str] = {
+    "gemma2": "transformers 5 has no SDPA path for Gemma2 (attention logit soft-capping)",
+    "bloom": "transformers 5 has no SDPA path for Bloom (ALiBi via baddbmm)",
+}
+SDPA_EXPORTER_GAPS: dict[str, tuple[str, str]] = {
+    "falcon": (
+        "dynamo23",
+        "torch 2.13's opset-23 SDPA translation asserts q_num_heads == kv_num_heads: Falcon's "
+        "multi-query SDPA broadcasts its one KV head without enable_gqa",
+    ),
+}
+"""An exporter a family's SDPA variant cannot use, and why (said in the case's notes)."""
+SDPA_PREFILL: tuple[str, ...] = ("llama_gqa", "gpt2", "phi3")
+"""Prefill variants (no past, all-ones mask: SDPA's ``is_causal`` path); the other families: step only."""
+SDPA_ALL_OPSETS: tuple[str, ...] = ("llama_gqa",)
+"""Families whose SDPA step is also exported at the extra opsets (TorchScript 20, dynamo 18)."""
+
+
+def variant_cases() -> list[Case]:
+    """``<family>_step_sdpa`` for every family with an SDPA path, ``<family>_prefill_sdpa`` for a few."""
+    out: list[Case] = []
+    for key, spec in SPECS.items():
+        if spec.lora or key in SDPA_UNSUPPORTED:
+            continue
+        gap, why = SDPA_EXPORTER_GAPS.get(key, ("", ""))
+        notes = "; ".join(n for n in (spec.notes, f"no {gap}: {why}" if gap else "") if n)
+        sdpa = replace(spec, attn="sdpa", description=f"{spec.description}; SDPA attention", notes=notes)
+        step_exporters = ALL_EXPORTERS if key in SDPA_ALL_OPSETS else SDPA_EXPORTERS
+        step_exporters = tuple(e for e in step_exporters if e != gap)
+        out.append(
+            Case(
+                _info(f"{key}_step_sdpa", sdpa, "step", STEP_AR, PAST_LEN, exporters=step_exporters),
+                lambda s=sdpa: _step(s, STEP_AR, PAST_LEN),
+            )
+        )
+        if key in SDPA_PREFILL:
+            out.append(
+                Case(
+                    _info(f"{key}_prefill_sdpa", sdpa, "prefill", PREFILL_LEN, 0, exporters=SDPA_EXPORTERS),
+                    lambda s=sdpa: _prefill(s, PREFILL_LEN),
+                )
+            )
     return out

@@ -28,8 +28,8 @@ def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(INPUT_SEED)
 
 
-def _eager(config: object) -> object:
-    config._attn_implementation = "eager"
+def _eager(config: object, attn: str = "eager") -> object:
+    config._attn_implementation = attn
     return config
 
 
@@ -145,7 +145,7 @@ WHISPER_FRAMES = 12  # encoder positions; input_features has 2x frames (conv2 ha
 WHISPER_MELS = 16
 
 
-def _whisper() -> nn.Module:
+def _whisper(attn: str = "eager") -> nn.Module:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
@@ -168,7 +168,8 @@ def _whisper() -> nn.Module:
             decoder_start_token_id=1,
             suppress_tokens=None,
             begin_suppress_tokens=None,
-        )
+        ),
+        attn,
     )
     return _prep(WhisperForConditionalGeneration(config))
 
@@ -209,13 +210,13 @@ def whisper_encoder() -> Built:
     return Built(WhisperEncoder(_whisper()).eval(), inputs, ["last_hidden_state"])
 
 
-def whisper_decoder() -> Built:
+def whisper_decoder(attn: str = "eager") -> Built:
     gen = _gen()
     inputs = {
         "decoder_input_ids": torch.randint(0, VOCAB, (1, DEC_SEQ), generator=gen),
         "encoder_hidden_states": torch.randn(1, WHISPER_FRAMES, HIDDEN, generator=gen),
     }
-    return Built(WhisperDecoder(_whisper()).eval(), inputs, ["logits"])
+    return Built(WhisperDecoder(_whisper(attn)).eval(), inputs, ["logits"])
 
 
 def t5() -> Built:
@@ -412,4 +413,24 @@ def cases() -> list[Case]:
             seq_len=20,
             notes=f"hidden_states [1, 32, 4, 5] -> 20 tokens; context [1, {CROSS_SEQ}, {CROSS_DIM}]",
         ),
+    ]
+
+
+def variant_cases() -> list[Case]:
+    """The Whisper decoder with transformers' default SDPA attention (see ``decoders.variant_cases``)."""
+    from .decoders import SDPA_EXPORTERS
+
+    return [
+        _case(
+            "whisper_decoder_sdpa",
+            "whisper",
+            "decoder",
+            "Whisper decoder without cache, SDPA attention: causal self-attn + cross-attn",
+            lambda: whisper_decoder("sdpa"),
+            seq_len=DEC_SEQ,
+            vocab_size=VOCAB,
+            notes="cross-attention K/V come from the encoder_hidden_states graph input (length 12)",
+            exporters=SDPA_EXPORTERS,
+            attn_implementation="sdpa",
+        )
     ]

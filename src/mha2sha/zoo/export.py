@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import EXPORTERS, Built
+from .spec import Built, exporter_opset
 
 TORCHSCRIPT_OPSET = 17
 
@@ -20,31 +20,33 @@ def export(built: Built, path: Path, exporter: str) -> None:
 
     The dynamo path runs the onnxscript optimizer (constant folding, dead-code removal) because
     the raw torch.export translation is full of no-op casts and shape arithmetic that a graph
-    rewrite would otherwise have to look through.
+    rewrite would otherwise have to look through. ``exporter`` is one of ``ALL_EXPORTERS``
+    (``"torchscript"`` = opset 17, ``"dynamo"`` = torch's default opset, ``"dynamo23"`` ...).
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    kind, opset = exporter_opset(exporter)
     args = tuple(built.inputs.values())
     names = list(built.inputs)
     with torch.no_grad(), quiet_export():
-        if exporter == "torchscript":
+        if kind == "torchscript":
             torch.onnx.export(
                 built.module,
                 args,
                 str(path),
                 input_names=names,
                 output_names=built.output_names,
-                opset_version=TORCHSCRIPT_OPSET,
+                opset_version=opset,
                 dynamo=False,
                 do_constant_folding=True,
             )
         else:
+            opset_kw = {} if opset is None else {"opset_version": opset}
             program = torch.onnx.export(
                 built.module,
                 args,
                 input_names=names,
                 output_names=built.output_names,
                 dynamo=True,
+                **opset_kw,
                 optimize=True,
                 verbose=False,
             )

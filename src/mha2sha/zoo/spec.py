@@ -8,6 +8,31 @@ from dataclasses import dataclass, field
 import torch
 
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+"""The default pair: every eager case is exported (and tested) with both."""
+
+EXTRA_EXPORTERS: tuple[str, ...] = ("torchscript20", "dynamo18", "dynamo23")
+"""Other opsets, opted into per case (``CaseInfo.exporters``) by the variant cases.
+
+``torchscript`` is opset 17 and ``dynamo`` torch's default opset (20 with torch 2.13); a trailing
+number pins the opset. TorchScript at 20 writes ``Gelu`` and reduction axes as inputs; dynamo at 23
+may write the ONNX ``Attention`` op for ``F.scaled_dot_product_attention``.
+"""
+
+ALL_EXPORTERS: tuple[str, ...] = EXPORTERS + EXTRA_EXPORTERS
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa")
+
+
+def exporter_opset(exporter: str) -> tuple[str, int | None]:
+    """``"dynamo23"`` -> ``("dynamo", 23)``; ``"torchscript"`` -> ``("torchscript", 17)``; ``"dynamo"`` -> ``("dynamo", None)``."""
+    if exporter not in ALL_EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {ALL_EXPORTERS}")
+    for kind in ("torchscript", "dynamo"):
+        if exporter.startswith(kind):
+            rest = exporter[len(kind) :]
+            if rest:
+                return kind, int(rest)
+            return kind, (17 if kind == "torchscript" else None)
+    raise AssertionError(exporter)
 
 
 @dataclass(frozen=True)
@@ -16,7 +41,9 @@ class CaseInfo:
 
     ``heads``/``kv_heads``/``head_dim`` describe the (self-)attention the converter must split.
     ``exporters`` lists the exporters known to work; ``notes`` says why one is missing, and any
-    graph-structure quirk worth knowing.
+    graph-structure quirk worth knowing. ``attn_implementation`` is the transformers attention the
+    model was built with: ``"eager"`` (explicit MatMul/Softmax, every case in ``CASES``) or
+    ``"sdpa"`` (``F.scaled_dot_product_attention``, the ``*_sdpa`` variants in ``VARIANTS``).
     """
 
     name: str
@@ -32,6 +59,7 @@ class CaseInfo:
     vocab_size: int = 0  # token-id inputs are drawn from [0, vocab_size); 0 if none
     notes: str = ""
     exporters: tuple[str, ...] = EXPORTERS
+    attn_implementation: str = "eager"
 
 
 @dataclass
