@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mha2sha import zoo
 
-CLI = [sys.executable, "-m", "mha2sha.commands.build_ar", "build-ar"]
+CLI = [sys.executable, "-m", "mha2sha.cli", "build-ar"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

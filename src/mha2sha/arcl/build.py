@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from mha2sha.arcl.contract import infer_contract
 from mha2sha.arcl.record import ArRecord, LoopRow, VariantRecord, VerificationFailed
 from mha2sha.arcl.rewrite import ChangeArPass, new_past
 from mha2sha.arcl.roles import find_roles
@@ -37,7 +38,7 @@ from mha2sha.report.progress import PhaseTimer
 from mha2sha.verify.inputs import ROPE_THETA
 from mha2sha.verify.token_loop import StepContract, compare_loops, prompt_tokens, run_token_loop
 
-__all__ = ["BuildArOptions", "build_ar", "variant_name", "parse_ars"]
+__all__ = ["BuildArOptions", "build_ar", "convert_and_build_ar", "variant_name", "parse_ars"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,12 @@ def build_ar(
     name: str | None = None,
     options: BuildArOptions | None = None,
     timer: PhaseTimer | None = None,
+    extra_files: Sequence[Path] = (),
 ) -> ArRecord:
     """Write ``<name>_ar<N>_cl<M>.onnx`` for every AR in ``ars`` (context length ``cl``, default the
     model's), one shared ``<name>.data``, a copy of ``encodings`` beside each graph and
-    ``<name>.ar.report.json``; see the module docstring. Returns the record."""
+    ``<name>.ar.report.json`` (and ``extra_files`` copied in with them); see the module docstring.
+    Returns the record."""
     options = options or BuildArOptions()
     if options.verify not in VERIFY_MODES:
         raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {options.verify!r}")
@@ -133,7 +136,8 @@ def build_ar(
             variants.append((model, variant, contract))
     exclude = {c.tensor for _, v, _ in variants for c in v.constants}
 
-    with staging_dir(out_dir) as stage:
+    report_file = f"{name}{REPORT_SUFFIX}"
+    with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
         with timer.phase("save (one shared weights file)"):
             data = stage / f"{name}.data"
             staged = [(m, stage / v.path.name) for m, v, _ in variants]
@@ -147,11 +151,76 @@ def build_ar(
                     variant.encodings = variant.path.with_suffix(".encodings")
                 record.variants.append(variant)
         _verify(record, source, model_path, staged, variants, enc, options, timer)
+        for extra in extra_files:
+            shutil.copyfile(extra, stage / extra.name)
         record.phases = [dataclasses.asdict(r) for r in timer.records]
-        report = stage / f"{name}{REPORT_SUFFIX}"
-        report.write_text(json.dumps(record.to_dict(), indent=1, default=str))
-        record.files = [out_dir / p.relative_to(stage) for p in sorted(stage.rglob("*")) if p.is_file()]
+        outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        outputs.append(report_file)
+        (stage / report_file).write_text(json.dumps({**record.to_dict(), "outputs": outputs}, indent=1, default=str))
+        record.files = [out_dir / f for f in outputs]
     return record
+
+
+def _previous_outputs(report: Path) -> list[str]:
+    """The files an earlier run into the same folder wrote (its report lists them): replaced as a set."""
+    try:
+        outputs = json.loads(report.read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [o for o in outputs if isinstance(o, str)]
+
+
+def convert_and_build_ar(
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ars: Sequence[int] | str,
+    cl: int | None,
+    *,
+    name: str | None = None,
+    convert_options=None,
+    options: BuildArOptions | None = None,
+    timer: PhaseTimer | None = None,
+):
+    """``convert --ar``: split (and lay out) the model, proven at its own AR, then build the AR/CL
+    variants of the converted graph into ``out_dir`` (one shared weights file; the SHA encodings,
+    the name map and the conversion report beside them).
+
+    Returns ``(ConversionResult, ArRecord | None)``; no record when the conversion wrote nothing
+    (no attention, or blocks left multi-head without ``allow_partial``): then nothing is written.
+    """
+    from mha2sha.job import NAME_MAP_FILE, convert
+
+    ars = parse_ars(ars)
+    model_path = Path(model_path)
+    name = model_path.stem if name is None else name
+    options = options or BuildArOptions()
+    timer = timer or PhaseTimer()
+    with timer.phase("check AR / CL"):
+        _check_ar_early(model_path, ars, cl, convert_options)
+    with tempfile.TemporaryDirectory(prefix="mha2sha-convert-ar-") as tmp:
+        result = convert(model_path, tmp, name=name, options=convert_options, timer=timer)
+        incomplete = result.unsupported_blocks and not getattr(convert_options, "allow_partial", False)
+        if not result.files or incomplete:
+            return result, None
+        sha = Path(tmp) / f"{name}.onnx"
+        sha_encodings = Path(tmp) / f"{name}.encodings"
+        extras = [p for p in (Path(tmp) / NAME_MAP_FILE, Path(tmp) / f"{name}.report.json") if p.exists()]
+        record = build_ar(
+            sha, ars, cl, out_dir, encodings=sha_encodings if sha_encodings.exists() else None, name=name,
+            options=dataclasses.replace(options, input_shapes={}), timer=timer, extra_files=extras,
+        )  # fmt: skip
+    return result, record
+
+
+def _check_ar_early(model_path: Path, ars: Sequence[int], cl: int | None, convert_options) -> None:
+    """Refuse an impossible AR / CL before the conversion runs (when the input's shapes are static)."""
+    model = load_model(model_path)
+    fix_input_shapes(model, getattr(convert_options, "input_shapes", None) or {})
+    if not all(v.shape is not None and v.shape.is_static() for v in model.graph.inputs):
+        return  # dynamic dims are resolved by the conversion; build_ar checks after it
+    roles = find_roles(model)
+    for ar in ars:
+        new_past(roles, ar, cl)
 
 
 def _load(path: Path, options: BuildArOptions) -> ir.Model:
@@ -176,7 +245,7 @@ def _contract(model: ir.Model, rewrite: ChangeArPass) -> StepContract | None:
     """The token-loop contract of the variant (from the trace of the original graph), or None when
     the graph's I/O has no token-loop reading (then it cannot be proven; see ``_verify``)."""
     try:
-        contract = StepContract.infer(model, rewrite.trace)
+        contract = infer_contract(model, rewrite.trace)
     except UserError as e:
         logger.info("no token-loop contract: %s", e)
         return None

@@ -9,14 +9,13 @@ from pathlib import Path
 from rich.table import Table
 
 from mha2sha.arcl.rewrite import ConstantRewrite
+from mha2sha.errors import ConversionFailed
 
 __all__ = ["ArRecord", "VariantRecord", "LoopRow", "VerificationFailed"]
 
 
-class VerificationFailed(Exception):
-    """A variant's token loop disagrees with the original's. Exit code 1, nothing written."""
-
-    exit_code = 1
+class VerificationFailed(ConversionFailed):
+    """A variant's token loop disagrees with the original's (or does not run). Exit code 1, nothing written."""
 
 
 @dataclasses.dataclass

@@ -8,19 +8,15 @@ the token loop against the original (see :mod:`mha2sha.arcl.build`).
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from collections.abc import Sequence
 
 from rich.console import Console
 
-from mha2sha.arcl.build import VERIFY_MODES, BuildArOptions, build_ar
-from mha2sha.arcl.record import ArRecord, VerificationFailed
-from mha2sha.errors import UserError
+from mha2sha.arcl.build import VERIFY_MODES, BuildArOptions, build_ar, convert_and_build_ar
+from mha2sha.arcl.record import ArRecord
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.verify.inputs import ROPE_THETA, parse_input_shapes
 
-__all__ = ["add_parser", "add_ar_options", "run", "print_record", "main"]
+__all__ = ["add_parser", "add_ar_options", "options_from_args", "print_record", "run", "run_convert_with_ar"]
 
 _DEFAULTS = BuildArOptions()
 
@@ -31,7 +27,8 @@ def add_ar_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         "--ar",
         required=required,
         metavar="N[,M...]",
-        help="tokens per step of each graph to build (1 <= AR <= CL-1), e.g. 1 or 1,128",
+        help="tokens per step of each graph to build (1 <= AR <= CL-1), e.g. 1 or 1,128"
+        + ("" if required else ": the converted model is rewritten for each (one shared weights file)"),
     )
     p.add_argument(
         "--cl", type=int, metavar="N", help="context length of the new graphs (default: the model's)"
@@ -123,22 +120,19 @@ def print_record(console: Console, record: ArRecord) -> None:
     console.print("Wrote " + ", ".join(str(f) for f in record.files))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mha2sha.commands.build_ar ...``: this subcommand alone (until it is wired into ``mha2sha``)."""
-    parser = argparse.ArgumentParser(prog="mha2sha")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    timer = PhaseTimer(show=True)
-    try:
-        return args.run(args, Console(), timer)
-    except (UserError, VerificationFailed) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return e.exit_code
-    finally:
-        timer.close()
+def run_convert_with_ar(
+    model: str, out: str, name: str | None, convert_options, ar: str, cl: int | None, ar_options: BuildArOptions,
+    console: Console, timer: PhaseTimer,
+) -> int:  # fmt: skip
+    """``convert --ar`` / the original tool's ``--build-ar``: convert, then build the AR/CL variants."""
+    from mha2sha.commands.convert import print_result
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result, record = convert_and_build_ar(
+        model, out, ar, cl, name=name, convert_options=convert_options, options=ar_options, timer=timer
+    )
+    if record is None:
+        return print_result(console, result, convert_options.allow_partial, timer)
+    print_result(console, result, convert_options.allow_partial, None)
+    print_record(console, record)
+    console.print(timer.table())
+    return 0

@@ -6,10 +6,11 @@ compared the way they are used: the same prompt of T tokens is fed in chunks of 
 carried from step to step as the graph's I/O contract says, and the logits of every prompt token
 (and the cache at the end) must agree.
 
-The contract is inferred from the graph (:meth:`StepContract.infer`): the roles of the inputs
-(:mod:`mha2sha.arcl.roles`) and, from the AR/CL trace, which output returns the new KV entries
+The :class:`StepContract` says which input is what and which output returns the new KV entries
 (prepared graphs, ``[.., AR, ..]``) or the whole cache (Hugging Face ``present = concat(past, new)``,
-``[.., CL, ..]``) for each past input, and which output holds the logits.
+``[.., CL, ..]``) for each past input, and which output holds the logits;
+:func:`mha2sha.arcl.contract.infer_contract` reads it from a graph (input roles and the AR/CL
+trace), :func:`mha2sha.arcl.contract.compare_step_graphs` compares two graphs of one model.
 
 The loop keeps the ``n`` valid cached entries right-aligned in the past input (slots ``P - n ..
 P - 1``; the rest is masked). Each call sees:
@@ -39,13 +40,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import onnx_ir as ir
 
-from mha2sha.arcl.dims import AR, CL, Dim
-from mha2sha.arcl.roles import find_roles
-from mha2sha.arcl.trace import Trace
 from mha2sha.errors import UserError
-from mha2sha.verify.inputs import MASK_NEG, ROPE_THETA, _embedding_vocab
+from mha2sha.verify.inputs import MASK_NEG, ROPE_THETA
 
 __all__ = [
     "KvSlot",
@@ -53,7 +50,6 @@ __all__ = [
     "LoopResult",
     "StepContract",
     "compare_loops",
-    "compare_step_graphs",
     "prompt_tokens",
     "run_token_loop",
 ]
@@ -76,7 +72,9 @@ class StepContract:
 
     ar: int
     past: int
-    inputs: dict[str, tuple[str, tuple[Dim, ...]]]  # name -> (numpy dtype name, shape as Dims)
+    #: name -> (numpy dtype name, shape): each size is ``(c, a, p)`` = ``c + a * AR + p * past``,
+    #: so one contract serves every AR / CL variant of the graph (:meth:`at`)
+    inputs: dict[str, tuple[str, tuple[tuple[int, int, int], ...]]]
     tokens: str | None = None
     embeds: str | None = None
     mask: str | None = None
@@ -94,7 +92,7 @@ class StepContract:
         return self.ar + self.past
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(d.at(self.ar, self.past) for d in self.inputs[name][1])
+        return tuple(c + a * self.ar + p * self.past for c, a, p in self.inputs[name][1])
 
     def at(self, ar: int, past: int) -> StepContract:
         """The same contract for the variant of this graph with ``ar`` tokens per step and ``past``."""
@@ -120,104 +118,6 @@ class StepContract:
             return "prefill"
         kinds = {s.kind for s in self.kv}
         return "new-entries" if kinds == {"new"} else "present" if kinds == {"present"} else "mixed"
-
-    @classmethod
-    def infer(cls, model: ir.Model, trace: Trace | None = None) -> StepContract:
-        roles = trace.roles if trace is not None else find_roles(model)
-        trace = trace or Trace(model, roles).run()
-        graph = model.graph
-        inputs = {}
-        fields: dict[str, object] = {}
-        for v in graph.inputs:
-            if v.is_initializer():
-                continue
-            name = v.name or ""
-            state = trace.state(v)
-            inputs[name] = (np.dtype(v.dtype.numpy()).name, state.shape)  # type: ignore[union-attr]
-            role = roles.inputs.get(name)
-            kind = role.kind if role else None
-            key = {"tokens": "tokens", "embeds": "embeds", "mask": "mask", "positions": "positions",
-                   "cache_position": "cache_position", "cos": "cos", "sin": "sin"}.get(kind or "")  # fmt: skip
-            if key is None and kind != "past":
-                raise UserError(
-                    f"input '{name}' has no role in a token loop (token ids, mask, positions, RoPE "
-                    "cos/sin, past KV); the LLM step check cannot feed it"
-                )
-            if key is not None:
-                if fields.get(key) is not None:
-                    raise UserError(f"two inputs look like the {key}: '{fields[key]}' and '{name}'")
-                fields[key] = name
-                if key == "tokens":
-                    fields["vocab"] = _embedding_vocab(v) or 100
-        outputs = {o.name: o for o in graph.outputs}
-        slots = []
-        used: set[str] = set()
-        for role in roles.of("past"):
-            axis = next(iter(role.axes))
-            out = _paired_output(role.name, outputs, used, trace, axis)
-            if out is None:
-                raise UserError(
-                    f"no output returns the new entries of '{role.name}' (expected e.g. "
-                    f"'{_candidates(role.name)[0] if _candidates(role.name) else 'present_*'}')"
-                )
-            value, kind = out
-            used.add(value.name or "")
-            slots.append(KvSlot(role.name, axis, value.name or "", axis, kind))
-        logits = outputs.get("logits")
-        if logits is None:
-            rest = [o for o in graph.outputs if o.name not in used]
-            logits = rest[0] if rest else None
-        if logits is None:
-            raise UserError("the step graph has no logits output")
-        state = trace.state(logits)
-        shape = state.shape if state is not None else None
-        axis = next((k for k, d in enumerate(shape or ()) if d == AR), None)
-        if axis is None:
-            raise UserError(
-                f"output '{logits.name}' has no axis of the new tokens (last-token-only logits cannot be "
-                "compared per token)"
-            )
-        return cls(roles.ar, roles.past, inputs, kv=tuple(slots), logits=logits.name or "",
-                   logits_axis=axis, **fields)  # type: ignore[arg-type]  # fmt: skip
-
-
-def _candidates(name: str) -> list[str]:
-    """Output names the conventions give the entries appended to past input ``name``."""
-    out = []
-    if name.endswith("_in"):
-        out.append(name[:-3] + "_out")
-    for a, b in (("past_key_values", "present"), ("past_key", "present_key"), ("past_value", "present_value"),
-                 ("past", "present"), ("cache", "present")):  # fmt: skip
-        if a in name:
-            out.append(name.replace(a, b, 1))
-    return out
-
-
-def _paired_output(
-    name: str, outputs: Mapping[str, ir.Value], used: set[str], trace: Trace, axis: int
-) -> tuple[ir.Value, str] | None:
-    """The output holding ``name``'s new entries (by naming convention, else by dataflow)."""
-
-    def kind_of(value: ir.Value) -> str | None:
-        state = trace.state(value)
-        if state is None or state.shape is None or axis >= len(state.shape):
-            return None
-        d: Dim = state.shape[axis]
-        return "new" if d == AR else "present" if d == CL else None
-
-    for cand in _candidates(name):
-        value = outputs.get(cand)
-        if value is not None and cand not in used and kind_of(value):
-            return value, kind_of(value)  # type: ignore[return-value]
-    # dataflow: the Concat appending to the past input, or its new-entries operand
-    past = next(v for v in trace.graph.inputs if v.name == name)
-    for node, _ in past.uses():
-        if node.op_type != "Concat":
-            continue
-        for value in (node.outputs[0], *node.inputs):
-            if value is not None and value.is_graph_output() and value.name not in used and kind_of(value):
-                return value, kind_of(value)  # type: ignore[return-value]
-    return None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -278,11 +178,11 @@ def _np_dtype(name: str) -> np.dtype:
 def _session(path: str | os.PathLike):
     import onnxruntime as ort
 
-    from mha2sha.verify.runner import _session_options
+    from mha2sha.verify.runner import session_options
 
     try:
         return ort.InferenceSession(
-            os.fspath(path), _session_options("basic"), providers=["CPUExecutionProvider"]
+            os.fspath(path), session_options("basic"), providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
         raise UserError(f"onnxruntime cannot load {path}: {' '.join(str(exc).split())[:300]}") from None
@@ -443,35 +343,3 @@ def compare_loops(
         unit = "lsb" if lsb is not None and name in lsb else "rel"
         checks.append(LoopCheck(name, err, err <= limit, None, unit))
     return checks
-
-
-def compare_step_graphs(
-    original: str | os.PathLike,
-    candidate: str | os.PathLike,
-    *,
-    tokens: int | None = None,
-    rtol: float = 1e-5,
-    seed: int = 0,
-    rope_theta: float = ROPE_THETA,
-) -> tuple[list[LoopCheck], int, tuple[int, int]]:
-    """Two step graphs of one model (any AR / CL each) through the same prompt.
-
-    Returns the checks (:func:`compare_loops`), the prompt length and the steps each took. The
-    prompt is ``tokens`` long, by default long enough to take both graphs through several steps
-    and short enough to fit both caches.
-    """
-    from mha2sha.io.load import load_model
-
-    contracts = [StepContract.infer(load_model(p)) for p in (original, candidate)]
-    fit = min(c.capacity for c in contracts)
-    length = tokens if tokens is not None else min(fit, max(32, 2 * max(c.ar for c in contracts)))
-    if not 1 <= length <= fit:
-        raise UserError(f"a prompt of {length} tokens does not fit both graphs (at most {fit})")
-    if contracts[0].vocab != contracts[1].vocab:
-        raise UserError(
-            f"the graphs have different vocabularies ({contracts[0].vocab} vs {contracts[1].vocab})"
-        )
-    prompt = prompt_tokens(contracts[0], length, seed)
-    ref = run_token_loop(original, contracts[0], prompt, rope_theta=rope_theta)
-    got = run_token_loop(candidate, contracts[1], prompt, rope_theta=rope_theta)
-    return compare_loops(ref, got, rtol=rtol), length, (ref.steps, got.steps)
