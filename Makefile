@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint corpus clean-cache
+.PHONY: demo demo-ar test lint corpus clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/python -m mha2sha.demo
+
+demo-ar: $(STAMP)
+	$(BIN)/python -m mha2sha.demo build-ar
 
 # The suite includes tests/thirdparty: it builds the third-party tools' own venvs and exports on
 # demand (cached under $MHA2SHA_CACHE, default ~/.cache/mha2sha; ~5 min cold, ~20 s warm).

@@ -287,16 +287,16 @@ def write_table() -> str:
             "written once into one shared `.data` (kernel copy), measured like convert above. Rewrite = trace",
             "and rewrite of every variant (graph only); save = the shared weights file + the graphs.",
             "",
-            "| model | --ar | weights GB | cp s | build-ar s | x cp | peak RSS MB | peak anon MB | rewrite s "
-            "| save s | output GB | cache |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| model | code | --ar | weights GB | cp s | build-ar s | x cp | peak RSS MB | peak anon MB "
+            "| rewrite s | save s | output GB | cache |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in ar_rows:
             c = r.get("convert", {})
             rewrite = sum(sec for key, (sec, _) in r.get("phases", {}).items() if "rewrite" in key)
             exit_note = "" if c.get("exit") == 0 else f" (exit {c.get('exit')})"
             lines.append(
-                f"| {r['model']} | {r['build_ar']['ars']} | {r['weight_gb']} | {r['cp']['seconds']:.1f} | "
+                f"| {r['model']} | {r['tag']} | {r['build_ar']['ars']} | {r['weight_gb']} | {r['cp']['seconds']:.1f} | "
                 f"{c.get('seconds', 0):.1f}{exit_note} | {r.get('ratio_vs_cp', '-')} | {c.get('peak_rss_mb', '-')} | "
                 f"{c.get('peak_anon_mb', '-')} | {rewrite:.1f} | {_phase(r, 'save')} | {r.get('output_gb', '-')} | "
                 f"{r.get('cache', '?')} |"

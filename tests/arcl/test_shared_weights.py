@@ -68,3 +68,22 @@ def test_variants_share_one_weights_file(tmp_path):
         for section in ("activation_encodings", "param_encodings"):
             assert {e["name"] for e in encoded[section]} <= tensor_names(model)
     assert any(r.mode == "qdq" for r in record.verification)
+
+
+def test_external_weights_file_is_copied_whole(tmp_path):
+    """An input with its weights in one external file: the shared file is a byte copy of it (the
+    cost of a cp), each tensor at its input offset, and both variants still run on their own."""
+    model = onnx.load(str(zoo.build("llama_gqa_step")))
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(model, source, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)  # fmt: skip
+    record = build(source, [1, 8], 24, tmp_path / "out")
+    copied = tmp_path / "out" / "model.data"
+    assert copied.read_bytes() == (source.parent / "weights.bin").read_bytes()
+    original = {name: (off, n) for name, (_, off, n) in _external(source).items()}
+    for variant in record.variants:
+        refs = _external(variant.path)
+        assert {name: (off, n) for name, (_, off, n) in refs.items() if name in original} == {
+            name: ref for name, ref in original.items() if name in refs
+        }

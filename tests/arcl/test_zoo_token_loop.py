@@ -43,17 +43,7 @@ def test_prefill_ar(case, tmp_path):
     assert [v.cl for v in record.variants] == [1, info.heads]  # a prefill graph's CL is its AR
 
 
-DYNAMO = [
-    "llama_gqa_step",
-    "phi3_step",
-    "gpt2_prefill",
-    "bloom_step",
-    "llama_decode_ar1",
-    "prepared_llama_gqa_step",
-]
-
-
-@pytest.mark.parametrize("case", DYNAMO)
+@pytest.mark.parametrize("case", STEP_CASES + PREFILL_CASES)
 def test_dynamo_exports(case, tmp_path):
     """torch.export graphs fold the mask arithmetic into tables (causal bool, GatherND indices)."""
     info = zoo.CASES[case]

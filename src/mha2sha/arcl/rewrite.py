@@ -180,6 +180,8 @@ def _rewrite_constants(trace: Trace, ar: int, past: int) -> list[ConstantRewrite
         for frozen, uses in by_marks.items():
             marks = dict(frozen)
             new, meaning = _new_array(trace, value, uses, base, marks, ar, past)
+            if new.shape == base.shape and np.array_equal(new, base):
+                continue  # the same AR / CL here: nothing to change, nothing to copy
             consumers = tuple(sorted({n.name or n.op_type for n, _ in uses}))
             if in_place:
                 _replace_in_place(value, new)

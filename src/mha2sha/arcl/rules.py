@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.arcl.dims import AR, CL, Dim, NotLinear, P, dim
+from mha2sha.arcl.dims import Dim, NotLinear, P, dim
 from mha2sha.arcl.trace import DATA_LIMIT, State, Trace, Unexplained, is_const
 from mha2sha.split.reshape_map import Unmappable, reshape_groups
 
@@ -30,7 +30,6 @@ Backward = Callable[[Trace, ir.Node, int, str, int, Dim], list]
 
 #: A Slice end at least this large means "to the end" (exporters write INT64_MAX or INT32_MAX).
 _TO_END = 1 << 30
-_KNOWN = {"AR": AR, "P": P, "CL": CL}
 
 
 # ------------------------------------------------------------------------------------- helpers

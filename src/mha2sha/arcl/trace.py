@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.arcl.dims import Dim, NotLinear, dim
+from mha2sha.arcl.dims import Dim, NotLinear
 from mha2sha.arcl.roles import Roles
 from mha2sha.errors import UserError
 
@@ -130,7 +130,7 @@ class Trace:
         self.states: dict[int, State] = {}
         self._const_cache: dict[int, State] = {}
         self.restarts = 0
-        self._node: ir.Node | None = None
+        self.node: ir.Node | None = None  # the node being traced (for error messages and debugging)
         # (Dim that must be >= 0 at the new sizes, node, why): clamped slices valid only in a range
         self.constraints: dict[tuple[int, str], tuple[Dim, ir.Node, str]] = {}
         cached = roles.has_cache
@@ -165,11 +165,11 @@ class Trace:
         for node in self.graph:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 continue
-            self._node = node
+            self.node = node
             outs = self._evaluate(node)
             for out, state in zip(node.outputs, outs, strict=False):
                 self.states[id(out)] = state
-        self._node = None
+        self.node = None
 
     def _evaluate(self, node: ir.Node) -> list[State]:
         ins = [self.input(node, i) for i in range(len(node.inputs))]
@@ -465,6 +465,3 @@ class Trace:
             out.append(int(x))
         return out
 
-
-def dims_of(values: Iterable[object]) -> tuple[Dim, ...]:
-    return tuple(dim(v) for v in values)

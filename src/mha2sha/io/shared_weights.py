@@ -2,12 +2,13 @@
 ``<name>.data`` at the same offsets.
 
 The AR/CL variants of a model differ only in shapes and a few small shape constants; every weight
-is the same tensor. So the weights are written once (external weights are copied file to file by
-the kernel, ``copy_file_range``, never mapped; in-memory ones are written from their array), and
-each variant references them by ``location`` / ``offset`` / ``length``. A constant that one variant
-rewrote, and any integer tensor below :data:`SHARE_MIN_BYTES`, stays inside that variant's
-``.onnx``. Every tensor starts on a 4096-byte boundary, like :func:`mha2sha.io.save.save_model`
-writes them.
+is the same tensor. So the weights are written once and each variant references them by
+``location`` / ``offset`` / ``length``. When the input keeps its weights in one external file, that
+file is copied whole by the kernel (``copy_file_range``, never mapped) and every tensor keeps its
+offset: the cost of a ``cp``. Otherwise tensors are copied one by one in the order of their source
+offsets (a cold read streams), each on a 4096-byte boundary like :func:`mha2sha.io.save.save_model`
+writes them. A constant that one variant rewrote, and any integer tensor below
+:data:`SHARE_MIN_BYTES`, stays inside that variant's ``.onnx``.
 """
 
 from __future__ import annotations
@@ -70,11 +71,21 @@ def save_sharing_weights(
             for o in others
         ):
             names.append(name)
+    tensors = {name: first.graph.initializers[name].const_value for name in names}
     placed: dict[str, tuple[int, int]] = {}
     with open(data, "wb") as f:
-        for name in names:
-            tensor = first.graph.initializers[name].const_value
+        source = _single_source(tensors)
+        if source is not None:  # one copy of the input's weights file, every offset kept (= cp)
+            _copy_file(source, f)
+            for name, tensor in tensors.items():
+                if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path) == source:
+                    placed[name] = (tensor.offset or 0, tensor.nbytes)
+        # the rest in the order of their source offsets, so a cold read streams through the input
+        rest = sorted((n for n in names if n not in placed), key=lambda n: _source_order(tensors[n]))
+        for name in rest:
+            tensor = tensors[name]
             assert tensor is not None
+            f.seek(0, os.SEEK_END)
             offset = f.tell()
             if offset % _ALIGN:
                 f.write(b"\0" * (_ALIGN - offset % _ALIGN))
@@ -106,6 +117,56 @@ def save_sharing_weights(
         "%d tensors (%d bytes) shared by %d graphs in %s", len(placed), data.stat().st_size, len(models), data
     )
     return files
+
+
+def _source_order(tensor) -> tuple[str, int]:
+    if isinstance(tensor, ir.ExternalTensor):
+        return (str(tensor.path), tensor.offset or 0)
+    return ("~", 0)  # in-memory tensors after the external ones
+
+
+def _single_source(tensors: dict) -> Path | None:
+    """The one external file that holds (nearly) all shared weights, when there is one: then it is
+    copied whole and every offset stays, which is exactly what ``cp`` of the weights costs."""
+    files: dict[Path, int] = {}
+    total = 0
+    for tensor in tensors.values():
+        total += tensor.nbytes
+        if isinstance(tensor, ir.ExternalTensor):
+            path = Path(tensor.path)
+            files[path] = files.get(path, 0) + tensor.nbytes
+    if len(files) != 1:
+        return None
+    ((path, covered),) = files.items()
+    size = path.stat().st_size
+    return path if covered >= 0.9 * total and covered >= 0.9 * size else None
+
+
+def _copy_file(source: Path, out) -> None:
+    """``source`` appended to ``out`` by the kernel (``copy_file_range``), read/write as a fallback."""
+    out.flush()
+    with open(source, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        start = out.tell()
+        done = 0
+        copy = getattr(os, "copy_file_range", None)
+        try:
+            while copy is not None and done < size:
+                n = copy(src.fileno(), out.fileno(), min(1 << 30, size - done), done, start + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+        src.seek(done)
+        out.seek(start + done)
+        while done < size:
+            chunk = src.read(min(64 << 20, size - done))
+            if not chunk:
+                raise UserError(f"external data file {source} became shorter while copying it")
+            out.write(chunk)
+            done += len(chunk)
+        out.seek(0, os.SEEK_END)
 
 
 def _refuse_overwriting_inputs(models: Sequence[ir.Model], files: Sequence[Path]) -> None:
