@@ -20,37 +20,14 @@ __all__ = [
     "Builder",
     "Context",
     "Refused",
-    "attr_float",
-    "attr_int",
-    "attr_ints",
     "dims",
     "input_at",
-    "is_onnx",
     "used",
 ]
 
 
 class Refused(Exception):
     """The node cannot be lowered exactly; the message is the reason shown to the user."""
-
-
-def is_onnx(domain: str) -> bool:
-    return domain in ("", "ai.onnx")
-
-
-def attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
-
-
-def attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.as_float())
-
-
-def attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(x) for x in attr.as_ints()]
 
 
 def input_at(node: ir.Node, index: int) -> ir.Value | None:

@@ -38,7 +38,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at, used
+from mha2sha.graph import attr_float, attr_int
+from mha2sha.lower._build import Builder, Refused, dims, input_at, used
 from mha2sha.lower._sdpa import attend, heads_first, heads_last
 from mha2sha.lower.rotary import gather_rows, rotate
 

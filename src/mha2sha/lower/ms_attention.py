@@ -25,7 +25,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, attr_ints, dims, input_at, used
+from mha2sha.graph import attr_float, attr_int, attr_ints
+from mha2sha.lower._build import Builder, Refused, dims, input_at, used
 from mha2sha.lower._sdpa import attend, heads_first, heads_last
 
 __all__ = ["lower_ms_attention", "lower_multi_head_attention"]
