@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import onnx
 import onnx_ir as ir
@@ -57,6 +57,10 @@ __all__ = ["NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
 NAME_MAP_FILE = "mha_to_sha_names.json"
 
 
+def _is_verify_mode(mode: str) -> TypeGuard[VerifyMode]:
+    return mode in VERIFY_MODES
+
+
 @dataclasses.dataclass
 class ConvertOptions:
     """Everything a user can ask of a conversion (the CLI's options, by the same names)."""
@@ -87,9 +91,10 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.verify is True or self.verify is False:
             self.verify = "auto" if self.verify else "none"
-        if not isinstance(self.verify, str) or self.verify.lower() not in VERIFY_MODES:
+        mode = self.verify.lower() if isinstance(self.verify, str) else None
+        if mode is None or not _is_verify_mode(mode):
             raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
-        self.verify = self.verify.lower()  # type: ignore[assignment]
+        self.verify = mode
         if not (math.isfinite(self.rtol) and self.rtol > 0):
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
         if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
@@ -104,7 +109,7 @@ class ConvertOptions:
     def verify_options(self) -> VerifyOptions:
         assert isinstance(self.verify, str)
         return VerifyOptions(
-            mode=self.verify,  # type: ignore[arg-type]
+            mode=self.verify,
             rtol=self.rtol,
             max_lsb=self.max_lsb,
             seed=self.seed,
@@ -264,7 +269,8 @@ def convert(
             apply_htp_layout(model, result.layout, quantized=quantized)
             remove_unused_initializers(model)
             if sha_encodings is not None:
-                sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
+                assert result.layout is not None  # made above for the layout passes
+                sha_encodings = remap_encodings(sha_encodings, result.layout, model)
 
     report_file = f"{name}.report.json"
     with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mha2sha.encodings.axes import AxisPair, as_ir_model, channel_axes, tensor_shapes
+from mha2sha.encodings.axes import AxisPair, ModelLike, as_ir_model, channel_axes, tensor_shapes
 from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation
 from mha2sha.errors import UserError
 from mha2sha.graph import is_op
@@ -190,30 +190,32 @@ def _encode_joins(
         out = node.outputs[0]
         if not out.name or out.name in result:
             continue
-        originals = {owner.get(v.name) if v is not None else None for v in node.inputs}
-        if len(originals) != 1 or None in originals:
+        originals = {owner.get(v.name) if v is not None and v.name is not None else None for v in node.inputs}
+        if len(originals) != 1:
             continue
         (original,) = originals
-        if len(node.inputs) != len(record.tensors[original].pieces):  # type: ignore[index]
+        if original is None:
             continue
-        sources = [copied_activation(v, result) for v in node.inputs]
-        if None in sources:
+        if len(node.inputs) != len(record.tensors[original].pieces):
             continue
-        encs = [result.activations[s] for s in sources]  # type: ignore[index]
+        sources = [s for v in node.inputs if (s := copied_activation(v, result)) is not None]
+        if len(sources) != len(node.inputs):
+            continue
+        encs = [result.activations[s] for s in sources]
         if not all(e.same_numbers(encs[0]) for e in encs[1:]):
             report.warnings.append(f"{out.name}: the joined heads carry different encodings; left unencoded")
             continue
         result.activations[out.name] = encs[0].renamed(out.name)
         new_order.append(out.name)
-        report.joined[out.name] = sources[0]  # type: ignore[assignment]
+        report.joined[out.name] = sources[0]
 
 
 def propagate(
     encodings: EncodingSet,
     record: SplitRecord,
-    model: Any,
+    model: ModelLike,
     *,
-    original: Any = None,
+    original: ModelLike | None = None,
     channel_axes_map: Mapping[str, int | AxisPair] | None = None,
     strict: bool = False,
     original_names: set[str] | None = None,
@@ -245,6 +247,12 @@ def propagate(
     report = CoverageReport()
     result = EncodingSet(version=src.version, extra=src.extra, style=src.style)
     new_order: list[str] = []
+
+    def encoded(name: str) -> Encoding:
+        """The encoding ``src`` has for ``name`` (folded sources and copies are checked to have one)."""
+        enc = src.get(name)
+        assert enc is not None
+        return enc
 
     def resolve(enc: Encoding, split: TensorSplit) -> None:
         """Fill the axes of a per-channel/blocked encoding of a split weight."""
@@ -297,9 +305,9 @@ def propagate(
             else:
                 source = _folded_source(name, record, src)
                 copies = [c for c in record.copied_by.get(name, []) if src.get(c) is not None]
-                if source is not None and enc.same_numbers(src.get(source)):
+                if source is not None and enc.same_numbers(encoded(source)):
                     report.folded[name] = source
-                elif source is None and copies and all(enc.same_numbers(src.get(c)) for c in copies):
+                elif source is None and copies and all(enc.same_numbers(encoded(c)) for c in copies):
                     report.folded[name] = copies[0]  # e.g. a packed-QKV Split output, read by a Reshape
                 elif source is not None:
                     report.dropped[name] = f"removed data movement of {source} had a different encoding"

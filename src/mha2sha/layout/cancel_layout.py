@@ -29,7 +29,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.graph import ELEMENTWISE_OPS, is_op, static_shape
+from mha2sha.graph import ELEMENTWISE_OPS, is_op, name_of, static_shape
 from mha2sha.layout._graph import GENERATED, Editor, can_rename, is_generated, layout_step
 from mha2sha.layout.algebra import Step, compose
 from mha2sha.layout.record import LayoutRecord
@@ -137,7 +137,9 @@ class CancelLayoutPass(ir.passes.InPlacePass):
             return False
         chain: list[tuple[ir.Node, Step]] = [(node, step)]
         while len(chain) < _MAX_CHAIN:
-            producer = chain[0][0].inputs[0].producer()  # type: ignore[union-attr]
+            data = chain[0][0].inputs[0]
+            assert data is not None  # a layout op's data input is required
+            producer = data.producer()
             if producer is None or (pstep := layout_step(producer)) is None:
                 break
             chain.insert(0, (producer, pstep))
@@ -147,7 +149,9 @@ class CancelLayoutPass(ir.passes.InPlacePass):
             root = sub[0][0].inputs[0]
             assert root is not None
             src = static_shape(root)
-            comp = compose(src, [s for _, s in sub]) if src is not None else None
+            if src is None:
+                continue
+            comp = compose(src, [s for _, s in sub])
             if comp is None:
                 continue
             if comp.kind == "identity":
@@ -260,7 +264,9 @@ class CancelLayoutPass(ir.passes.InPlacePass):
                     cand.replace_input_with(i, entering[id(v)].inputs[0])
             cand.outputs[0].shape = ir.Shape(list(src_shape))
         for p in removed:
-            self._same(p.outputs[0], p.inputs[0])  # type: ignore[arg-type]
+            source = p.inputs[0]
+            assert source is not None  # entering nodes have an input of shape src_shape
+            self._same(p.outputs[0], source)
         for value in leaving:
             self._relayout(graph, value, step, dst_shape, region_ids)
         return True
@@ -297,7 +303,7 @@ class CancelLayoutPass(ir.passes.InPlacePass):
             out.meta[GENERATED] = False
             self.record.aliases[value.name] = self.record.origin(name)
         else:
-            self.record.aliases[out.name] = self.record.origin(value.name)  # type: ignore[index]
+            self.record.aliases[name_of(out)] = self.record.origin(value.name)
 
     # -- names --------------------------------------------------------------------------------
     def _survivor(self, value: ir.Value, graph: ir.Graph) -> ir.Value | None:

@@ -8,9 +8,12 @@ lazy slices of the original (memory-mapped) weight, materialised only when the m
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import onnx_ir as ir
 
+from mha2sha.graph import name_of
 from mha2sha.io.names import UniqueNames
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 from mha2sha.split.rules import rule_of, static_shape
@@ -54,13 +57,14 @@ class Emitter:
     def _remember(self, step: Step, head: int, piece: ir.Value) -> None:
         key = piece_key(step.spec, head)
         self._memo[(id(step.value), step.spec, key)] = piece
-        split = self.record.tensors.get(step.value.name)
+        name = name_of(step.value)
+        split = self.record.tensors.get(name)
         if split is None:
-            kind = "param" if step.kind == "param" else "activation"
-            split = TensorSplit(step.value.name, kind, static_shape(step.value), [])
-            self.record.tensors[step.value.name] = split
+            kind: Literal["param", "activation"] = "param" if step.kind == "param" else "activation"
+            split = TensorSplit(name, kind, static_shape(step.value), [])
+            self.record.tensors[name] = split
         if all(p.name != piece.name for p in split.pieces):
-            split.pieces.append(Piece(piece.name, piece_ranges(step.spec, head), key))
+            split.pieces.append(Piece(name_of(piece), piece_ranges(step.spec, head), key))
 
     # -- pieces ---------------------------------------------------------------------------------
     def piece(self, region: Region, value: ir.Value, spec: HeadSpec | None, head: int) -> ir.Value:
@@ -82,7 +86,7 @@ class Emitter:
         return piece
 
     def _value_like(self, original: ir.Value, spec: HeadSpec, head: int) -> ir.Value:
-        name = self.unique(original.name + _suffix(piece_key(spec, head)))
+        name = self.unique(name_of(original) + _suffix(piece_key(spec, head)))
         shape = ir.Shape(piece_shape(static_shape(original), spec))
         return ir.Value(name=name, shape=shape, type=original.type)
 
@@ -93,6 +97,7 @@ class Emitter:
         for axis, start, stop in piece_ranges(step.spec, head):
             index[axis] = slice(start, stop)
         value = self._value_like(step.value, step.spec, head)
+        assert value.shape is not None  # _value_like gives every piece its shape
         value.const_value = ir.LazyTensor(
             _SlicedTensor(tensor, tuple(index)), tensor.dtype, value.shape, name=value.name
         )
@@ -110,7 +115,7 @@ class Emitter:
                 position = list(self.graph.inputs).index(step.value) + 1
                 for offset, out in enumerate(outputs):
                     self.graph.inputs.insert(position + offset, out)
-                self.input_pieces[step.value.name] = (step.value, cut.axis, outputs)
+                self.input_pieces[name_of(step.value)] = (step.value, cut.axis, outputs)
             else:
                 sizes = self.const_i64([cut.block] * cut.count, f"{step.value.name}.split_sizes")
                 node = ir.Node(
@@ -150,18 +155,22 @@ class Emitter:
         assert rule is not None
         if rule.identity_when is not None and rule.identity_when(node, step.out_index, step.spec):
             k = next(i for i, s in enumerate(step.in_specs) if s)
-            return self.piece(region, node.inputs[k], step.in_specs[k], head)
+            source = node.inputs[k]
+            assert source is not None  # the walk cuts only inputs that are present
+            return self.piece(region, source, step.in_specs[k], head)
         inputs = [
             self.piece(region, v, s, head) if v is not None else None
             for v, s in zip(node.inputs, step.in_specs, strict=False)
         ]
         inputs += list(node.inputs[len(inputs) :])
-        if rule.emit == "reshape":
-            return self._reshape(step, head, inputs[0])
-        if rule.emit == "tile":
-            repeats = self._tile_repeats(step, head, inputs[0])
+        if rule.emit in ("reshape", "tile"):
+            data = inputs[0]
+            assert data is not None  # input 0 of Reshape/Expand/(Un)Squeeze/Flatten/Tile is required
+            if rule.emit == "reshape":
+                return self._reshape(step, head, data)
+            repeats = self._tile_repeats(step, head, data)
             if repeats is None:
-                return inputs[0]
+                return data
             inputs[1] = repeats
         clone_key = (id(node), tuple(id(v) for v in inputs))
         clone = self._clones.get(clone_key)
@@ -169,7 +178,7 @@ class Emitter:
             outputs = [
                 self._value_like(o, step.spec, head)
                 if i == step.out_index
-                else ir.Value(name=self.unique(o.name + _suffix(piece_key(step.spec, head))), type=o.type)
+                else ir.Value(name=self.unique(name_of(o) + _suffix(piece_key(step.spec, head))), type=o.type)
                 for i, o in enumerate(node.outputs)
             ]
             clone = ir.Node(
@@ -194,9 +203,10 @@ class Emitter:
         assert node is not None
         target = piece_shape(static_shape(step.value), step.spec)
         source = self._reshape_sources.get(id(source), source)  # collapse chains of per-head reshapes
-        if tuple(source.shape) == target:
+        source_shape = static_shape(source)  # pieces have static shapes; the walk checked shared inputs
+        if source_shape == target:
             return source
-        if node.op_type == "Expand" and np.prod(target) != np.prod(tuple(source.shape)):
+        if node.op_type == "Expand" and np.prod(target) != np.prod(source_shape):
             op, shape_name = "Expand", "expand_shape"
         else:
             op, shape_name = "Reshape", "shape"
@@ -223,8 +233,9 @@ class Emitter:
 
     # -- helpers --------------------------------------------------------------------------------
     def const_i64(self, values: list[int], name: str) -> ir.Value:
-        value = ir.Value(name=self.unique(name), const_value=ir.tensor(np.asarray(values, dtype=np.int64)))
-        value.const_value.name = value.name  # type: ignore[union-attr]
+        tensor = ir.tensor(np.asarray(values, dtype=np.int64))
+        value = ir.Value(name=self.unique(name), const_value=tensor)
+        tensor.name = value.name
         value.shape = ir.Shape([len(values)])
         value.type = ir.TensorType(ir.DataType.INT64)
         self.graph.register_initializer(value)
@@ -232,7 +243,7 @@ class Emitter:
 
     def concat(self, pieces: list[ir.Value], axis: int, like: ir.Value) -> ir.Value:
         """Join pieces back into a tensor shaped like ``like``."""
-        out = ir.Value(name=self.unique(like.name + ".concat_heads"), shape=like.shape, type=like.type)
+        out = ir.Value(name=self.unique(name_of(like) + ".concat_heads"), shape=like.shape, type=like.type)
         node = ir.Node("", "Concat", pieces, [ir.AttrInt64("axis", axis)], outputs=[out], name=out.name)
         self.add(node)
         return out
