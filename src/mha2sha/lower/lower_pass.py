@@ -26,7 +26,7 @@ import logging
 
 import onnx_ir as ir
 
-from mha2sha.graph import is_onnx_domain
+from mha2sha.graph import is_onnx_domain, name_of
 from mha2sha.io.names import graphs as all_graphs
 from mha2sha.lower._build import Builder, Context, Refused
 from mha2sha.lower.table import LOWERINGS, Lowering
@@ -140,7 +140,7 @@ class LowerFusedOpsPass(ir.passes.InPlacePass):
                 and not value.is_graph_input()
                 and not value.is_graph_output()
             ):
-                graph.initializers.pop(value.name, None)
+                graph.initializers.pop(name_of(value), None)
         self.record.lowered.append((node.name or "", _op_name(node), len(b.nodes)))
         for note in b.notes:
             self.record.notes.append((node.name or "", _op_name(node), note))

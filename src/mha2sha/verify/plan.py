@@ -217,7 +217,7 @@ def require_memory(plan: VerifyPlan, model: ir.Model) -> None:
             shape = value.shape
             if shape is None or not shape.is_static() or value.dtype is None:
                 continue
-            size = int(math.prod(int(d) for d in shape) * value.dtype.itemsize)  # type: ignore[arg-type]
+            size = int(math.prod(shape.numpy()) * value.dtype.itemsize)
             if size > largest:
                 largest, name = size, value.name or ""
     need = largest * 3 + plan.inputs.nbytes  # a tensor, its consumer's output, the feeds
@@ -533,7 +533,9 @@ def _borrow_shapes_through_fused_ops(source: ir.Model, path: Path, options: Veri
         for value in node.outputs:
             known = shapes.get(value.name or "")
             if value.shape is None and known is not None:
-                value.shape, value.dtype = known.shape, known.dtype
+                value.shape = known.shape
+                if known.dtype is not None:
+                    value.dtype = known.dtype
 
 
 def _failure_line(v: Verification, mode: str = "full") -> str:

@@ -335,6 +335,8 @@ class _CaseExtras(TypedDict, total=False):
     seq_len: int
     vocab_size: int
     notes: str
+    exporters: tuple[str, ...]
+    attn_implementation: str
 
 
 def _case(
