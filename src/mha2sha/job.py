@@ -21,7 +21,15 @@ from typing import Any, TypeGuard
 import onnx
 import onnx_ir as ir
 
-from mha2sha.encodings import CoverageReport, channel_axes, load_encodings, propagate, save_encodings
+from mha2sha.encodings import (
+    CoverageReport,
+    RequantRecord,
+    channel_axes,
+    load_encodings,
+    propagate,
+    requantize,
+    save_encodings,
+)
 from mha2sha.encodings.remap import remap_encodings
 from mha2sha.errors import InternalError, UserError
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
@@ -131,6 +139,7 @@ class ConversionResult:
     lowering: LowerRecord | None = None
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
+    requant: RequantRecord | None = None
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
@@ -255,6 +264,9 @@ def convert(
     sha_encodings = None
     if encodings is not None and before is not None:
         with timer.phase("propagate encodings"):
+            # where one per-head tensor stands for originals with different encodings, requantise
+            # per head as the MHA model did (a full-range Slice per extra encoding)
+            result.requant = requantize(model, result.split, encodings)
             sha_encodings, result.coverage = propagate(
                 encodings,
                 result.split,
@@ -266,7 +278,8 @@ def convert(
     if options.htp_layout:
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
             quantized = set(sha_encodings.activations) if sha_encodings is not None else ()
-            apply_htp_layout(model, result.layout, quantized=quantized)
+            keep = set(result.requant.tensors) if result.requant is not None else set()
+            apply_htp_layout(model, result.layout, quantized=quantized, keep=keep)
             remove_unused_initializers(model)
             if sha_encodings is not None:
                 assert result.layout is not None  # made above for the layout passes

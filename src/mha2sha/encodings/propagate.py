@@ -10,6 +10,11 @@ Rules (DESIGN.md section 3), applied to every tensor in the :class:`SplitRecord`
   each head) leaves every output channel in the piece, so the encoding is copied whole;
 - encodings of tensors that survive unchanged are kept; encodings naming a tensor that no longer
   exists in the output model are dropped and listed, so every written encoding names a real tensor;
+- a per-head tensor standing for several originals with different encodings (a packed-QKV Slice
+  output and the projection output it cuts) has been given one requantisation node per extra
+  encoding by :func:`mha2sha.encodings.requant.requantize` before this runs; the originals'
+  encodings land on those nodes (``requantized`` in the report). Without that step the first
+  encoding is kept and the conflict is reported;
 - a head join (the ``Concat`` of all pieces of one split tensor, e.g. before ``o_proj``) without an
   encoding of its own takes the encoding its pieces are data-movement copies of, when all pieces
   agree: the MHA file may not encode the Transpose/Reshape the join replaces (ORT propagates the
@@ -58,12 +63,18 @@ class CoverageReport:
     kept: list[str] = dataclasses.field(default_factory=list)
     folded: dict[str, str] = dataclasses.field(default_factory=dict)  # vanished data movement -> source
     joined: dict[str, str] = dataclasses.field(default_factory=dict)  # head-join Concat -> its pieces' source
+    # per-head tensor of a requantisation node (encodings.requant) -> the original whose encoding it carries
+    requantized: dict[str, str] = dataclasses.field(default_factory=dict)
+    # per-head tensor standing for originals with different encodings, only one of which it carries
+    # (requantisation not applied): the quantized SHA model then differs from the MHA one
+    conflicts: dict[str, str] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No gap: every quantized MHA tensor has all its per-head tensors encoded, nothing dropped."""
-        return not self.missing and not self.dropped
+        """No gap: every quantized MHA tensor has all its per-head tensors encoded, nothing dropped,
+        no per-head tensor short of a requantisation its originals call for."""
+        return not self.missing and not self.dropped and not self.conflicts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +89,8 @@ class CoverageReport:
                 "kept": len(self.kept),
                 "folded": len(self.folded),
                 "joined": len(self.joined),
+                "requantized": len(self.requantized),
+                "conflicts": len(self.conflicts),
             },
             "mha_encoded": list(self.mha_encoded),
             "sha_encoded": list(self.sha_encoded),
@@ -88,6 +101,8 @@ class CoverageReport:
             "kept": list(self.kept),
             "folded": dict(self.folded),
             "joined": dict(self.joined),
+            "requantized": dict(self.requantized),
+            "conflicts": dict(self.conflicts),
             "warnings": list(self.warnings),
         }
 
@@ -297,6 +312,18 @@ def propagate(
             report.unknown.append(name)
             report.warnings.append(f"encoding {name} names no tensor of the original model")
         split = record.tensors.get(name)
+        requantized = [n for n in record.requantized.get(name, []) if n in out_names]
+        if kind == "activation" and requantized:
+            # per-head requantisation nodes of this original (encodings.requant): its encoding is theirs
+            for new_name in requantized:
+                report.requantized[new_name] = name
+                if split is None and new_name not in result:
+                    target[new_name] = enc.renamed(new_name)
+                    new_order.append(new_name)
+                    report.sha_encoded.append(new_name)
+            if split is None:
+                report.mha_encoded.append(name)
+                continue
         if split is None:
             if name in out_names:
                 target[name] = enc
@@ -336,6 +363,7 @@ def propagate(
                 # One per-head tensor can stand for several originals (a reshape that is the identity
                 # per head); equal encodings agree, different ones are a real conflict.
                 if not sliced.same_numbers(result.get(piece.name) or target[piece.name]):
+                    report.conflicts[piece.name] = f"also stands for {name}, whose encoding differs"
                     report.warnings.append(
                         f"{piece.name} receives different encodings from two originals; first kept"
                     )
@@ -353,10 +381,11 @@ def propagate(
     for w in report.warnings:
         logger.warning("%s", w)
     if strict and not report.ok:
-        first = [*report.missing.items(), *report.dropped.items()][:3]
+        first = [*report.missing.items(), *report.dropped.items(), *report.conflicts.items()][:3]
         detail = "; ".join(f"{n}: {r}" for n, r in first)
         raise EncodingCoverageError(
             f"encodings coverage: {len(report.missing)} per-head tensors missing an encoding, "
-            f"{len(report.dropped)} encodings dropped ({detail})"
+            f"{len(report.dropped)} encodings dropped, {len(report.conflicts)} per-head tensors "
+            f"with conflicting encodings ({detail})"
         )
     return result, report

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.graph import name_of
+from mha2sha.graph import DATA_MOVEMENT_OPS, name_of
 from mha2sha.io.names import UniqueNames
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 from mha2sha.split.rules import rule_of, static_shape
@@ -65,6 +65,22 @@ class Emitter:
             self.record.tensors[name] = split
         if all(p.name != piece.name for p in split.pieces):
             split.pieces.append(Piece(name_of(piece), piece_ranges(step.spec, head), key))
+        # the producer's original is remembered first (a vanished op's input piece is built, and
+        # remembered, before the op's own step), so originals are listed in data-flow order
+        originals = self.record.originals.setdefault(name_of(piece), [])
+        if name_of(step.value) not in originals:
+            originals.append(name_of(step.value))
+
+    def _note_reads(self, node: ir.Node, index: int, piece: ir.Value, original: ir.Value) -> None:
+        """``node``'s input ``index`` is ``piece`` standing for ``original``: record it when ``piece``
+        was produced for another original (``original`` is a vanished data-movement copy of it)."""
+        produced_for = self.record.originals.get(name_of(piece))
+        if produced_for and produced_for[0] != original.name:
+            self.record.reads.setdefault(node.name or "", {})[index] = name_of(original)
+
+    def _note_copy(self, step: Step, source: ir.Value | None) -> None:
+        if source is not None and step.node is not None:
+            self.record.copy_of[name_of(step.value)] = source.name or ""
 
     # -- pieces ---------------------------------------------------------------------------------
     def piece(self, region: Region, value: ir.Value, spec: HeadSpec | None, head: int) -> ir.Value:
@@ -157,12 +173,15 @@ class Emitter:
             k = next(i for i, s in enumerate(step.in_specs) if s)
             source = node.inputs[k]
             assert source is not None  # the walk cuts only inputs that are present
+            self._note_copy(step, source)
             return self.piece(region, source, step.in_specs[k], head)
         inputs = [
             self.piece(region, v, s, head) if v is not None else None
             for v, s in zip(node.inputs, step.in_specs, strict=False)
         ]
         inputs += list(node.inputs[len(inputs) :])
+        if node.op_type in DATA_MOVEMENT_OPS or rule.emit in ("reshape", "tile"):
+            self._note_copy(step, node.inputs[0])
         if rule.emit in ("reshape", "tile"):
             data = inputs[0]
             assert data is not None  # input 0 of Reshape/Expand/(Un)Squeeze/Flatten/Tile is required
@@ -192,6 +211,10 @@ class Emitter:
             )
             self._clones[clone_key] = clone
             self.add(clone)
+            for i, (v, s) in enumerate(zip(node.inputs, step.in_specs, strict=False)):
+                piece = inputs[i]
+                if v is not None and s and piece is not None:
+                    self._note_reads(clone, i, piece, v)
         out = clone.outputs[step.out_index]
         if out.shape is None:
             out.shape = ir.Shape(piece_shape(static_shape(node.outputs[step.out_index]), step.spec))
@@ -221,6 +244,8 @@ class Emitter:
             name=self.unique((node.name or node.op_type) + _suffix(piece_key(step.spec, head))),
         )
         self.add(new)
+        if node.inputs[0] is not None:  # a collapsed chain reads an earlier piece for the op's input
+            self._note_reads(new, 0, source, node.inputs[0])
         return out
 
     def _tile_repeats(self, step: Step, head: int, source: ir.Value) -> ir.Value | None:
@@ -246,6 +271,8 @@ class Emitter:
         out = ir.Value(name=self.unique(name_of(like) + ".concat_heads"), shape=like.shape, type=like.type)
         node = ir.Node("", "Concat", pieces, [ir.AttrInt64("axis", axis)], outputs=[out], name=out.name)
         self.add(node)
+        for i, piece in enumerate(pieces):
+            self._note_reads(node, i, piece, like)
         return out
 
     def add(self, node: ir.Node) -> None:
