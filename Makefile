@@ -28,6 +28,7 @@ demo-ar: $(STAMP)
 # demand (cached under $MHA2SHA_CACHE, default ~/.cache/mha2sha; ~5 min cold, ~20 s warm).
 test: $(STAMP)
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Build (or reuse) the whole third-party graph corpus and print its catalogue.
@@ -37,6 +38,7 @@ corpus: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 
 clean-cache:
 	rm -rf $${MHA2SHA_CACHE:-$$HOME/.cache/mha2sha}
