@@ -101,3 +101,19 @@ def test_ar_meets_a_fixed_size(tmp_path):
 def test_missing_model(tmp_path):
     out = tmp_path / "out"
     refused(run(str(tmp_path / "nope.onnx"), "--ar", "1", "-o", str(out)), out, "model not found")
+
+
+def test_fused_attention_is_refused_with_the_way_out(tmp_path):
+    """A dynamo opset-23 export keeps SDPA as one ``Attention`` node: build-ar names it and says that
+    ``convert --ar`` (which lowers fused attention first) handles the graph."""
+    source = zoo.build("llama_gqa_step_sdpa", "dynamo23")
+    out = tmp_path / "out"
+    refused(run(str(source), "--ar", "1", "-o", str(out)), out, "(Attention)", "convert --ar")
+
+
+def test_convert_ar_lowers_fused_attention_first(tmp_path):
+    from mha2sha.cli import main
+
+    source = zoo.build("llama_gqa_step_sdpa", "dynamo23")
+    assert main(["convert", str(source), "-o", str(tmp_path), "--ar", "1,8", "--cl", "24"]) == 0
+    assert (tmp_path / "model_ar1_cl24.onnx").exists() and (tmp_path / "model_ar8_cl24.onnx").exists()

@@ -720,32 +720,19 @@ def f_rotary(t: Trace, node: ir.Node, ins: list) -> list:
     return [State(_shape(ins[0]))]
 
 
-def f_attention(t: Trace, node: ir.Node, ins: list) -> list:
-    """Attention (opset 23): Y like Q (head size of V); present KV = past KV + new KV along -2."""
-    q, v = _shape(ins[0]), _shape(ins[2])
-    y_static = t._static_state(node.outputs[0]).shape
-    y = (*q[:-1], v[-1]) if len(q) == 4 else (*q[:-1], y_static[-1] if y_static else q[-1])
-    outs = [State(tuple(y))]
-    for i_past, i_new in ((4, 1), (5, 2)):
-        if len(node.outputs) <= len(outs):
-            break
-        new = _shape(ins[i_new])
-        past = ins[i_past] if len(ins) > i_past and ins[i_past] is not None else None
-        if past is None:
-            outs.append(State(new if len(new) == 4 else None))
-            continue
-        p = _shape(past)
-        outs.append(State((*p[:-2], p[-2] + new[-2], p[-1])))
-    while len(outs) < len(node.outputs):
-        outs.append(t._static_state(node.outputs[len(outs)]))
-    return outs
-
-
 def f_refuse(t: Trace, node: ir.Node, ins: list) -> list:
     if any(s is not None and s.moving for s in ins):
+        if node.op_type in _FUSED_ATTENTION:
+            raise Unexplained(
+                f"fused {node.op_type} on tensors that move with AR/CL: lower it first "
+                "(mha2sha convert --ar lowers fused attention, then builds the variants)"
+            )
         raise Unexplained(f"{node.op_type} on tensors that move with AR/CL is not supported")
     return [t._static_state(out) for out in node.outputs]
 
+
+#: fused attention ops: their masks and caches are not traced; convert lowers them first
+_FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention")
 
 _UNARY = (
     "Identity Cast CastLike Neg Abs Sqrt Exp Log Relu LeakyRelu Elu Selu Celu Sigmoid HardSigmoid Tanh "
@@ -790,7 +777,6 @@ FORWARD: dict[str, Forward] = {
     "ArgMin": f_argmax,
     "ScatterND": f_scatter,
     "RotaryEmbedding": f_rotary,
-    "Attention": f_attention,
     "ScatterElements": f_scatter,
     **{
         op: f_reduce
@@ -817,8 +803,7 @@ FORWARD: dict[str, Forward] = {
             "Loop",
             "Scan",
             "Compress",
-            "MultiHeadAttention",
-            "GroupQueryAttention",
+            *_FUSED_ATTENTION,
         )
     },  # fmt: skip
 }
