@@ -129,8 +129,8 @@ def build_ar(
             vname = variant_name(name, ar, ar + past)
             variant = VariantRecord(
                 ar, ar + past, out_dir / f"{vname}.onnx",
-                inputs={v.name or "": list(v.shape or ()) for v in model.graph.inputs if not v.is_initializer()},
-                outputs={v.name or "": list(v.shape or ()) for v in model.graph.outputs},
+                inputs={v.name or "": list(v.shape.numpy() if v.shape else ()) for v in model.graph.inputs if not v.is_initializer()},
+                outputs={v.name or "": list(v.shape.numpy() if v.shape else ()) for v in model.graph.outputs},
                 constants=rewrite.rewrites,
             )  # fmt: skip
             variants.append((model, variant, contract))
@@ -326,7 +326,7 @@ def _verify(
     base = variants[0][2]
     assert base is not None
     contract0 = base.at(record.ar, record.cl - record.ar if base.kv else 0)
-    contracts = [contract0, *(c for _, _, c in variants)]  # type: ignore[misc]
+    contracts = [contract0, *(c for _, _, c in variants)]
     length = _prompt_length(contracts, options.tokens)  # type: ignore[arg-type]
     tokens = prompt_tokens(contract0, length, options.seed)
     with timer.phase(f"verify: token loop ({length} tokens)", total=len(variants) + 1) as advance:

@@ -63,7 +63,7 @@ def infer_contract(model: ir.Model, trace: Trace | None = None) -> StepContract:
             fields[key] = name
             if key == "tokens":
                 fields["vocab"] = _embedding_vocab(v) or 100
-    outputs = {o.name: o for o in graph.outputs}
+    outputs = {o.name or "": o for o in graph.outputs}
     slots = []
     used: set[str] = set()
     for role in roles.of("past"):
@@ -85,14 +85,14 @@ def infer_contract(model: ir.Model, trace: Trace | None = None) -> StepContract:
         raise UserError("the step graph has no logits output")
     state = trace.state(logits)
     shape = state.shape if state is not None else None
-    axis = next((k for k, d in enumerate(shape or ()) if d == AR), None)
-    if axis is None:
+    ar_axis = next((k for k, d in enumerate(shape or ()) if d == AR), None)
+    if ar_axis is None:
         raise UserError(
             f"output '{logits.name}' has no axis of the new tokens (last-token-only logits cannot be "
             "compared per token)"
         )
     return StepContract(roles.ar, roles.past, inputs, kv=tuple(slots), logits=logits.name or "",
-                        logits_axis=axis, **fields)  # type: ignore[arg-type]  # fmt: skip
+                        logits_axis=ar_axis, **fields)  # type: ignore[arg-type]  # fmt: skip
 
 
 def _candidates(name: str) -> list[str]:

@@ -115,7 +115,7 @@ class Dim:
         if isinstance(other, Dim):
             return self.c == other.c and self.a == other.a and self.p == other.p
         if isinstance(other, (int,)) or hasattr(other, "__index__"):
-            return not self.symbolic and self.c == int(other)  # type: ignore[call-overload]
+            return not self.symbolic and self.c == int(other)
         return NotImplemented
 
     def __hash__(self) -> int:

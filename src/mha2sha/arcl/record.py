@@ -110,7 +110,7 @@ class ArRecord:
                       title_justify="left")  # fmt: skip
         for col in ("graph", "AR", "CL", "constants", "token loop", "logits err", "cache err", "result"):
             table.add_column(col, justify="right" if col in ("AR", "CL", "constants") else "left")
-        rows = {r.variant: [] for r in self.verification}
+        rows: dict[str, list[LoopRow]] = {r.variant: [] for r in self.verification}
         for r in self.verification:
             rows[r.variant].append(r)
         for v in self.variants:

@@ -95,7 +95,7 @@ def _static(value: ir.Value) -> tuple[int, ...]:
             f"input '{value.name}' has a dynamic shape {shape}; the AR/CL rewrite starts from static "
             f"shapes: pass --input-shape {value.name}={dims} (with the model's current AR and CL)"
         )
-    return tuple(int(d) for d in shape)
+    return tuple(d for d in shape if isinstance(d, int))  # every dim is static (checked above)
 
 
 def _past_axis(value: ir.Value, rank: int) -> int | None:
@@ -162,14 +162,14 @@ def find_roles(model: ir.Model) -> Roles:
         roles[name] = InputRole(name, kind, axes, rank)
 
     for v, shape in pending:
-        axis = _past_axis(v, len(shape))
-        if axis is None:
+        past_axis = _past_axis(v, len(shape))
+        if past_axis is None:
             raise UserError(
                 f"cannot trace the past axis of input '{v.name}' {list(shape)}: no Concat appends new "
                 "entries to it (the AR/CL rewrite needs the KV cache as graph input and output)"
             )
-        roles[v.name or ""] = InputRole(v.name or "", "past", {axis: P}, len(shape))
-        past_sizes[v.name or ""] = shape[axis]
+        roles[v.name or ""] = InputRole(v.name or "", "past", {past_axis: P}, len(shape))
+        past_sizes[v.name or ""] = shape[past_axis]
 
     if not ar_sizes:
         raise UserError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +23,9 @@ import onnx_ir as ir
 from mha2sha.arcl.dims import Dim, NotLinear, P, dim
 from mha2sha.arcl.trace import DATA_LIMIT, State, Trace, Unexplained, is_const
 from mha2sha.split.reshape_map import Unmappable, reshape_groups
+
+#: A change a rule asks of an input: (input index, "axis" | "elem", position, size[, optional]).
+Request = tuple[int, str, int, Dim] | tuple[int, str, int, Dim, bool]
 
 __all__ = ["FORWARD", "BACKWARD"]
 
@@ -129,7 +133,7 @@ def _elementwise_data(
 ) -> np.ndarray | None:
     if not _small(out_shape) or any(s is None or s.data is None for s in inputs):
         return None
-    arrays = np.broadcast_arrays(*[s.data for s in inputs])  # type: ignore[union-attr]
+    arrays = np.broadcast_arrays(*[s.data for s in inputs if s is not None and s.data is not None])
     out = np.empty(arrays[0].shape, dtype=object)
     for idx in np.ndindex(out.shape):
         args = [a[idx] for a in arrays]
@@ -410,10 +414,10 @@ def f_concat(t: Trace, node: ir.Node, ins: list) -> list:
             out.append(sum((_shape(t.input(node, i))[k] for i in present), Dim(0)))
             continue
         out.append(t.unify(node, [(i, k, _shape(t.input(node, i))[k]) for i in present], broadcast=False))
-    states = [t.input(node, i) for i in present]
-    data = None
-    if all(s.data is not None for s in states) and _small(out):
-        data = np.concatenate([s.data for s in states], axis=axis)
+    datas = [state.data for i in present if (state := t.input(node, i)) is not None and state.data is not None]
+    data: np.ndarray | None = None
+    if len(datas) == len(present) and _small(out):
+        data = np.concatenate(datas, axis=axis)
     return [State(tuple(out), data)]
 
 
@@ -537,13 +541,13 @@ def f_expand(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
     tgt = _target(t, node, ins[1])
     rank = max(len(x), len(tgt))
-    out = []
+    out: list[Any] = []  # Dims (never None: an axis absent from one side is taken from the other)
     for k in range(rank):
         kx, kt = k - (rank - len(x)), k - (rank - len(tgt))
         xd = x[kx] if kx >= 0 else None
         td = tgt[kt] if kt >= 0 else None
         if xd is None:
-            out.append(td)  # type: ignore[arg-type]
+            out.append(td)
             continue
         if td is None or t.orig(td) == 1 and not td.symbolic:
             out.append(xd)
@@ -563,7 +567,7 @@ def f_expand(t: Trace, node: ir.Node, ins: list) -> list:
             raise Unexplained(f"expands {xd} to {td}")
     data = None
     if ins[0].data is not None and _small(out):
-        data = np.broadcast_to(t.input(node, 0).data, [int(d) for d in out]).copy()  # type: ignore[union-attr]
+        data = np.broadcast_to(ins[0].data, [int(d) for d in out]).copy()
     return [State(tuple(out), data)]
 
 
@@ -833,7 +837,7 @@ def b_broadcast(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim
     ins = [t.input(node, i) for i in range(len(node.inputs))]
     if kind == "axis":
         rank = max(len(_shape(s)) for s in ins if s is not None)
-        requests = []
+        requests: list[Request] = []
         size = t.orig(d)
         for i, s in enumerate(ins):
             if s is None:
@@ -856,7 +860,7 @@ def b_broadcast(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim
     out_shape = [t.orig(x) for x in _shape(t.state(node.outputs[out]))]
     shapes = [[t.orig(x) for x in _shape(s)] for s in ins]
     flats = [_broadcast_index(out_shape, sh, index) for sh in shapes]
-    vals = [s.data.reshape(-1)[f] if s.data is not None else None for s, f in zip(ins, flats, strict=True)]
+    vals = [s.data.reshape(-1)[f] if s is not None and s.data is not None else None for s, f in zip(ins, flats, strict=True)]
     op = node.op_type
     if op == "Where":
         cond = vals[0]
@@ -897,7 +901,7 @@ def b_matmul(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) -
         return [(0, "axis", len(a) - 2, d)]
     if index == rank - 1:
         return [(1, "axis", len(b) - 1, d)]
-    requests = []
+    requests: list[Request] = []
     for i, sh in ((0, a), (1, b)):
         k = index - (rank - len(sh))
         if k >= 0 and t.orig(sh[k]) == t.orig(d):
@@ -970,7 +974,7 @@ def b_expand(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) -
         return [(0, "elem", _broadcast_index(out_shape, [t.orig(v) for v in x], index), d)]
     kx, kt = index - (rank - len(x)), index - (rank - len(tgt))
     if t.orig(d) == 1:  # AR or P is 1: the input axis, the target entry, or both may carry it
-        requests = [(0, "axis", kx, d, True)] if kx >= 0 else []
+        requests: list[Request] = [(0, "axis", kx, d, True)] if kx >= 0 else []
         if kt >= 0:
             requests.append((1, "elem", kt, d, True))
         return requests
@@ -1043,7 +1047,7 @@ def b_slice(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) ->
                 want = size - d
                 return [(si, "elem", j, want if not s.symbolic and int(s) >= 0 else -d)]
             raise Unexplained(f"Slice '{node.name}' takes the rest of a fixed axis")
-        requests = []
+        requests: list[Request] = []
         if not start.symbolic and d.a and t.p0 > 0 and int(start) == t.p0:  # [past : past + AR]
             requests.append((si, "elem", j, P))
             start = P

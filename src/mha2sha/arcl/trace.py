@@ -93,7 +93,7 @@ def const_array(value: ir.Value) -> np.ndarray:
 
 def _const_shape(value: ir.Value) -> tuple[int, ...]:
     if value.const_value is not None:
-        return tuple(int(d) for d in value.const_value.shape)
+        return tuple(value.const_value.shape.numpy())
     return tuple(const_array(value).shape)
 
 
@@ -192,7 +192,7 @@ class Trace:
         shape = value.shape
         if shape is None or not all(isinstance(d, int) for d in shape):
             return State(None)
-        return State(tuple(Dim(int(d)) for d in shape))
+        return State(tuple(Dim(d) for d in shape if isinstance(d, int)))
 
     # ----------------------------------------------------------------------------- lookups
 
@@ -395,7 +395,7 @@ class Trace:
             base = self._const_state(value)
             key = (id(value), id(node), i)
             if kind == "axis":
-                size = base.shape[index] if base.shape is not None else None  # type: ignore[index]
+                size = base.shape[index] if base.shape is not None else None
                 if size is None or self.orig(d) != int(size):
                     raise Unexplained(f"constant '{value.name}' axis {index} is {size}, not {self.orig(d)}")
             else:

@@ -107,7 +107,7 @@ def save_sharing_weights(
                 offset,
                 length,
                 tensor.dtype,
-                shape=tensor.shape,
+                shape=ir.Shape(tensor.shape.numpy()),
                 name=name,
                 base_dir=str(data.parent),
             )

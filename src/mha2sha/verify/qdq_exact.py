@@ -76,7 +76,7 @@ class Float64Pass(ir.passes.InPlacePass):
         dtype: dict[int, ir.DataType | None] = {}
         for v in graph.inputs:
             dtype[id(v)] = v.dtype
-        qdq_params = set()
+        qdq_params: set[int] = set()
         for node in graph:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 qdq_params.update(id(v) for v in node.inputs[1:] if v is not None)
@@ -92,9 +92,8 @@ class Float64Pass(ir.passes.InPlacePass):
                 and computes
                 and not any(u.node.op_type in ("QuantizeLinear", "DequantizeLinear") for u in users)
             ):
-                value.const_value = ir.tensor(
-                    np.asarray(value.const_value.numpy(), np.float64), name=value.name
-                )  # type: ignore[union-attr]
+                assert value.const_value is not None
+                value.const_value = ir.tensor(np.asarray(value.const_value.numpy(), np.float64), name=value.name)
                 value.type = ir.TensorType(_F64)
                 dt = _F64
             dtype[id(value)] = dt
@@ -116,8 +115,8 @@ class Float64Pass(ir.passes.InPlacePass):
                         "value", ir.tensor(np.asarray(attr.value.numpy(), np.float64))
                     )
             ins: list[ir.DataType | None] = []
-            for i, value in enumerate(node.inputs):
-                dt = None if value is None else dtype.get(id(value), _const_dtype(value))
+            for i, inp in enumerate(node.inputs):
+                dt = None if inp is None else dtype.get(id(inp), _const_dtype(inp))
                 if op == "QuantizeLinear" and i == 0 and dt == _F64:
                     crossings.append((node, i, _F32))
                     dt = _F32
@@ -132,15 +131,15 @@ class Float64Pass(ir.passes.InPlacePass):
 
         cast_of: dict[tuple[int, int], ir.Value] = {}
         for node, i, to in crossings:
-            value = node.inputs[i]
-            assert value is not None
-            key = (id(value), to.value)
+            source = node.inputs[i]
+            assert source is not None
+            key = (id(source), to.value)
             if key not in cast_of:
-                out = ir.Value(name=names(f"{value.name}.f{64 if to == _F64 else 32}"), type=ir.TensorType(to),
-                               shape=value.shape)  # fmt: skip
-                cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to.value)], outputs=[out],
-                               name=names(f"{value.name}.cast"))  # fmt: skip
-                producer = value.producer()
+                out = ir.Value(name=names(f"{source.name}.f{64 if to == _F64 else 32}"), type=ir.TensorType(to),
+                               shape=source.shape)  # fmt: skip
+                cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", to.value)], outputs=[out],
+                               name=names(f"{source.name}.cast"))  # fmt: skip
+                producer = source.producer()
                 if producer is not None:
                     graph.insert_after(producer, [cast])
                 else:

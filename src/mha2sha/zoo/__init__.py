@@ -90,7 +90,7 @@ def build(case: str, exporter: str = "torchscript", *, ar: int | None = None, cl
         if ar < 1 or (prefill and cl != ar) or (not prefill and cl <= ar):
             raise ValueError(f"{case}: AR {ar} / CL {cl} out of range")
         info = replace(info, seq_len=ar, past_len=cl - ar)
-        builder, label = (lambda: entry.at(ar, cl)), f"{case}_ar{ar}_cl{cl}"  # type: ignore[misc]
+        builder, label = (lambda: entry.at(ar, cl)), f"{case}_ar{ar}_cl{cl}"
 
     def produce(path: Path) -> dict:
         from .export import export
