@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import onnx
 import onnx_ir as ir
@@ -39,10 +39,13 @@ from mha2sha.adapters import (
 from mha2sha.encodings import (
     CoverageReport,
     EncodingSet,
+    OutputFacts,
+    RequantRecord,
     channel_axes,
     load_encodings,
     output_facts,
     propagate,
+    requantize,
     save_encodings,
 )
 from mha2sha.encodings.remap import remap_encodings
@@ -81,6 +84,10 @@ __all__ = ["NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
 NAME_MAP_FILE = "mha_to_sha_names.json"
 
 
+def _is_verify_mode(mode: str) -> TypeGuard[VerifyMode]:
+    return mode in VERIFY_MODES
+
+
 @dataclasses.dataclass
 class ConvertOptions:
     """Everything a user can ask of a conversion (the CLI's options, by the same names)."""
@@ -113,9 +120,10 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.verify is True or self.verify is False:
             self.verify = "auto" if self.verify else "none"
-        if not isinstance(self.verify, str) or self.verify.lower() not in VERIFY_MODES:
+        mode = self.verify.lower() if isinstance(self.verify, str) else None
+        if mode is None or not _is_verify_mode(mode):
             raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
-        self.verify = self.verify.lower()  # type: ignore[assignment]
+        self.verify = mode
         if not (math.isfinite(self.rtol) and self.rtol > 0):
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
         if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
@@ -134,7 +142,7 @@ class ConvertOptions:
     def verify_options(self) -> VerifyOptions:
         assert isinstance(self.verify, str)
         return VerifyOptions(
-            mode=self.verify,  # type: ignore[arg-type]
+            mode=self.verify,
             rtol=self.rtol,
             max_lsb=self.max_lsb,
             seed=self.seed,
@@ -157,6 +165,7 @@ class ConversionResult:
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
     adapters: AdaptersRecord | None = None
+    requant: RequantRecord | None = None
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
@@ -292,7 +301,7 @@ def convert(
     sha_encodings = None
     mha_encodings = encodings  # the quantized reference of the base graph
     if before is not None:
-        facts = output_facts(model)
+        facts: OutputFacts | None = None  # of the model once requantize() changed it
 
         def propagated(es: EncodingSet, only: set[str] | None = None) -> tuple[EncodingSet, CoverageReport]:
             return propagate(
@@ -307,11 +316,16 @@ def convert(
             )
 
         with timer.phase("propagate encodings"):
-            if encodings is not None:
-                sha_source = encodings
-                if alpha is not None:
-                    enc, alpha.encoding_source = alpha_encoding(encodings, alpha, alpha.value)
-                    sha_source = alpha_encodings(encodings, alpha, enc)
+            sha_source = encodings
+            if encodings is not None and alpha is not None:
+                enc, alpha.encoding_source = alpha_encoding(encodings, alpha, alpha.value)
+                sha_source = alpha_encodings(encodings, alpha, enc)
+            if sha_source is not None:
+                # where one per-head tensor stands for originals with different encodings, requantise
+                # per head as the MHA model did (a full-range Slice per extra encoding)
+                result.requant = requantize(model, result.split, sha_source)
+            facts = output_facts(model)
+            if sha_source is not None:
                 sha_encodings, result.coverage = propagated(sha_source)
             for adapter in adapter_results:  # only its own encodings: the others are the base graph's
                 if adapter.mha_encodings is not None:
@@ -320,13 +334,15 @@ def convert(
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
             every = [sha_encodings, *(a.encodings for a in adapter_results)]
             quantized = {n for es in every if es is not None for n in es.activations}
-            apply_htp_layout(model, result.layout, quantized=quantized)
+            keep = set(result.requant.tensors) if result.requant is not None else set()
+            apply_htp_layout(model, result.layout, quantized=quantized, keep=keep)
             remove_unused_initializers(model)
+            assert result.layout is not None  # made above for the layout passes
             if sha_encodings is not None:
-                sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
+                sha_encodings = remap_encodings(sha_encodings, result.layout, model)
             for adapter in adapter_results:
                 if adapter.encodings is not None:
-                    adapter.encodings = remap_encodings(adapter.encodings, result.layout, model)  # type: ignore[arg-type]
+                    adapter.encodings = remap_encodings(adapter.encodings, result.layout, model)
     if adapters is not None:
         with timer.phase("split adapters"):
             fit_adapters(adapters, result.split, result.layout, model)

@@ -170,10 +170,10 @@ def find_lora(model: ir.Model, names: Iterable[str]) -> LoraGraph:
             source = _data_input(producer)
     tensors = {}
     for name in sorted(present):
-        value = values[name]
-        assert value is not None
-        dtype = value.dtype or (value.const_value.dtype if value.const_value is not None else None)
+        tensor = values[name]
+        assert tensor is not None
+        dtype = tensor.dtype or (tensor.const_value.dtype if tensor.const_value is not None else ir.DataType.FLOAT)
         role, axis, partner = roles.get(name, ("", None, ""))
-        shape = static_shape(value) or ()
-        tensors[name] = LoraTensor(name, shape, dtype, name in inputs, role, axis, partner)  # type: ignore[arg-type]
+        shape = static_shape(tensor) or ()
+        tensors[name] = LoraTensor(name, shape, dtype, name in inputs, role, axis, partner)
     return LoraGraph(tensors, list(scales.values()))

@@ -244,7 +244,7 @@ def load_adapters(entries: list[AdapterEntry], model: ir.Model) -> AdapterSet:
         adapters.append(adapter)
     graph_values = {}
     for name in lora.tensors:
-        value = constant_value(model.graph.initializers.get(name))
-        if value is not None and not lora.tensors[name].role:  # only non-LoRA-weight tensors keep theirs
-            graph_values[name] = value
+        constant = constant_value(model.graph.initializers.get(name))
+        if constant is not None and not lora.tensors[name].role:  # only non-LoRA-weight tensors keep theirs
+            graph_values[name] = constant
     return AdapterSet(adapters, lora, graph_values)

@@ -20,6 +20,7 @@ from mha2sha.encodings.propagate import (
     propagate,
     slice_encoding,
 )
+from mha2sha.encodings.requant import RequantRecord, requantize
 
 __all__ = [
     "VERSIONS",
@@ -36,6 +37,8 @@ __all__ = [
     "pad_encoding",
     "parse_encodings",
     "propagate",
+    "RequantRecord",
+    "requantize",
     "resolve_axes",
     "save_encodings",
     "slice_encoding",

@@ -17,6 +17,7 @@ adapter's scale, so each adapter is checked at its own scale.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import tempfile
@@ -56,12 +57,13 @@ class AdapterCheck:
     name: str
     float: Verification
     mode: str  # "full" / "blocks"
-    qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
+    # builtins.float: the field above shadows ``float`` in this class body
+    qdq_lsb: dict[str, builtins.float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
     qdq_local: LocalCheck | None = None  # tensor by tensor, when outputs differ by more than the bound
     note: str = ""  # why the quantized check did not run
 
     @property
-    def max_lsb(self) -> float | None:
+    def max_lsb(self) -> builtins.float | None:
         return max(self.qdq_lsb.values(), default=0.0) if self.qdq_lsb is not None else None
 
     def to_dict(self) -> dict[str, Any]:
