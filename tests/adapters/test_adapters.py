@@ -204,3 +204,38 @@ def test_encodings_at_the_adapters_own_rank_are_padded(tmp_path: Path) -> None:
     written = load_encodings(tmp_path / "out" / "adapters" / "french" / "french.encodings")
     a = next(n for n in written.params if ".lora_A." in n)
     assert written.params[a].num_channels == GRAPH_RANK
+
+
+@pytest.mark.skipif(not aimet_available(), reason="aimet-onnx is not installed")
+def test_lora_only_encodings_as_aimet_onnx_exports_them(tmp_path: Path) -> None:
+    """aimet-onnx's LoRA flow freezes the base quantizers and writes, per adapter, only the LoRA
+    quantizers' encodings as a bare ``{name: 1.0.0 entry}`` map: they take the base's place by name,
+    and the adapter's written encodings hold just those (per head), lora_alpha included."""
+    import yaml
+
+    case = lora_case("llama_gqa")
+    base_model, base_encodings, listing = aimet_adapter_encodings(case, tmp_path, "alpha")
+    doc = yaml.safe_load(listing.read_text())
+    for entry in doc["lora_adaptor_list"]:
+        full = json.loads(Path(entry["encodings_path"]).read_text())
+        lora_only = {e["name"]: {k: v for k, v in e.items() if k != "name"}
+                     for section in ("activation_encodings", "param_encodings") for e in full[section]
+                     if ".lora_" in e["name"] or "/default" in e["name"]}  # fmt: skip
+        assert lora_only
+        entry["encodings_path"] = str(tmp_path / f"{entry['name']}_lora.encodings")
+        Path(entry["encodings_path"]).write_text(json.dumps(lora_only))
+    listing.write_text(yaml.safe_dump(doc))
+    options = ConvertOptions(
+        encodings=str(base_encodings), lora_adaptor_list=str(listing), lora_alpha_from_input=True, strict_encodings=True
+    )
+    out = tmp_path / "out"
+    result = convert(base_model, out, options=options)
+    for check in result.verify.adapters:
+        assert check.float.ok and check.max_lsb is not None
+        worst = check.qdq_local.worst.lsb if check.qdq_local and check.qdq_local.worst else check.max_lsb
+        assert worst <= 1.0, (check.name, check.qdq_lsb)
+    base_sha = load_encodings(out / "model.encodings")
+    for adapter in result.adapters.adapters:
+        written = load_encodings(out / "adapters" / adapter.name / f"{adapter.name}.encodings")
+        assert "lora_alpha" in written.activations and len(written) < len(base_sha) / 2
+        assert all(".lora_" in n or "/default" in n or n == "lora_alpha" for n in written.names())
