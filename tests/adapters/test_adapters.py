@@ -17,17 +17,19 @@ from mha2sha import zoo
 from mha2sha.adapters import read_adapter_list
 from mha2sha.api import ConversionFailed, ConvertOptions, convert
 from mha2sha.encodings import load_encodings
+from mha2sha.verify.split_io import per_head_feeds
 from tests.adapters._lora_models import ADAPTERS, GRAPH_RANK, aimet_adapter_encodings, lora_case
 from tests.encodings.aimet_gen import aimet_available
 
 ZERO_FILLED_TINY = 2 * 2 * 2  # tiny adapts q and v only: k and o (A and B) of 2 layers are zero for it
 
 
-def sha_outputs(out: Path, adapter: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the written SHA model with the written adapter files, found through out/adapters.yaml."""
+def sha_outputs(out: Path, adapter: str, inputs: dict[str, np.ndarray], split=None) -> dict[str, np.ndarray]:
+    """Run the written SHA model with the written adapter files, found through out/adapters.yaml
+    (per-head KV inputs cut, outputs joined, by the conversion's ``split`` record)."""
     entry = next(e for e in read_adapter_list(out / "adapters.yaml") if e.name == adapter)
     model = ir.load(out / "model.onnx")
-    feeds = dict(inputs)
+    feeds = per_head_feeds(inputs, split) if split is not None else dict(inputs)
     for name, value in load_file(str(entry.weights)).items():
         if name in model.graph.initializers:
             model.graph.initializers[name].const_value = ir.tensor(value, name=name)
@@ -40,15 +42,18 @@ def sha_outputs(out: Path, adapter: str, inputs: dict[str, np.ndarray]) -> dict[
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     taken = {i.name for i in session.get_inputs()}
-    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in taken}), strict=True))
+    got = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in taken}), strict=True))
+    for name, (axis, pieces) in (split.output_pieces if split is not None else {}).items():
+        got[name] = np.concatenate([got.pop(p) for p in pieces], axis=axis)
+    return got
 
 
-def assert_matches_peft(case, out: Path) -> None:
+def assert_matches_peft(case, out: Path, split=None) -> None:
     """The SHA graph with each written adapter equals the peft model with that adapter active."""
     reference = case.reference()
     inputs = zoo.example_inputs(case.zoo_case)
     for adapter in ADAPTERS:
-        got = sha_outputs(out, adapter.name, inputs)["logits"]
+        got = sha_outputs(out, adapter.name, inputs, split)["logits"]
         want = reference[adapter.name]["logits"]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() + 1e-6, adapter.name
         assert np.abs(got - reference["default"]["logits"]).max() > 0.1  # the adapter does change the output
@@ -135,8 +140,9 @@ def test_adapters_verify_float_and_quantized(family: str, kind: str, flow: str, 
         ("llama_gqa", "step", False, "alpha", {"optimize_o_proj": True}),  # o_proj's A by input rows
         ("llama_gqa", "step", False, "alpha", {"verify": "blocks"}),
         ("qwen2", "prefill", False, "folded", {"htp_layout": True, "optimize_o_proj": True}),
+        ("llama_gqa", "step", False, "alpha", {"per_head_kv_io": True}),  # k/v B per KV head in a step
     ],
-    ids=["graph-inputs", "optimize-o-proj", "blocks", "qwen2-prefill-htp-o-proj"],
+    ids=["graph-inputs", "optimize-o-proj", "blocks", "qwen2-prefill-htp-o-proj", "per-head-kv-io"],
 )
 def test_adapters_float(family: str, kind: str, as_inputs: bool, flow: str, extra: dict, tmp_path: Path) -> None:
     case = lora_case(family, kind, as_inputs=as_inputs)
@@ -157,7 +163,10 @@ def test_adapters_float(family: str, kind: str, as_inputs: bool, flow: str, extr
         assert set(result.adapters.sha_tensors) <= graph_inputs
     if extra.get("verify") == "blocks":
         assert {c.mode for c in result.verify.adapters} == {"blocks"}
-    assert_matches_peft(case, out)
+    if extra.get("per_head_kv_io"):
+        k_b = next(v for k, v in name_map.items() if ".layers.0.self_attn.k_proj.lora_B" in k)
+        assert len(k_b) == zoo.case_info(case.zoo_case).kv_heads
+    assert_matches_peft(case, out, result.split)
 
 
 def test_a_wrongly_cut_adapter_fails_and_nothing_is_written(tmp_path: Path, monkeypatch) -> None:

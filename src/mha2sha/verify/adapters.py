@@ -43,7 +43,8 @@ from mha2sha.split.record import SplitRecord
 from mha2sha.verify.blocks import verify_blocks
 from mha2sha.verify.qdq import run_qdq_compare
 from mha2sha.verify.qdq_local import LocalCheck, compare_quantized_tensors, origins
-from mha2sha.verify.runner import Verification, verify
+from mha2sha.verify.runner import Verification
+from mha2sha.verify.split_io import verify_whole
 
 __all__ = ["AdapterCheck", "verify_adapters"]
 
@@ -150,9 +151,12 @@ def verify_adapters(
         ):
             paths = _saved(mha, sha, Path(tmp)) if mode == "full" or quantized else None
             if paths is None:
-                verification = verify_blocks(mha, sha, inputs=given, rtol=rtol, seed=seed)
+                verification = verify_blocks(
+                    mha, sha, inputs=given, rtol=rtol, seed=seed,
+                    input_pieces=split.input_pieces, output_pieces=split.output_pieces,
+                )  # fmt: skip
             else:
-                verification = verify(paths[0], paths[1], dict(given), rtol=rtol)
+                verification = verify_whole(paths[0], paths[1], dict(given), split, rtol)
             check = AdapterCheck(result.name, verification, mode if paths is None else "full")
             if not check.float.ok:
                 bad = max((r for r in check.float.rows if not r.ok), key=lambda r: r.max_rel_err)

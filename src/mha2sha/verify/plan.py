@@ -42,11 +42,10 @@ from mha2sha.verify.qdq_local import LocalCheck, Origin, compare_quantized_tenso
 from mha2sha.verify.runner import (
     DEFAULT_RTOL,
     Verification,
-    compare_outputs,
     estimate_ort_bytes,
     run_model,
-    verify,
 )
+from mha2sha.verify.split_io import per_head_feeds, per_head_outputs, verify_whole
 
 __all__ = [
     "FULL_VERIFY_MAX_BYTES",
@@ -315,26 +314,6 @@ def _verify_quantized(
         _require_local_within_lsb(record.qdq_local, record.qdq_lsb, options.max_lsb)
 
 
-def per_head_feeds(inputs: Mapping[str, np.ndarray], split: SplitRecord) -> dict[str, np.ndarray]:
-    """The converted model's feeds: inputs that became per-head inputs are cut along the head axis."""
-    feeds = {k: v for k, v in inputs.items() if k not in split.input_pieces}
-    for name, (axis, names) in split.input_pieces.items():
-        feeds.update(zip(names, np.split(inputs[name], len(names), axis=axis), strict=True))
-    return feeds
-
-
-def per_head_outputs(outputs: Mapping[str, np.ndarray], split: SplitRecord) -> dict[str, np.ndarray]:
-    """Outputs named as the converted model names them (per-head outputs cut along the head axis)."""
-    result: dict[str, np.ndarray] = {}
-    for name, array in outputs.items():
-        if name in split.output_pieces:
-            axis, names = split.output_pieces[name]
-            result.update(zip(names, np.split(array, len(names), axis=axis), strict=True))
-        else:
-            result[name] = array
-    return result
-
-
 def _require_within_lsb(what: str, diffs: Mapping[str, float], max_lsb: float) -> None:
     name, worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
     if worst > max_lsb:
@@ -382,19 +361,6 @@ def _verify_htp(
         return compare_on_htp(paths[0], paths[1], inputs, lsb, soc)
 
 
-def _verify_whole(
-    original: Path, converted: Path, inputs: Mapping[str, np.ndarray], split: SplitRecord, rtol: float
-) -> Verification:
-    """Compare on the same data; per-head outputs are joined back before comparing."""
-    if not (split.input_pieces or split.output_pieces):
-        return verify(original, converted, inputs, rtol=rtol)
-    reference = run_model(original, inputs)
-    got = run_model(converted, per_head_feeds(inputs, split), ours=True)
-    for name, (axis, names) in split.output_pieces.items():
-        got[name] = np.concatenate([got.pop(n) for n in names], axis=axis)
-    return compare_outputs(reference, {k: got[k] for k in reference if k in got} | got, rtol)
-
-
 def _skip_whole_model_check(plan: VerifyPlan, what: str) -> None:
     note = (
         f"{what} skipped: it runs whole models ({_gb(plan.estimate_bytes)} estimated for onnxruntime, "
@@ -434,7 +400,7 @@ def _verify_float(
 
     with phase("verify (onnxruntime)"):
         inputs = dict(plan.inputs)
-        record.float = full = _verify_whole(original, converted, inputs, split, options.rtol)
+        record.float = full = verify_whole(original, converted, inputs, split, options.rtol)
     if not full.ok and lowered_ops and not (split.input_pieces or split.output_pieces):
         with phase("verify the split and each lowered op"):
             _verify_through_lowering(record, options, original, converted, inputs, lowered_ops)
