@@ -100,6 +100,10 @@ def test_convert_prints_one_row_per_adapter(case, tmp_path: Path) -> None:
     assert "LoRA adapters" in proc.stdout and "lora_alpha" in proc.stdout
     for name in ("french", "oasst", "tiny"):
         assert any(line.strip("│ ").startswith(name) for line in proc.stdout.splitlines()), proc.stdout
+    # ``mha2sha verify`` proves it again: the lora_alpha input gets the original's scale
+    for mode in ("full", "blocks"):
+        again = run("verify", str(case.model), str(tmp_path / "out" / "model.onnx"), "--verify", mode)
+        assert again.returncode == 0 and f"verify {mode}: PASS" in again.stdout, again.stdout + again.stderr
 
 
 def test_original_cli_and_python_api(case, tmp_path: Path) -> None:

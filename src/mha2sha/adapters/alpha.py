@@ -15,12 +15,13 @@ Encodings follow (:func:`alpha_encodings`): the scale constants' encodings becom
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.adapters.lora import LoraGraph
+from mha2sha.adapters.lora import LoraGraph, constant_value
 from mha2sha.adapters.weights import Adapter
 from mha2sha.encodings import Encoding, EncodingSet
 from mha2sha.errors import UserError
@@ -33,6 +34,7 @@ __all__ = [
     "alpha_encoding",
     "alpha_encodings",
     "lora_alpha_to_input",
+    "scale_of_input",
 ]
 
 LORA_ALPHA = "lora_alpha"
@@ -55,7 +57,13 @@ class AlphaRecord:
         return np.asarray([self.value if value is None else value], self.dtype.numpy())
 
     def to_dict(self) -> dict[str, object]:
-        return {"input": self.input, "value": self.value, "sites": len(self.sites), "constants": self.constants}
+        return {
+            "input": self.input,
+            "value": self.value,
+            "sites": len(self.sites),
+            "constants": self.constants,
+            "encoding": self.encoding_source or None,
+        }
 
 
 def graph_scale(lora: LoraGraph) -> float:
@@ -162,3 +170,27 @@ def alpha_encodings(encodings: EncodingSet, record: AlphaRecord, enc: Encoding) 
         out.order = [n for n in out.order if n not in record.removed] + [record.input]
     return out
 
+
+
+def scale_of_input(original: ir.Model, converted: ir.Model, name: str = LORA_ALPHA) -> np.ndarray | None:
+    """The value a converted graph's ``lora_alpha`` input must be fed to compute what ``original``
+    computes (to verify a conversion again): the constant each node reading the input read in the
+    original (node names are kept; a per-head copy is named ``<name>.h<k>``). None when the converted graph has no such input or the constants
+    disagree."""
+    value = next((v for v in converted.graph.inputs if v.name == name), None)
+    if value is None or any(v.name == name for v in original.graph.inputs):
+        return None
+    nodes = {n.name: n for n in original.graph if n.name}
+    found = set()
+    for node, index in value.uses():
+        name = node.name or ""
+        while name not in nodes and re.search(r"\.h\d+(_\d+)?$", name):  # a per-head copy: <name>.h<k>
+            name = re.sub(r"\.h\d+(_\d+)?$", "", name)
+        before = nodes.get(name)
+        constant = constant_value(before.inputs[index]) if before is not None and index < len(before.inputs) else None
+        if constant is None or constant.size != 1:
+            return None
+        found.add(float(constant.reshape(-1)[0]))
+    if len(found) != 1:
+        return None
+    return np.asarray([found.pop()], (value.dtype or ir.DataType.FLOAT).numpy())

@@ -9,6 +9,7 @@ import dataclasses
 from rich.console import Console
 from rich.table import Table
 
+from mha2sha.adapters.alpha import LORA_ALPHA, scale_of_input
 from mha2sha.errors import UserError
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.report.progress import PhaseTimer
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
         fix_input_shapes(original, shapes)
         require_static_inputs(original)
         inputs = plan_inputs(original, args.seed, npz=args.inputs)
+        alpha = scale_of_input(original, load_model(args.converted))  # --lora-alpha-from-input
+        if alpha is not None:
+            inputs.add_fixed(LORA_ALPHA, alpha)
     full = args.verify == "full"
     with timer.phase("verify (onnxruntime)" if full else "verify blocks (onnxruntime)") as advance:
         if full:
