@@ -304,8 +304,7 @@ def convert(
                 plan, verify_options, model_path, staged, result.split, quantized_pair,
                 timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
             )  # fmt: skip
-        outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        outputs.append(report_file)
+        outputs = sorted([report_file, *(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())])
         (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
         result.files = [out_dir / f for f in outputs]
     return result
