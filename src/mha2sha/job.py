@@ -375,8 +375,7 @@ def convert(
                     rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
                     input_shapes=verify_options.input_shapes, phase=timer.phase,
                 )  # fmt: skip
-        outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        outputs.append(report_file)
+        outputs = sorted([report_file, *(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())])
         (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
         result.files = [out_dir / f for f in outputs]
     return result

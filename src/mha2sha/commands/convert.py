@@ -88,7 +88,7 @@ def print_result(
         adapters=result.adapters,
     )
     if result.files:
-        root = result.files[-1].parent  # the report, beside the model
+        root = min(result.files, key=lambda f: len(f.parts)).parent  # the output folder
         folders = {f.relative_to(root).parts[0] for f in result.files if f.parent != root}
         shown = [str(f) for f in result.files if f.parent == root]
         shown += [f"{root / d}/ ({sum(f.is_relative_to(root / d) for f in result.files)} files)" for d in sorted(folders)]
