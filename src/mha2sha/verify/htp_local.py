@@ -184,8 +184,20 @@ def _unit_inputs(q: ir.Value, exposed: Mapping[str, ir.Value]) -> tuple[list[str
             ops.append(node.op_type)
             if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
                 constants.add("bias")
+            if node.op_type == "Add" and any(_is_constant(v) for v in node.inputs):
+                constants.add("bias")
         stack.extend(node.inputs)
     return inputs, ops[::-1], constants
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    """A constant, or the DequantizeLinear of one (a quantized weight or bias)."""
+    if value is None:
+        return False
+    if value.const_value is not None or value.is_initializer():
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "DequantizeLinear" and _is_constant(node.inputs[0])
 
 
 def _constant_kind(dq: ir.Node) -> set[str]:
@@ -243,9 +255,12 @@ def locate_divergence(
     """
     mha_qdq, sha_qdq = Path(mha_qdq), Path(sha_qdq)
     pairs = []  # (SHA name, MHA name, ranges)
-    for name in sha_encodings.activations:
+    for name, enc in sha_encodings.activations.items():
         source, ranges = origin.get(name, (name, ()))
-        if source in mha_encodings.activations:
+        reference = mha_encodings.activations.get(source)
+        # a piece standing for two MHA tensors of different grids (a removed Split that requantized)
+        # is not the same quantization point as the one it is mapped to: not comparable
+        if reference is not None and enc.same_numbers(reference):
             pairs.append((name, source, ranges))
     sha_names = [s for s, _, _ in pairs]
     mha_names = sorted({m for _, m, _ in pairs})
