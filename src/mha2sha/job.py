@@ -17,12 +17,20 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import onnx
 import onnx_ir as ir
 
-from mha2sha.encodings import CoverageReport, channel_axes, load_encodings, propagate, save_encodings
+from mha2sha.encodings import (
+    CoverageReport,
+    RequantRecord,
+    channel_axes,
+    load_encodings,
+    propagate,
+    requantize,
+    save_encodings,
+)
 from mha2sha.encodings.remap import remap_encodings
 from mha2sha.errors import ConversionFailed, InternalError, UserError
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
@@ -62,6 +70,10 @@ NAME_MAP_FILE = "mha_to_sha_names.json"
 FAILED_REPORT_SUFFIX = ".failed.report.json"
 
 
+def _is_verify_mode(mode: str) -> TypeGuard[VerifyMode]:
+    return mode in VERIFY_MODES
+
+
 @dataclasses.dataclass
 class ConvertOptions:
     """Everything a user can ask of a conversion (the CLI's options, by the same names)."""
@@ -92,9 +104,10 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.verify is True or self.verify is False:
             self.verify = "auto" if self.verify else "none"
-        if not isinstance(self.verify, str) or self.verify.lower() not in VERIFY_MODES:
+        mode = self.verify.lower() if isinstance(self.verify, str) else None
+        if mode is None or not _is_verify_mode(mode):
             raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
-        self.verify = self.verify.lower()  # type: ignore[assignment]
+        self.verify = mode
         if not (math.isfinite(self.rtol) and self.rtol > 0):
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
         if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
@@ -110,7 +123,7 @@ class ConvertOptions:
     def verify_options(self) -> VerifyOptions:
         assert isinstance(self.verify, str)
         return VerifyOptions(
-            mode=self.verify,  # type: ignore[arg-type]
+            mode=self.verify,
             rtol=self.rtol,
             max_lsb=self.max_lsb,
             seed=self.seed,
@@ -132,6 +145,7 @@ class ConversionResult:
     lowering: LowerRecord | None = None
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
+    requant: RequantRecord | None = None
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
@@ -257,6 +271,9 @@ def convert(
     sha_encodings = None
     if encodings is not None and before is not None:
         with timer.phase("propagate encodings"):
+            # where one per-head tensor stands for originals with different encodings, requantise
+            # per head as the MHA model did (a full-range Slice per extra encoding)
+            result.requant = requantize(model, result.split, encodings)
             sha_encodings, result.coverage = propagate(
                 encodings,
                 result.split,
@@ -268,10 +285,12 @@ def convert(
     if options.htp_layout:
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
             quantized = set(sha_encodings.activations) if sha_encodings is not None else ()
-            apply_htp_layout(model, result.layout, quantized=quantized)
+            keep = set(result.requant.tensors) if result.requant is not None else set()
+            apply_htp_layout(model, result.layout, quantized=quantized, keep=keep)
             remove_unused_initializers(model)
             if sha_encodings is not None:
-                sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
+                assert result.layout is not None  # made above for the layout passes
+                sha_encodings = remap_encodings(sha_encodings, result.layout, model)
 
     report_file = f"{name}.report.json"
     failed_report = out_dir / f"{name}{FAILED_REPORT_SUFFIX}"
@@ -297,8 +316,9 @@ def convert(
                     plan, verify_options, model_path, staged, result.split, quantized_pair,
                     timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
                 )  # fmt: skip
-            outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-            outputs.append(report_file)
+            outputs = sorted(
+                [report_file, *(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())]
+            )
             (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
             result.files = [out_dir / f for f in outputs]
     except ConversionFailed as failed:  # verification failed: the model is not written, the report is

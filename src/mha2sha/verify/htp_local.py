@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
-from mha2sha.graph import LAYOUT_OPS, is_op
+from mha2sha.graph import LAYOUT_OPS, is_op, name_of
 from mha2sha.io.names import values_by_name
 from mha2sha.io.save import save_model
 from mha2sha.verify.htp import run_on_htp
@@ -111,11 +111,11 @@ def _q_outputs(model: ir.Model, names: list[str], skip: frozenset[str] | set[str
     """Encoding name -> its QuantizeLinear output (built by :func:`~.qdq.to_qdq_ir`), except those
     whose tensor a ``skip`` op produces."""
     values = values_by_name(model.graph)
-    found = {}
+    found: dict[str, ir.Value] = {}
     for name in names:
         q = values.get(f"{name}_q")
         producer = q.producer() if q is not None else None
-        if producer is None or producer.op_type != "QuantizeLinear":
+        if q is None or producer is None or producer.op_type != "QuantizeLinear":
             continue
         source = producer.inputs[0].producer() if producer.inputs[0] is not None else None
         if source is None or is_op(source, skip):
@@ -130,7 +130,7 @@ def _expose(path: Path, qs: Mapping[str, ir.Value], target: Path) -> None:
     present = {v.name for v in model.graph.outputs}
     for q in qs.values():
         if q.name not in present:
-            model.graph.outputs.append(values[q.name])
+            model.graph.outputs.append(values[name_of(q)])
     save_model(model, target)
 
 
@@ -159,7 +159,7 @@ def _unit_inputs(q: ir.Value, exposed: Mapping[str, ir.Value]) -> tuple[list[str
     constants: set[str] = set()
     seen: set[int] = set()
     quantize = q.producer()
-    stack = [quantize.inputs[0]] if quantize is not None and quantize.inputs[0] is not None else []
+    stack: list[ir.Value | None] = [quantize.inputs[0]] if quantize is not None else []
     while stack:
         value = stack.pop()
         if value is None or id(value) in seen:
