@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -49,7 +50,7 @@ from mha2sha.encodings import (
     save_encodings,
 )
 from mha2sha.encodings.remap import remap_encodings
-from mha2sha.errors import InternalError, UserError
+from mha2sha.errors import ConversionFailed, InternalError, UserError
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
@@ -62,7 +63,7 @@ from mha2sha.report.summary import report_json
 from mha2sha.split.record import BlockReport, SplitRecord
 from mha2sha.split.split_heads import SplitHeadsPass
 from mha2sha.verify.adapters import verify_adapters
-from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck
+from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, check_soc
 from mha2sha.verify.plan import (
     FULL_VERIFY_MAX_BYTES,
     VERIFY_MODES,
@@ -79,9 +80,13 @@ from mha2sha.verify.qdq import DEFAULT_MAX_LSB
 from mha2sha.verify.qdq_local import LocalCheck, origins
 from mha2sha.verify.runner import DEFAULT_RTOL, Verification
 
-__all__ = ["NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
+__all__ = ["FAILED_REPORT_SUFFIX", "NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
+
+logger = logging.getLogger(__name__)
 
 NAME_MAP_FILE = "mha_to_sha_names.json"
+#: ``<name>.failed.report.json``: the report a run whose verification failed leaves (nothing else).
+FAILED_REPORT_SUFFIX = ".failed.report.json"
 
 
 def _is_verify_mode(mode: str) -> TypeGuard[VerifyMode]:
@@ -132,6 +137,7 @@ class ConvertOptions:
             raise UserError(
                 "--lora-alpha-from-input needs --lora-adaptor-list: the adapters name the graph's LoRA tensors"
             )
+        self.soc = check_soc(self.soc)
         if not self.split_heads and (not self.htp_layout or self.optimize_o_proj):
             raise UserError(
                 "--no-split runs only the layout passes: add --replace-linear-with-conv or --target htp"
@@ -245,7 +251,8 @@ def convert(
 
     Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json`` and
     ``<name>.report.json`` (+ ``<name>.encodings``, input lists). Nothing is written when the input
-    is bad or verification fails.
+    is bad; when verification fails only ``<name>.failed.report.json`` (what was checked, and where
+    it failed) is.
     """
     options = options or ConvertOptions()
     timer = timer or PhaseTimer()
@@ -348,37 +355,66 @@ def convert(
             fit_adapters(adapters, result.split, result.layout, model)
 
     report_file = f"{name}.report.json"
-    with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
-        with timer.phase("save") as progress:
-            staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
-            _check_model(staged)
-            (stage / NAME_MAP_FILE).write_text(json.dumps(result.split.name_map(), indent=1))
-            if sha_encodings is not None:
-                version = options.encodings_version or sha_encodings.version
-                save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
-            if adapters is not None:
-                save_adapters(adapters, stage, out_model.name, options.encodings_version, model=model)
-        if plan is not None:
-            quantized_pair = (
-                Quantized(mha_encodings, sha_encodings, origins(result.split, result.layout))
-                if mha_encodings is not None and sha_encodings is not None
-                else None
-            )
-            result.verify = verify_conversion(
-                plan, verify_options, model_path, staged, result.split, quantized_pair,
-                timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
-            )  # fmt: skip
-            if adapters is not None:
-                result.verify.adapters = verify_adapters(
-                    adapters, model_path, staged, result.split, result.layout, sha_encodings,
-                    inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
-                    rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
-                    input_shapes=verify_options.input_shapes, phase=timer.phase,
+    failed_report = out_dir / f"{name}{FAILED_REPORT_SUFFIX}"
+    replaces = _previous_outputs(out_dir / report_file)
+    if failed_report.is_file():  # an earlier run's failure report goes when this run's set comes
+        replaces.append(failed_report.name)
+    try:
+        with staging_dir(out_dir, replaces=replaces) as stage:
+            with timer.phase("save") as progress:
+                staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
+                _check_model(staged)
+                (stage / NAME_MAP_FILE).write_text(json.dumps(result.split.name_map(), indent=1))
+                if sha_encodings is not None:
+                    version = options.encodings_version or sha_encodings.version
+                    save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
+                if adapters is not None:
+                    save_adapters(adapters, stage, out_model.name, options.encodings_version, model=model)
+            if plan is not None:
+                quantized_pair = (
+                    Quantized(mha_encodings, sha_encodings, origins(result.split, result.layout))
+                    if mha_encodings is not None and sha_encodings is not None
+                    else None
+                )
+                result.verify = verify_conversion(
+                    plan, verify_options, model_path, staged, result.split, quantized_pair,
+                    timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
                 )  # fmt: skip
-        outputs = sorted([report_file, *(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())])
-        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
-        result.files = [out_dir / f for f in outputs]
+                if adapters is not None:
+                    result.verify.adapters = verify_adapters(
+                        adapters, model_path, staged, result.split, result.layout, sha_encodings,
+                        inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
+                        rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
+                        input_shapes=verify_options.input_shapes, phase=timer.phase,
+                    )  # fmt: skip
+            outputs = sorted(
+                [report_file, *(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())]
+            )
+            (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
+            result.files = [out_dir / f for f in outputs]
+    except ConversionFailed as failed:  # verification failed: the model is not written, the report is
+        if not isinstance(failed.record, VerifyRecord):
+            raise
+        result.verify = failed.record
+        _write_failed_report(failed_report, {**result.to_json(), "failure": str(failed), "outputs": []})
+        raise ConversionFailed(
+            f"{failed}; the model was not written (report of the failed check: {failed_report})",
+            record=failed.record,
+        ) from None
     return result
+
+
+def _write_failed_report(path: Path, report: dict[str, Any]) -> None:
+    """The report of a run whose verification failed, beside where the model would have gone: the
+    only file such a run leaves (written whole or not at all; a later successful run removes it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:  # the failure itself is what the user needs to hear about
+        logger.warning("could not write %s: %s", path, e.strerror or e)
 
 
 def _load_adapters(options: ConvertOptions, model: ir.Model) -> AdapterSet | None:
@@ -441,4 +477,3 @@ def _check_model(path: Path) -> None:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:  # a bug of ours, never the user's
         raise InternalError(f"converted model fails onnx.checker: {str(e).splitlines()[0]}") from e
-

@@ -227,6 +227,22 @@ def test_verify_htp_without_encodings(tmp_path, model) -> None:
     one_line(run("convert", str(model), "-o", str(tmp_path / "o"), "--verify-htp"), 2, "--encodings")
 
 
+def test_verify_htp_with_no_verify(tmp_path, model, encodings) -> None:
+    args = ["convert", str(model), "-o", str(tmp_path / "o"), "--encodings", str(encodings), "--verify-htp"]
+    one_line(run(*args, "--no-verify"), 2, "--no-verify")
+
+
+@pytest.mark.parametrize("soc", ["SM9999", "foo", "8650"])
+def test_bad_soc(tmp_path, model, encodings, soc) -> None:
+    """A SoC the HTP backend does not know is one line listing the ones it does, before any work
+    (a name it does not know it would otherwise ignore, running as its default target)."""
+    args = ["convert", str(model), "-o", str(tmp_path / "o"), "--encodings", str(encodings), "--verify-htp"]
+    if soc.isdigit():  # numeric ids are the backend's to judge: only with onnxruntime-qnn
+        pytest.importorskip("onnxruntime_qnn")
+    line = one_line(run(*args, "--soc", soc), 2, f"--soc '{soc}'", "SM8650", "SM8750")
+    assert "Traceback" not in line and listing(tmp_path / "o") == []
+
+
 def test_external_data_outside_the_model_folder(tmp_path, model) -> None:
     proto = onnx.load(model)
     onnx.save(proto, model, save_as_external_data=True, location="w.bin", size_threshold=0)

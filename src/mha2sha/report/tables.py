@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -143,7 +144,8 @@ def coverage_table(report: CoverageReport, examples: int = 3) -> Table:
 
 
 def htp_summary(check: HtpCheck) -> str:
-    """Two lines: does SHA run on HTP alone, and how far MHA and SHA are apart there."""
+    """Does SHA run on HTP alone, how far MHA and SHA are apart there, and (when they differ) the
+    first tensor where they part and whose that is."""
 
     def support(runs: bool, unsupported: list[tuple[str, str]]) -> str:
         if runs:
@@ -151,14 +153,20 @@ def htp_summary(check: HtpCheck) -> str:
         ops = sorted({op for _, op in unsupported})
         return f"[yellow]needs CPU fallback[/] ({len(unsupported)} unsupported nodes: {', '.join(ops) or 'see log'})"
 
-    worst = max(check.max_lsb.values(), default=0.0)
-    agreement = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
+    name, worst = check.worst
+    agreement = "bit-exact" if worst == 0 else f"max {worst:g} LSB ('{name}')"
     mode = " (informational: unsupported nodes ran on the CPU)" if check.cpu_fallback_used else ""
-    return (
+    lines = [
         f"HTP emulator {check.soc}: SHA {support(check.sha_on_htp_only, check.sha_unsupported)}; "
-        f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}\n"
-        f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}"
-    )
+        f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}",
+        f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}",
+    ]
+    d = check.divergence
+    if d is not None and d.tensor:
+        lines.append(f"HTP emulator {check.soc}: {escape(d.explain())}")
+    elif d is not None:
+        lines.append(f"HTP emulator {check.soc}: where MHA and SHA part is unknown ({escape(d.note)})")
+    return "\n".join(lines)
 
 
 def lowering_summary(record: LowerRecord) -> str:

@@ -33,7 +33,8 @@ from mha2sha.lower import lower_fused_ops
 from mha2sha.split.record import SplitRecord
 from mha2sha.verify.adapters import AdapterCheck
 from mha2sha.verify.blocks import low_precision_bound, verify_blocks
-from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
+from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, check_soc, compare_on_htp, require_htp
+from mha2sha.verify.htp_local import locate_divergence
 from mha2sha.verify.input_lists import write_input_lists
 from mha2sha.verify.inputs import ModelInputs, plan_inputs
 from mha2sha.verify.lowered import prove_through_lowering
@@ -183,10 +184,16 @@ def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: boo
     ``--create-input-lists`` and ``--verify-htp`` need whole-model runs (the goldens are the whole
     original model's outputs; the HTP emulator runs whole QDQ models): when those do not fit they
     are refused here, before any heavy work, rather than silently skipped (``--verify full``
-    forces them). ``--verify-htp`` compares quantized models, so it needs ``--encodings``.
+    forces them). ``--verify-htp`` compares quantized models, so it needs ``--encodings`` (and
+    verification, and onnxruntime-qnn, and a SoC the backend knows: checked here, not after the split).
     """
     if options.verify_htp and not encodings:
         raise UserError("--verify-htp compares the quantized models: add --encodings")
+    if options.verify_htp and options.mode == "none":
+        raise UserError("--verify-htp is a verification: drop --no-verify (or --verify-htp)")
+    if options.verify_htp:
+        require_htp()
+        check_soc(options.soc, probe=True)
     if options.mode == "none":
         return None
     inputs = plan_inputs(model, options.seed, npz=options.inputs)
@@ -260,6 +267,27 @@ def verify_conversion(
     ``lowered_ops`` names the fused ops the lowering stage rewrote (see :mod:`.lowered`).
     """
     record = VerifyRecord(plan)
+    try:
+        _verify_all(record, options, original, converted, split, quantized, phase, stage, host_dir, lowered_ops)
+    except ConversionFailed as failed:
+        failed.record = record  # what was proven up to the failure: the job keeps it as a report
+        raise
+    return record
+
+
+def _verify_all(
+    record: VerifyRecord,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    quantized: Quantized | None,
+    phase: Phase,
+    stage: Path,
+    host_dir: Path,
+    lowered_ops: Sequence[str],
+) -> None:
+    plan = record.plan
     wanted = quantized is not None or options.create_input_lists
     inputs, golden = _verify_float(record, options, original, converted, split, phase, wanted, lowered_ops)
     assert record.float is not None
@@ -277,7 +305,6 @@ def verify_conversion(
         goldens = per_head_outputs(golden, split)
         order = [v.name for v in load_model(converted).graph.inputs if v.name in feeds]
         record.input_lists = write_input_lists(stage, feeds, goldens, order, host_dir=host_dir)
-    return record
 
 
 def _verify_quantized(
@@ -301,11 +328,11 @@ def _verify_quantized(
         record.qdq_lsb = run_qdq_compare(original, quantized.original, converted, quantized.converted, inputs)
     if options.verify_htp:
         with phase(f"verify on HTP emulator ({options.soc})"):
-            record.htp = _verify_htp(original, converted, quantized, inputs, options.soc)
+            record.htp = _verify_htp(record, original, converted, quantized, inputs, options, phase)
         if record.htp.error:
             raise ConversionFailed(f"HTP verification could not run: {record.htp.error}")
     if record.htp is not None and not record.htp.cpu_fallback_used:
-        _require_within_lsb("HTP verification", record.htp.max_lsb, options.max_lsb)
+        _require_htp_within_lsb(record.htp, options.max_lsb)
     elif max(record.qdq_lsb.values(), default=0.0) > options.max_lsb:
         with phase("verify quantized tensor by tensor"):
             record.qdq_local = compare_quantized_tensors(
@@ -314,12 +341,6 @@ def _verify_quantized(
         _require_local_within_lsb(record.qdq_local, record.qdq_lsb, options.max_lsb)
 
 
-def _require_within_lsb(what: str, diffs: Mapping[str, float], max_lsb: float) -> None:
-    name, worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
-    if worst > max_lsb:
-        raise ConversionFailed(
-            f"{what} failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}); nothing was written"
-        )
 
 
 def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], max_lsb: float) -> None:
@@ -331,12 +352,12 @@ def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], m
         piece = f" (head piece of '{bad.origin}')" if bad.origin != bad.name else ""
         raise ConversionFailed(
             f"quantized verification failed: '{bad.name}'{piece} differs from the MHA model by {bad.lsb:.3g} LSB"
-            f" (> {max_lsb:g}) given the same quantized inputs; nothing was written"
+            f" (> {max_lsb:g}) given the same quantized inputs"
         )
     if not local.tensors:
         raise ConversionFailed(
             f"quantized verification failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}) and no"
-            " quantized tensor could be compared on its own; nothing was written (try --verify-htp)"
+            " quantized tensor could be compared on its own (try --verify-htp)"
         )
     logger.warning(
         "quantized outputs differ by up to %.3g LSB on onnxruntime CPU ('%s'), but each of the %d quantized"
@@ -347,9 +368,17 @@ def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], m
 
 
 def _verify_htp(
-    original: Path, converted: Path, quantized: Quantized, inputs: Mapping[str, np.ndarray], soc: str
+    record: VerifyRecord,
+    original: Path,
+    converted: Path,
+    quantized: Quantized,
+    inputs: Mapping[str, np.ndarray],
+    options: VerifyOptions,
+    phase: Phase,
 ) -> HtpCheck:
-    """Both models as QDQ on the HTP emulator: unsupported nodes, and MHA vs SHA in LSBs."""
+    """Both models as QDQ on the HTP emulator: unsupported nodes, and MHA vs SHA in LSBs. When the
+    outputs differ (and no CPU fallback was needed), where they part and whose that is
+    (:mod:`.htp_local`; the tensor-by-tensor CPU check gives the verdict and is kept in the record)."""
     with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-") as tmp:
         paths = []
         for tag, path, es in (("mha", original, quantized.original), ("sha", converted, quantized.converted)):
@@ -358,7 +387,36 @@ def _verify_htp(
             paths.append(target)
         shapes = {name_of(v): tuple(v.shape or ()) for v in ir.load(converted).graph.outputs}
         lsb = {name: output_lsb(quantized.original.get(name), shape) for name, shape in shapes.items()}
-        return compare_on_htp(paths[0], paths[1], inputs, lsb, soc)
+        check = compare_on_htp(paths[0], paths[1], inputs, lsb, options.soc)
+        if check.cpu_fallback_used or check.error or check.outputs is None:
+            return check
+        check.ok = check.worst[1] <= options.max_lsb
+        if check.worst[1] == 0:
+            return check
+        with phase("locate the HTP difference (tensor by tensor, HTP and CPU)"):
+            record.qdq_local = compare_quantized_tensors(
+                original, quantized.original, converted, quantized.converted, inputs, quantized.origins
+            )
+            check.divergence = locate_divergence(
+                paths[0], paths[1], quantized.original, quantized.converted, inputs, quantized.origins,
+                options.soc, outputs=check.outputs, cpu=record.qdq_local, max_lsb=options.max_lsb,
+            )  # fmt: skip
+        return check
+
+
+def _require_htp_within_lsb(check: HtpCheck, max_lsb: float) -> None:
+    """HTP ran both models alone: its outputs decide. A failure names the output, the first tensor
+    where MHA and SHA part on HTP, and whose the difference is (HTP's arithmetic or the conversion)."""
+    name, worst = check.worst
+    if worst <= max_lsb:
+        if worst > 0 and check.divergence is not None and check.divergence.tensor:
+            logger.info("HTP: outputs within %g LSB; %s", max_lsb, check.divergence.explain())
+        return
+    where = f"; {check.divergence.explain()}" if check.divergence is not None else ""
+    raise ConversionFailed(
+        f"HTP verification failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}) on the HTP "
+        f"emulator ({check.soc}){where}"
+    )
 
 
 def _skip_whole_model_check(plan: VerifyPlan, what: str) -> None:
@@ -516,4 +574,4 @@ def _failure_line(v: Verification, mode: str = "full") -> str:
         else "outputs differ"
     )
     what = "blockwise verification" if mode == "blocks" else "verification"
-    return f"{what} failed: {detail}; nothing was written"
+    return f"{what} failed: {detail}"
