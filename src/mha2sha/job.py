@@ -1,6 +1,6 @@
 """The conversion job: the stages in order, each returning a record, nothing else.
 
-    load -> lower -> prepare -> split -> encodings -> layout -> save -> verify -> report
+    load -> lower -> prepare -> split (plan, describe, emit) -> encodings -> layout -> save -> verify -> report
 
 A stage is a pass or a function of its own module (``io/``, ``lower/``, ``split/``,
 ``encodings/``, ``layout/``, ``verify/``, ``report/``); this module only decides which run and in
@@ -21,6 +21,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from mha2sha.analyze import ModelFacts, StructureRecord, describe_attention
+from mha2sha.analyze.facts import input_infos, model_facts
+from mha2sha.analyze.record import InputInfo
 from mha2sha.encodings import CoverageReport, channel_axes, load_encodings, propagate, save_encodings
 from mha2sha.encodings.remap import remap_encodings
 from mha2sha.errors import InternalError, UserError
@@ -31,6 +34,7 @@ from mha2sha.io.save import save_model, staging_dir
 from mha2sha.io.shapes import ShapeRoles, check_shapes, resolve_input_shapes
 from mha2sha.layout import LayoutRecord, apply_htp_layout, split_o_proj_per_head
 from mha2sha.lower import LowerRecord, lower_fused_ops
+from mha2sha.report.html import conversion_html
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
 from mha2sha.split.record import BlockReport, SplitRecord
@@ -129,6 +133,13 @@ class ConversionResult:
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
+    # for the HTML report: the attention blocks as planned (before the split emitted), the inputs
+    # (declared and used), the graph's facts before the split and as written
+    structure: StructureRecord | None = None
+    inputs: list[InputInfo] = dataclasses.field(default_factory=list)
+    outputs: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    facts_before: ModelFacts | None = None
+    facts_after: ModelFacts | None = None
 
     # -- shortcuts into the records -------------------------------------------------------------
     @property
@@ -182,13 +193,33 @@ class ConversionResult:
         return self.verify.htp if self.verify else None
 
     def to_json(self) -> dict[str, Any]:
-        return report_json(
+        report = report_json(
             lowering=self.lowering,
             split=self.split,
             layout=self.layout,
             coverage=self.coverage,
             verify=self.verify,
             phases=self.timer.records if self.timer else [],
+        )
+        if self.structure is not None:
+            report["attention"] = self.structure.to_dict(sketches=False)
+        return report
+
+    def to_html(self, name: str, model_path: str, files: list[str]) -> str:
+        return conversion_html(
+            name=name,
+            model_path=model_path,
+            structure=self.structure,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            facts_before=self.facts_before,
+            facts_after=self.facts_after,
+            lowering=self.lowering,
+            layout=self.layout,
+            coverage=self.coverage,
+            verify=self.verify,
+            phases=self.timer.records if self.timer else [],
+            files=files,
         )
 
 
@@ -202,8 +233,8 @@ def convert(
 ) -> ConversionResult:
     """Split every multi-head attention of ``model_path`` and write the result to ``out_dir``.
 
-    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json`` and
-    ``<name>.report.json`` (+ ``<name>.encodings``, input lists). Nothing is written when the input
+    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json``,
+    ``<name>.report.json`` and ``<name>.report.html`` (+ ``<name>.encodings``, input lists). Nothing is written when the input
     is bad or verification fails.
     """
     options = options or ConvertOptions()
@@ -220,6 +251,7 @@ def convert(
     with timer.phase("load"):
         model = load_model(model_path)
         shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
+        inputs, outputs = input_infos(model, shapes), [(v.name, _shape_text(v.shape)) for v in model.graph.outputs]
         fix_input_shapes(model, shapes)
         require_static_inputs(model)
         check_shapes(model)
@@ -235,9 +267,16 @@ def convert(
         before = _EncodingsContext.of(model) if encodings is not None else None
 
     result = ConversionResult(model, SplitRecord(), lowering=result_lowering, timer=timer)
+    result.inputs, result.outputs = inputs, outputs
+    result.facts_before = model_facts(model)
     if options.split_heads:
         with timer.phase("split heads") as progress:
-            SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)(model)
+            split_pass = SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)
+            split_plan = split_pass.plan(model)
+            # what the report draws and lists, read from the graph before the split changes it
+            result.structure = describe_attention(model, split_plan, result_lowering)
+            result.structure.other_softmax = list(result.split.other_softmax)
+            split_pass.apply(model, split_plan)
             remove_unused_initializers(model)
         if not result.split_blocks and not options.force:
             return result
@@ -266,7 +305,9 @@ def convert(
             if sha_encodings is not None:
                 sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
 
+    result.facts_after = model_facts(model)
     report_file = f"{name}.report.json"
+    html_file = f"{name}.report.html"
     with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
         with timer.phase("save") as progress:
             staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
@@ -285,11 +326,18 @@ def convert(
                 plan, verify_options, model_path, staged, result.split, quantized_pair,
                 timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
             )  # fmt: skip
-        outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        outputs.append(report_file)
-        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
-        result.files = [out_dir / f for f in outputs]
+        written = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        written += [report_file, html_file]
+        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
+        (stage / html_file).write_text(result.to_html(name, str(model_path), written), encoding="utf-8")
+        result.files = [out_dir / f for f in written]
     return result
+
+
+def _shape_text(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"  # type: ignore[union-attr]
 
 
 def _previous_outputs(report: Path) -> list[str]:

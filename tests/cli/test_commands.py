@@ -80,7 +80,7 @@ def test_our_own_failure_is_exit_3_with_a_log(tmp_path: Path) -> None:
         "import sys\n"
         "import mha2sha.split.split_heads as s\n"
         "def boom(self, model): raise ZeroDivisionError('injected')\n"
-        "s.SplitHeadsPass.call = boom\n"
+        "s.SplitHeadsPass.plan = boom\n"
         "from mha2sha.cli import main\n"
         f"sys.exit(main(['convert', {str(src)!r}, '-o', {str(tmp_path / 'out')!r}]))\n"
     )
