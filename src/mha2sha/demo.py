@@ -1,4 +1,5 @@
-"""``make demo``: build a tiny Llama-style KV-cache step graph, split its heads, show the proof.
+"""``make demo``: build a tiny Llama-style KV-cache step graph, analyse it, split its heads, show the
+proof, and print the paths of the two HTML reports (before and after).
 
 Needs the ``export`` extra (torch, transformers) to build the demo model; the conversion itself
 does not.
@@ -31,8 +32,16 @@ def main() -> int:
         f"  exported with torch.onnx.export in {time.perf_counter() - started:.1f} s (cached): {source}"
     )
     out = Path(tempfile.mkdtemp(prefix="mha2sha-demo-"))
+    console.print(f"\n$ mha2sha analyze {source} -o {out / 'analysis'}\n")
+    code = cli_main(["analyze", str(source), "-o", str(out / "analysis")])
+    if code != 0:
+        return code
     console.print(f"\n$ mha2sha convert {source} -o {out}\n")
-    return cli_main(["convert", str(source), "-o", str(out), "--create-input-lists"])
+    code = cli_main(["convert", str(source), "-o", str(out), "--create-input-lists"])
+    console.print("\nHTML reports (open in a browser; self-contained, no network):")
+    console.print(f"  before: {out / 'analysis' / 'report.html'}")
+    console.print(f"  after:  {out / 'model.report.html'}")
+    return code
 
 
 if __name__ == "__main__":

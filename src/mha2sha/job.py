@@ -330,7 +330,7 @@ def convert(
         written += [report_file, html_file]
         (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
         (stage / html_file).write_text(result.to_html(name, str(model_path), written), encoding="utf-8")
-        result.files = [out_dir / f for f in written]
+        result.files = [out_dir / f for f in sorted(written)]
     return result
 
 

@@ -22,10 +22,10 @@ CASE = "llama_gqa_step"
 
 
 def _files(folder: Path) -> dict[str, str]:
-    """Every output file's content hash, the report's timings excepted."""
+    """Every output file's content hash, the reports (timings, dates) excepted."""
     out = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.endswith(".report.json"):
+        if path.is_file() and not path.name.endswith((".report.json", ".report.html")):
             out[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 

@@ -393,6 +393,7 @@ def op_support(
         label = f"{domain}.{op}" if domain else op
         row = OpSupport(domain, op, original.get(key, 0))
         if key not in converted:
+            row.converted = False
             row.note = (
                 f"lowered to primitives by mha2sha ({lowered[label]} node(s))"
                 if label in lowered

@@ -165,6 +165,7 @@ class OpSupport:
     probed: int = 0  # nodes of this type the probe asked QNN about
     rejected: int = 0
     note: str = ""  # e.g. "lowered to primitives by mha2sha"
+    converted: bool = True  # in the graph mha2sha converts (not lowered / folded away)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -696,8 +696,11 @@ def _kv_cache(view: BlockView) -> tuple[str, int | None, int | None]:
         if which == "key" and shape is not None and axis is not None and axis == len(shape) - 1 and len(shape) == 4:
             kinds.append("key transposed [B,H,D,T]")
     if not kinds:
-        k_inputs = [n for n in view.k_path if any(v is not None and v.is_graph_input() for v in n.inputs)]
-        if k_inputs and not any(projection_weight(n) is not None for n in view.k_path):
+        cached = [
+            v for n in view.k_path for v in n.inputs
+            if v is not None and v.is_graph_input() and len(static_shape(v) or ()) == 4
+        ]  # fmt: skip
+        if cached and not any(projection_weight(n) is not None for n in view.k_path):
             return "cache input (read only)", None, None
         return "none", None, None
     return ", ".join(kinds), past, kv_heads

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from mha2sha.analyze import AnalyzeOptions, analyze
 from mha2sha.commands.options import add_shape_options, shape_roles_from_flags
@@ -80,6 +81,6 @@ def run(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
         files = write_analysis(record, out_dir)
     print_analysis(console, record)
     console.print(timer.table())
-    console.print(f"Wrote {', '.join(str(f) for f in files)}")
-    console.print(f"Report: {out_dir / HTML_FILE}")
+    console.print(escape(f"Wrote {', '.join(str(f) for f in files)}"))
+    console.print(escape(f"Report: {out_dir / HTML_FILE}"))
     return 0

@@ -7,6 +7,7 @@ import csv
 import io
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mha2sha.analyze.record import AnalysisRecord
@@ -47,11 +48,11 @@ def print_analysis(console: Console, record: AnalysisRecord) -> None:
     blocks = structure.blocks
     splits = sum(1 for b in blocks if b.would_split)
     console.print(
-        f"[bold]{record.name}[/]: {len(blocks)} attention block(s), {splits} would split, "
+        f"[bold]{escape(record.name)}[/]: {len(blocks)} attention block(s), {splits} would split, "
         f"{len(structure.kinds)} kind(s); {record.facts.nodes} nodes, opset {record.opset}"
     )
     for kind in structure.kinds:
-        console.print(f"  kind {kind.label} ({len(kind.blocks)}): {kind.summary}")
+        console.print(f"  kind {kind.label} ({len(kind.blocks)}): {escape(kind.summary)}")
     shown = [b for b in blocks if not b.would_split] or blocks
     if shown:
         table = Table(title="Attention blocks" + (" not split" if shown is not blocks else ""), title_justify="left")
@@ -59,8 +60,9 @@ def print_analysis(console: Console, record: AnalysisRecord) -> None:
             table.add_column(column, overflow="fold")
         for b in shown[:_MAX_ROWS]:
             table.add_row(
-                b.name, b.kind, str(b.heads or "-"), str(b.kv_heads or "-"), str(b.head_dim or "-"), b.rope, b.mask,
-                b.kv_cache, "[green]yes[/]" if b.would_split else "[red]no[/]", b.reason,
+                escape(b.name), b.kind, str(b.heads or "-"), str(b.kv_heads or "-"), str(b.head_dim or "-"),
+                escape(b.rope), escape(b.mask), escape(b.kv_cache), "[green]yes[/]" if b.would_split else "[red]no[/]",
+                escape(b.reason),
             )  # fmt: skip
         if len(shown) > _MAX_ROWS:
             table.add_row(f"... {len(shown) - _MAX_ROWS} more (see attention.csv)", *[""] * 9)
@@ -71,16 +73,16 @@ def print_analysis(console: Console, record: AnalysisRecord) -> None:
             rejected = [o for o in record.ops if o.htp == "no"]
             console.print(
                 f"HTP ({probe.soc}, QNN EP, CPU fallback off): {sum(1 for o in record.ops if o.htp == 'yes')} op type(s) taken, "
-                + (f"[red]{len(rejected)} rejected[/]: " + ", ".join(f"{o.op} ({o.reason.split(': ', 1)[-1]})" for o in rejected) if rejected else "none rejected")
-                + f"; {sum(1 for o in record.ops if o.htp == 'unknown')} unknown"
+                + (f"[red]{len(rejected)} rejected[/]: " + escape(", ".join(f"{o.op} ({o.reason.split(': ', 1)[-1]})" for o in rejected)) if rejected else "none rejected")
+                + f"; {sum(1 for o in record.ops if o.htp == 'unknown' and o.converted)} unknown"
             )  # fmt: skip
         else:
-            console.print(f"[yellow]HTP support unknown[/]: {probe.message}")
+            console.print(f"[yellow]HTP support unknown[/]: {escape(probe.message)}")
     high = record.facts.high_rank
     if high:
         after = record.high_rank_after_split
         tail = f" ({len(after)} after the split)" if after is not None else ""
-        console.print(f"{len(high)} tensor(s) of rank > 4{tail}: {', '.join(t for t, _, _ in high[:3])}")
+        console.print(f"{len(high)} tensor(s) of rank > 4{tail}: {escape(', '.join(t for t, _, _ in high[:3]))}")
     if record.encodings is not None:
         e = record.encodings
         console.print(
@@ -89,8 +91,8 @@ def print_analysis(console: Console, record: AnalysisRecord) -> None:
             + (f"; propagation {'has gaps' if not record.coverage.ok else 'complete'}" if record.coverage is not None else "")
         )
     if record.shape_suggestion:
-        console.print(f"Static shapes: {record.shape_suggestion}")
+        console.print(f"Static shapes: {escape(record.shape_suggestion)}")
     for note in record.notes:
-        console.print(f"[yellow]Note:[/] {note}")
+        console.print(f"[yellow]Note:[/] {escape(note)}")
     for problem in record.problems:
-        console.print(f"[red]Would stop convert:[/] {problem}")
+        console.print(f"[red]Would stop convert:[/] {escape(problem)}")
