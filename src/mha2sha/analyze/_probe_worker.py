@@ -1,10 +1,9 @@
-"""Child process of the HTP support probe (:mod:`mha2sha.analyze.probe`).
+"""First child process of the HTP support probe (:mod:`mha2sha.analyze.probe`).
 
 ``python -m mha2sha.analyze._probe_worker FOLDER``: reads ``FOLDER/probe.onnx`` and ``job.json``,
-makes the QDQ model (the user's encodings, or generated min/max ones), opens a QNN HTP session with
-CPU fallback disabled and verbose logging (the log on stderr is what the parent reads), and writes
-``result.json``: the stage reached, whether the QNN graph compiled, the error, its peak RSS.
-Kept out of the package imports so ``-m`` runs it cleanly.
+makes the QDQ model ``qdq.onnx`` (the user's encodings, or generated ones) and writes
+``result.json`` (the stage reached, the error, its peak RSS). ``_qnn_session.py`` then opens the
+QNN session on it. Kept out of the package imports so ``-m`` runs it cleanly.
 """
 
 from __future__ import annotations
@@ -164,13 +163,13 @@ def _user(model: ir.Model, path: str, shrunk: dict[str, list]) -> Any:
     return es
 
 
-def main(step: str, folder: str) -> int:
-    """``build``: the QDQ model; ``session``: the QNN session (a fresh process, so the QNN
-    backend's memory does not add to the QDQ builder's)."""
+def main(folder: str) -> int:
+    """Build ``qdq.onnx``; the QNN session is ``_qnn_session.py``, a fresh process that imports
+    nothing but onnxruntime (its memory does not add to this one's)."""
     root = Path(folder)
     job = json.loads((root / "job.json").read_text())
     result_path = root / "result.json"
-    result: dict[str, Any] = json.loads(result_path.read_text()) if step == "session" else {"stage": "loading"}
+    result: dict[str, Any] = {"stage": "loading"}
 
     def save() -> None:
         peak = _peak_rss_mb()
@@ -178,8 +177,6 @@ def main(step: str, folder: str) -> int:
         result.setdefault("peaks", {})[result["stage"]] = peak
         result_path.write_text(json.dumps(result))
 
-    if step == "session":
-        return _session(root, job, result, save)
     save()
     try:
         from mha2sha.io.load import load_model
@@ -205,30 +202,5 @@ def main(step: str, folder: str) -> int:
     return 0
 
 
-def _session(root: Path, job: dict[str, Any], result: dict[str, Any], save: Any) -> int:
-    import onnxruntime as ort
-    import onnxruntime_qnn
-
-    ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 0  # the QNN EP's per-node validation verdicts are verbose messages
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options.add_provider_for_devices(
-        devices, {"backend_type": "htp", "soc_model": job["soc"], "offload_graph_io_quantization": "0"}
-    )
-    try:
-        ort.InferenceSession(str(root / "qdq.onnx"), options)
-        result["compiled"] = True
-    except Exception as e:
-        message = " ".join(str(e).split())
-        refused = "fallback to CPU EP has been explicitly disabled" in message
-        result["compiled"] = None if refused else False
-        result["error"] = "" if refused else message[:500]
-    result["stage"] = "done"
-    save()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1]))

@@ -1,12 +1,12 @@
 """The analysis job: what is in a model and what ``convert`` would do with it; nothing is written.
 
-    load -> shapes -> lower -> prepare -> plan the split -> describe blocks -> HTP probe
-         -> split in memory (dry run) -> encodings propagation (dry run)
+    load -> shapes -> lower -> prepare -> plan the split -> describe blocks -> extract the probe
+         -> [with encodings: split in memory and propagate (dry run)] -> free the graph -> HTP probe
 
 The stages are the conversion's own (``io/``, ``lower/``, ``split/``, ``encodings/``); the split is
-planned, described, then applied to the in-memory model only (weights stay lazy: nothing is read
-but the graph, a mask cone, and -- in the HTP probe's child process -- one block's weights per
-kind). A stage that cannot run on this model (dynamic shapes, shapes that do not fit) is reported
+planned and described; with encodings it is also applied to the in-memory model only, to
+propagate them (weights stay lazy: nothing is read but the graph, a mask cone, and -- in the HTP
+probe's child processes, after the graph is freed -- one block's weights per kind). A stage that cannot run on this model (dynamic shapes, shapes that do not fit) is reported
 as a problem and the analysis goes on with what it has; only bad input (a missing or unreadable
 model, a bad encodings file, contradictory ``--input-shape``) is an error.
 """
@@ -14,8 +14,11 @@ model, a bad encodings file, contradictory ``--input-shape``) is an error.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Any
 import onnx_ir as ir
 
 from mha2sha.analyze.facts import encodings_summary, input_infos, model_facts, op_counts
-from mha2sha.analyze.probe import op_support, probe_htp, select_components
+from mha2sha.analyze.probe import op_support, prepare_probe, run_probe, select_components
 from mha2sha.analyze.record import AnalysisRecord
 from mha2sha.analyze.structure import describe_attention
 from mha2sha.encodings import channel_axes, load_encodings, propagate
@@ -111,18 +114,25 @@ def analyze(
         if encodings is not None:
             record.encodings = encodings_summary(model, encodings, str(options.encodings), cut)
             names, axes = tensor_names(model), dict(channel_axes(model))
-    if options.probe:
-        with phase("HTP support probe (QNN EP)"):
-            components = select_components(model, examples)
-            record.probe = probe_htp(model, components, soc=options.soc, encodings=options.encodings)
-    if plan.blocks:
-        with phase("split in memory (dry run)"):
-            split_pass.apply(model, plan)
-            remove_unused_initializers(model)
-            record.high_rank_after_split = [
-                (t.name, _shape_text(t.shape), t.producer) for t in high_rank_tensors(model)
-            ]
-        if encodings is not None:
+    with tempfile.TemporaryDirectory(prefix="mha2sha-probe-") as folder:
+        prepared = None
+        if options.probe:
+            with phase("HTP support probe: extract one block per kind"):
+                components = select_components(model, examples)
+                prepared = prepare_probe(model, components, Path(folder), soc=options.soc, encodings=options.encodings)
+                del components
+        examples.clear()
+        in_blocks = {id(n) for b in plan.blocks for n in b.region.nodes()}
+        record.rank_in_split_blocks = [
+            v.name for n in model.graph if id(n) in in_blocks for v in n.outputs if len(v.shape or ()) > 4
+        ]
+        if encodings is not None and plan.blocks:
+            with phase("split in memory (dry run)"):
+                split_pass.apply(model, plan)
+                remove_unused_initializers(model)
+                record.high_rank_after_split = [
+                    (t.name, _shape_text(t.shape), t.producer) for t in high_rank_tensors(model)
+                ]
             with phase("propagate encodings (dry run)"):
                 try:
                     _, record.coverage = propagate(
@@ -130,11 +140,25 @@ def analyze(
                     )
                 except UserError as e:
                     record.problems.append(f"encodings cannot be propagated: {e}")
+        # the graph is no longer needed: give its memory back before the probe's processes run
+        del model, plan, split_pass, in_blocks
+        _release_memory()
+        if prepared is not None:
+            with phase("HTP support probe (QNN EP)"):
+                record.probe = run_probe(prepared)
     record.ops = op_support(record.original_ops, record.facts.ops, record.probe, record.lowered)
     if not shapes_fit:
         record.notes.append("shapes did not fit the model: blocks and ops were analysed as far as they could be")
     del shapes
     return record
+
+
+def _release_memory() -> None:
+    """Collect and hand freed heap pages back to the system (glibc), so the analysed graph's
+    memory is not held while the probe's child processes run."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _shape(value: ir.Value) -> str:

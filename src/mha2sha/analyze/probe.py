@@ -42,7 +42,16 @@ from mha2sha.graph import is_onnx_domain, static_shape
 from mha2sha.io.save import save_model
 from mha2sha.verify.htp import DEFAULT_SOC, htp_available
 
-__all__ = ["ProbeComponent", "build_probe_model", "op_support", "probe_htp", "select_components"]
+__all__ = [
+    "PreparedProbe",
+    "ProbeComponent",
+    "build_probe_model",
+    "op_support",
+    "prepare_probe",
+    "probe_htp",
+    "run_probe",
+    "select_components",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +268,112 @@ def parse_validation_log(lines: Sequence[str]) -> dict[str, tuple[str, bool, str
     return result
 
 
+@dataclasses.dataclass
+class PreparedProbe:
+    """A probe model written to ``folder`` (weights copied file to file, nothing read), ready for
+    :func:`run_probe`; the analysed model may be freed before it runs."""
+
+    folder: Path
+    names: dict[str, tuple[str, str, str]]
+    tensors: dict[str, list[str]]  # tensor -> probe nodes charged for its Q/DQ
+    record: ProbeRecord
+    encodings: str | None
+
+
+def prepare_probe(
+    model: ir.Model,
+    components: Sequence[ProbeComponent],
+    folder: Path,
+    *,
+    soc: str = DEFAULT_SOC,
+    encodings: str | None = None,
+) -> PreparedProbe:
+    """Write the probe model of ``components`` to ``folder`` (see the module docstring)."""
+    record = ProbeRecord("unavailable", soc)
+    prepared = PreparedProbe(folder, {}, {}, record, encodings)
+    if not htp_available():
+        record.message = "onnxruntime-qnn is not installed (pip install 'mha2sha[htp]'): HTP support unknown"
+        return prepared
+    started = time.perf_counter()
+    built = build_probe_model(model, components)
+    record.components = [c.label for c in components if not any(s.startswith(c.label + ":") for s in built.skipped)]
+    if built.skipped:
+        record.message = "not probed: " + "; ".join(built.skipped)
+    if not built.names:
+        record.status = "skipped"
+        return prepared
+    record.encodings = f"user encodings ({os.path.basename(encodings)})" if encodings else ""
+    save_model(built.model, folder / "probe.onnx", shard_bytes=1 << 40)
+    shrunk = {k: [v[0], v[1], list(v[2])] for k, v in built.shrunk.items()}
+    (folder / "job.json").write_text(json.dumps({"soc": soc, "encodings": encodings, "shrunk": shrunk}))
+    prepared.names, prepared.tensors = built.names, _qdq_tensor_index(built.model)
+    record.status = "failed"  # until it ran
+    record.seconds = time.perf_counter() - started
+    return prepared
+
+
+def run_probe(prepared: PreparedProbe) -> ProbeRecord:
+    """Run the two child processes on a prepared probe and read the QNN EP's verdicts."""
+    record, folder = prepared.record, prepared.folder
+    if not prepared.names:
+        return record
+    started = time.perf_counter() - record.seconds
+    log = folder / "qnn.log"
+    session = Path(__file__).with_name("_qnn_session.py")
+    steps = [
+        [sys.executable, "-m", "mha2sha.analyze._probe_worker", str(folder)],
+        [sys.executable, str(session), str(folder)],
+    ]
+    try:
+        with open(log, "w") as err:
+            for argv in steps:
+                proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, text=True, timeout=_TIMEOUT)
+                if proc.returncode != 0:
+                    break
+    except subprocess.TimeoutExpired:
+        record.message = f"the HTP probe did not finish in {_TIMEOUT} s"
+        return record
+    result_path = folder / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    with open(log, errors="replace") as f:
+        lines = f.readlines()
+    record.seconds = time.perf_counter() - started
+    record.peak_rss_mb = float(result.get("peak_rss_mb", 0.0))
+    logger.info("HTP probe children: peak RSS by stage %s", result.get("peaks"))
+    if not prepared.encodings:
+        record.encodings = (
+            "generated, not yours: uint16 activations on "
+            + result.get("activations", "min/max ranges")
+            + "; int8 symmetric weights from each weight's largest value (per-tensor, per-channel on Conv)"
+        )
+    if result.get("stage") != "done":
+        detail = result.get("error") or next(
+            (ln.strip()[:300] for ln in reversed(lines) if "Error" in ln or "error" in ln), f"exit code {proc.returncode}"
+        )
+        record.message = f"HTP probe failed while {result.get('stage', 'starting')}: {detail}"
+        return record
+    for probe_name, (op, taken, reason) in parse_validation_log(lines).items():
+        if probe_name in prepared.names:
+            original, label, _ = prepared.names[probe_name]
+            _merge(record.nodes, original, label, taken, reason)
+            continue
+        tensor = _qdq_tensor(probe_name, prepared.tensors)
+        if tensor is None:
+            continue
+        for owner in prepared.tensors[tensor]:
+            original, label, _ = prepared.names[owner]
+            why = f"its {op} on '{tensor}': {reason or 'rejected'}"
+            _merge(record.nodes, original, label, taken, "" if taken else why)
+    for original, label, _ in prepared.names.values():
+        if original not in record.nodes:
+            record.unseen[original] = label
+    record.compiled = result.get("compiled")
+    record.status = "ran"
+    if result.get("error") and record.compiled is False:
+        record.message = (record.message + "; " if record.message else "") + f"QNN compile failed: {result['error']}"
+    return record
+
+
 def probe_htp(
     model: ir.Model,
     components: Sequence[ProbeComponent],
@@ -267,80 +382,8 @@ def probe_htp(
     encodings: str | None = None,
 ) -> ProbeRecord:
     """Ask the QNN execution provider which nodes of ``components`` it takes (see module docstring)."""
-    record = ProbeRecord("unavailable", soc)
-    if not htp_available():
-        record.message = "onnxruntime-qnn is not installed (pip install 'mha2sha[htp]'): HTP support unknown"
-        return record
-    started = time.perf_counter()
-    built = build_probe_model(model, components)
-    record.components = [c.label for c in components if not any(s.startswith(c.label + ":") for s in built.skipped)]
-    if built.skipped:
-        record.message = "not probed: " + "; ".join(built.skipped)
-    if not built.names:
-        record.status = "skipped"
-        return record
-    record.encodings = f"user encodings ({os.path.basename(encodings)})" if encodings else ""
     with tempfile.TemporaryDirectory(prefix="mha2sha-probe-") as tmp:
-        folder = Path(tmp)
-        save_model(built.model, folder / "probe.onnx", shard_bytes=1 << 40)
-        (folder / "job.json").write_text(
-            json.dumps({"soc": soc, "encodings": encodings, "shrunk": {k: list(v[:2]) + [list(v[2])] for k, v in built.shrunk.items()}})
-        )
-        log = folder / "qnn.log"
-        try:
-            with open(log, "w") as err:
-                for step in ("build", "session"):
-                    proc = subprocess.run(
-                        [sys.executable, "-m", "mha2sha.analyze._probe_worker", step, str(folder)],
-                        stdout=subprocess.DEVNULL, stderr=err, text=True, timeout=_TIMEOUT,
-                    )  # fmt: skip
-                    if proc.returncode != 0:
-                        break
-        except subprocess.TimeoutExpired:
-            record.status, record.message = "failed", f"the QNN session did not finish in {_TIMEOUT} s"
-            return record
-        result_path = folder / "result.json"
-        result = json.loads(result_path.read_text()) if result_path.exists() else {}
-        with open(log, errors="replace") as f:
-            lines = f.readlines()
-    record.seconds = time.perf_counter() - started
-    record.peak_rss_mb = float(result.get("peak_rss_mb", 0.0))
-    if not encodings:
-        record.encodings = (
-            "generated, not yours: uint16 activations on "
-            + result.get("activations", "min/max ranges")
-            + "; int8 symmetric weights from each weight's largest value (per-tensor, per-channel on Conv)"
-        )
-    logger.info("HTP probe child: peak RSS by stage %s", result.get("peaks"))
-    if result.get("stage") != "done":
-        record.status = "failed"
-        detail = result.get("error") or next(
-            (ln.strip()[:300] for ln in reversed(lines) if "Error" in ln or "error" in ln), f"exit code {proc.returncode}"
-        )
-        record.message = f"HTP probe failed while {result.get('stage', 'starting')}: {detail}"
-        return record
-    verdicts = parse_validation_log(lines)
-    qdq_tensors = _qdq_tensor_index(built.model)
-    for probe_name, (op, taken, reason) in verdicts.items():
-        if probe_name in built.names:
-            original, label, _ = built.names[probe_name]
-            _merge(record.nodes, original, label, taken, reason)
-            continue
-        tensor = _qdq_tensor(probe_name, qdq_tensors)
-        if tensor is None:
-            continue
-        for owner in qdq_tensors[tensor]:
-            original, label, _ = built.names[owner]
-            why = f"its {op} on '{tensor}': {reason or 'rejected'}"
-            _merge(record.nodes, original, label, taken, "" if taken else why)
-    for original, label, _ in built.names.values():
-        if original not in record.nodes:
-            record.unseen[original] = label
-    record.compiled = result.get("compiled")
-    record.status = "ran"
-    if result.get("error") and record.compiled is False:
-        record.message = (record.message + "; " if record.message else "") + f"QNN compile failed: {result['error']}"
-    return record
+        return run_probe(prepare_probe(model, components, Path(tmp), soc=soc, encodings=encodings))
 
 
 def _merge(nodes: dict[str, tuple[str, bool, str]], name: str, op: str, taken: bool, reason: str) -> None:

@@ -247,7 +247,8 @@ class AnalysisRecord:
     facts: ModelFacts = dataclasses.field(default_factory=ModelFacts)  # as converted (after lowering)
     original_ops: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)  # as given
     structure: StructureRecord = dataclasses.field(default_factory=StructureRecord)
-    high_rank_after_split: list[tuple[str, str, str]] | None = None
+    high_rank_after_split: list[tuple[str, str, str]] | None = None  # with --encodings (dry run)
+    rank_in_split_blocks: list[str] = dataclasses.field(default_factory=list)  # rank > 4, recomputed per head
     ops: list[OpSupport] = dataclasses.field(default_factory=list)
     probe: ProbeRecord | None = None
     encodings: EncodingsSummary | None = None
@@ -276,6 +277,7 @@ class AnalysisRecord:
             "not_lowered": [{"node": n, "op": o, "reason": r} for n, o, r in self.not_lowered],
             "graph": self.facts.to_dict(),
             "attention": self.structure.to_dict(),
+            "rank_gt_4_in_split_blocks": list(self.rank_in_split_blocks),
             "rank_gt_4_after_split": (
                 None
                 if self.high_rank_after_split is None

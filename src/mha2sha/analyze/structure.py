@@ -1046,7 +1046,7 @@ def describe_attention(
 
     Call it between :meth:`SplitHeadsPass.plan` and :meth:`SplitHeadsPass.apply`: it reads the
     graph the plan was made on. ``examples`` (a list) receives, per kind, a label and the ops of
-    its first block (with the output projection): what the HTP support probe runs.
+    its first block: what the HTP support probe runs.
     """
     lowered = {name: op for name, op, _ in (lowering.lowered if lowering else [])}
     record = StructureRecord()
@@ -1077,8 +1077,9 @@ def describe_attention(
                     logger.exception("drawing attention block %s failed", info.name)
             kinds[key] = kind
             if examples is not None and view is not None:
-                ops = list(view.nodes) + ([view.o_proj] if view.o_proj is not None and view.o_proj not in view.nodes else [])
-                examples.append((f"attention kind {kind.label} ({info.name})", ops))
+                # the output projection is left out: a MatMul like q_proj's, and its weight would
+                # add a quarter to the probe's memory
+                examples.append((f"attention kind {kind.label} ({info.name})", list(view.nodes)))
         kind.blocks.append(info.name)
         kind.layers.append(info.layer)
         info.kind = kind.label

@@ -53,9 +53,9 @@ def print_analysis(console: Console, record: AnalysisRecord) -> None:
     )
     for kind in structure.kinds:
         console.print(f"  kind {kind.label} ({len(kind.blocks)}): {escape(kind.summary)}")
-    shown = [b for b in blocks if not b.would_split] or blocks
+    shown = [b for b in blocks if not b.would_split]  # the kinds above describe the others
     if shown:
-        table = Table(title="Attention blocks" + (" not split" if shown is not blocks else ""), title_justify="left")
+        table = Table(title="Attention blocks that would not split", title_justify="left")
         for column in ("block", "kind", "heads", "kv", "dim", "RoPE", "mask", "KV cache", "split", "reason"):
             table.add_column(column, overflow="fold")
         for b in shown[:_MAX_ROWS]:
@@ -81,7 +81,8 @@ def print_analysis(console: Console, record: AnalysisRecord) -> None:
     high = record.facts.high_rank
     if high:
         after = record.high_rank_after_split
-        tail = f" ({len(after)} after the split)" if after is not None else ""
+        inside = len(set(record.rank_in_split_blocks) & {t for t, _, _ in high})
+        tail = f" ({len(after)} after the split)" if after is not None else f" ({inside} inside blocks the split recomputes)"
         console.print(f"{len(high)} tensor(s) of rank > 4{tail}: {escape(', '.join(t for t, _, _ in high[:3]))}")
     if record.encodings is not None:
         e = record.encodings

@@ -281,9 +281,20 @@ def _inputs_section(inputs: Sequence[InputInfo], outputs: Sequence[tuple[str, st
     return "".join(out)
 
 
-def _rank_section(before: Sequence[tuple[str, str, str]], after: Sequence[tuple[str, str, str]] | None, done: bool) -> str:
+def _rank_section(
+    before: Sequence[tuple[str, str, str]],
+    after: Sequence[tuple[str, str, str]] | None,
+    done: bool,
+    in_blocks: Sequence[str] = (),
+) -> str:
     out = [f'<h2 id="rank">Tensors of rank &gt; 4 (HTP takes at most 4-D): {len(before)}</h2>']
-    if before:
+    if before and not done:
+        rewritten = set(in_blocks)
+        rows = [[*t, "yes" if t[0] in rewritten else "no"] for t in before]
+        out.append(
+            _table(["tensor", "shape", "producer", "in a block the split recomputes per head"], rows, table_id="rank-table")
+        )
+    elif before:
         out.append(_table(["tensor", "shape", "producer"], [list(t) for t in before], table_id="rank-table"))
     else:
         out.append("<p>None.</p>")
@@ -392,7 +403,7 @@ def analysis_html(record: AnalysisRecord) -> str:
         _kinds_section(record.structure, done=False),
         _ops_section(record.ops, record.probe),
         _inputs_section(record.inputs, record.outputs, record.shape_suggestion, record.shapes_note),
-        _rank_section(record.facts.high_rank, record.high_rank_after_split, done=False),
+        _rank_section(record.facts.high_rank, record.high_rank_after_split, False, record.rank_in_split_blocks),
         _encodings_section(record.encodings, record.coverage, done=False),
         _lowering_section(record.lowered, record.not_lowered),
         _phases_section(record.phases),
