@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint corpus clean-cache browser
+.PHONY: demo demo-ar test lint corpus clean-cache browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m mha2sha.demo
 
+demo-ar: $(STAMP)
+	$(BIN)/python -m mha2sha.demo build-ar
+
 # The suite includes tests/thirdparty: it builds the third-party tools' own venvs and exports on
 # demand (cached under $MHA2SHA_CACHE, default ~/.cache/mha2sha; ~5 min cold, ~20 s warm).
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Build (or reuse) the whole third-party graph corpus and print its catalogue.
@@ -34,6 +38,7 @@ corpus: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 
 clean-cache:
 	rm -rf $${MHA2SHA_CACHE:-$$HOME/.cache/mha2sha}

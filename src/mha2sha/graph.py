@@ -30,6 +30,7 @@ __all__ = [
     "const_ints",
     "is_onnx_domain",
     "is_op",
+    "name_of",
     "static_shape",
 ]
 
@@ -123,13 +124,22 @@ def const_ints(value: ir.Value | None) -> list[int] | None:
     return None if array is None else [int(x) for x in np.asarray(array).reshape(-1)]
 
 
+def name_of(value: ir.Value) -> str:
+    """The name of a value a graph holds. onnx_ir names every value added to a graph (and a loaded
+    model's values carry their proto names), so only a detached, never-named value has none."""
+    assert value.name is not None, "a graph value without a name"
+    return value.name
+
+
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The shape as ints, or None when unknown or symbolic (a constant's own shape counts)."""
     if value is None:
         return None
-    shape = value.shape
+    shape: ir.ShapeProtocol | None = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    if shape is None:
         return None
-    return tuple(int(d) for d in shape)
+    dims = tuple(shape)
+    ints = tuple(int(d) for d in dims if isinstance(d, int))
+    return ints if len(ints) == len(dims) else None

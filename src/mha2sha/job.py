@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import onnx
 import onnx_ir as ir
@@ -24,9 +24,18 @@ import onnx_ir as ir
 from mha2sha.analyze import ModelFacts, StructureRecord, describe_attention
 from mha2sha.analyze.facts import input_infos, model_facts
 from mha2sha.analyze.record import InputInfo
-from mha2sha.encodings import CoverageReport, channel_axes, load_encodings, propagate, save_encodings
+from mha2sha.encodings import (
+    CoverageReport,
+    RequantRecord,
+    channel_axes,
+    load_encodings,
+    propagate,
+    requantize,
+    save_encodings,
+)
 from mha2sha.encodings.remap import remap_encodings
 from mha2sha.errors import InternalError, UserError
+from mha2sha.graph import name_of
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
@@ -61,6 +70,10 @@ __all__ = ["NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
 NAME_MAP_FILE = "mha_to_sha_names.json"
 
 
+def _is_verify_mode(mode: str) -> TypeGuard[VerifyMode]:
+    return mode in VERIFY_MODES
+
+
 @dataclasses.dataclass
 class ConvertOptions:
     """Everything a user can ask of a conversion (the CLI's options, by the same names)."""
@@ -91,9 +104,10 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         if self.verify is True or self.verify is False:
             self.verify = "auto" if self.verify else "none"
-        if not isinstance(self.verify, str) or self.verify.lower() not in VERIFY_MODES:
+        mode = self.verify.lower() if isinstance(self.verify, str) else None
+        if mode is None or not _is_verify_mode(mode):
             raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
-        self.verify = self.verify.lower()  # type: ignore[assignment]
+        self.verify = mode
         if not (math.isfinite(self.rtol) and self.rtol > 0):
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
         if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
@@ -108,7 +122,7 @@ class ConvertOptions:
     def verify_options(self) -> VerifyOptions:
         assert isinstance(self.verify, str)
         return VerifyOptions(
-            mode=self.verify,  # type: ignore[arg-type]
+            mode=self.verify,
             rtol=self.rtol,
             max_lsb=self.max_lsb,
             seed=self.seed,
@@ -130,6 +144,7 @@ class ConversionResult:
     lowering: LowerRecord | None = None
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
+    requant: RequantRecord | None = None
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
@@ -251,7 +266,7 @@ def convert(
     with timer.phase("load"):
         model = load_model(model_path)
         shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
-        inputs, outputs = input_infos(model, shapes), [(v.name, _shape_text(v.shape)) for v in model.graph.outputs]
+        inputs, outputs = input_infos(model, shapes), [(name_of(v), _shape_text(v.shape)) for v in model.graph.outputs]
         fix_input_shapes(model, shapes)
         require_static_inputs(model)
         check_shapes(model)
@@ -289,6 +304,9 @@ def convert(
     sha_encodings = None
     if encodings is not None and before is not None:
         with timer.phase("propagate encodings"):
+            # where one per-head tensor stands for originals with different encodings, requantise
+            # per head as the MHA model did (a full-range Slice per extra encoding)
+            result.requant = requantize(model, result.split, encodings)
             sha_encodings, result.coverage = propagate(
                 encodings,
                 result.split,
@@ -300,10 +318,12 @@ def convert(
     if options.htp_layout:
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
             quantized = set(sha_encodings.activations) if sha_encodings is not None else ()
-            apply_htp_layout(model, result.layout, quantized=quantized)
+            keep = set(result.requant.tensors) if result.requant is not None else set()
+            apply_htp_layout(model, result.layout, quantized=quantized, keep=keep)
             remove_unused_initializers(model)
             if sha_encodings is not None:
-                sha_encodings = remap_encodings(sha_encodings, result.layout, model)  # type: ignore[arg-type]
+                assert result.layout is not None  # made above for the layout passes
+                sha_encodings = remap_encodings(sha_encodings, result.layout, model)
 
     result.facts_after = model_facts(model)
     report_file = f"{name}.report.json"
@@ -337,7 +357,7 @@ def convert(
 def _shape_text(shape: ir.Shape | None) -> str:
     if shape is None:
         return "?"
-    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"  # type: ignore[union-attr]
+    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def _previous_outputs(report: Path) -> list[str]:

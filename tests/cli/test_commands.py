@@ -55,10 +55,11 @@ def test_translation_understands_both_spellings() -> None:
 
 
 def test_later_flags_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
-    argv = ["--model-name", "m", "--exported-model-path", "x.onnx", "--sha-export-path", str(tmp_path), "--build-ar", "1"]
+    argv = ["--model-name", "m", "--exported-model-path", "x.onnx", "--sha-export-path", str(tmp_path),
+            "--lora-adaptor-list", "a.json"]  # fmt: skip
     assert legacy_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --build-ar")
+    assert len(err) == 1 and err[0].startswith("error: --lora-adaptor-list")
 
 
 def test_verify_subcommand(tmp_path: Path, capsys) -> None:

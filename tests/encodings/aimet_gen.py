@@ -11,7 +11,13 @@ and the aimet-onnx version. The encodings version is chosen with ``export(encodi
 Configs:
 - ``w8a16``: int8 per-channel weights, int16 activations, AIMET's HTP config
   (``htp_quantsim_config_v75_per_channel_linear.json``, shipped in the wheel);
-- ``w8a8``: int8 weights and activations, AIMET's default config;
+- ``w8a8``: int8 weights and activations, AIMET's default config. aimet-onnx 2.42 turns off the
+  output quantizer of every grid-preserving op (Slice, Expand, Pad, ...) whose type the config does
+  not name, so data movement carries no encoding of its own here;
+- ``w8a8_dm``: ``w8a8`` with every op output AIMET can quantize quantized, data movement included
+  (the default config plus ``is_output_quantized`` for the grid-preserving op types AIMET places a
+  quantizer on: Slice, Expand, Pad, ...): a packed-QKV Slice output gets its own encoding, not its
+  input's (older AIMET releases and user configs that list these ops behave so);
 - ``w4a16_bq``: like w8a16 with int4 per-block weights (block 8) on MatMul/Gemm;
 - ``w4a16_lpbq``: like w8a16 with LPBQ weights (int4, decompressed 8 bit, block 8).
 
@@ -31,9 +37,38 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CONFIGS", "aimet_available", "aimet_encodings", "cache_root"]
+__all__ = ["CONFIGS", "aimet_available", "aimet_encodings", "cache_root", "quantsim_run"]
 
-CONFIGS = ("w8a16", "w8a8", "w4a16_bq", "w4a16_lpbq")
+CONFIGS = ("w8a16", "w8a8", "w8a8_dm", "w4a16_bq", "w4a16_lpbq")
+
+#: Grid-preserving op types whose output AIMET can quantize (those not in ``op_outputs_to_ignore``).
+_DATA_MOVEMENT_QUANTIZED = (
+    "Slice", "Expand", "Pad", "DepthToSpace", "SpaceToDepth", "GatherElements", "GatherND",
+    "MaxPool", "ReduceMax", "ReduceMin", "Dropout",
+)  # fmt: skip
+
+
+def config_file(config: str) -> str | None:
+    """The aimet-onnx quantsim config file of ``config`` (None: aimet's default)."""
+    import aimet_onnx
+
+    cfg_dir = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config"
+    if config == "w8a8":
+        return None
+    if config == "w8a8_dm":
+        cfg = json.loads((cfg_dir / "default_config_per_channel.json").read_text())
+        for op in _DATA_MOVEMENT_QUANTIZED:
+            cfg["op_type"].setdefault(op, {})["is_output_quantized"] = "True"
+        path = cache_root() / "configs" / "w8a8_dm.json"
+        text = json.dumps(cfg, indent=1)
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        return str(path)
+    htp = cfg_dir / "htp_quantsim_config_v75_per_channel_linear.json"
+    return str(htp) if htp.is_file() else None
 
 
 def cache_root() -> Path:
@@ -63,8 +98,8 @@ def _key(model_bytes: bytes, inputs: Sequence[Mapping[str, np.ndarray]], config:
     return h.hexdigest()[:20]
 
 
-def _sim(model_path: Path, config: str):  # -> QuantizationSimModel
-    import aimet_onnx
+def quantsim(model_path: Path, config: str):  # -> QuantizationSimModel
+    """A QuantizationSimModel of the model at ``model_path`` under ``config`` (no encodings yet)."""
     import onnx
     from aimet_onnx.common.defs import QuantScheme
     from aimet_onnx.quantsim import (
@@ -75,19 +110,21 @@ def _sim(model_path: Path, config: str):  # -> QuantizationSimModel
 
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {CONFIGS}, not {config!r}")
-    cfg_dir = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config"
     model = onnx.load(str(model_path))
-    if config == "w8a8":
+    if config in ("w8a8", "w8a8_dm"):
         return QuantizationSimModel(
-            model, quant_scheme=QuantScheme.min_max, param_type="int8", activation_type="int8"
+            model,
+            quant_scheme=QuantScheme.min_max,
+            param_type="int8",
+            activation_type="int8",
+            config_file=config_file(config),
         )
-    htp = cfg_dir / "htp_quantsim_config_v75_per_channel_linear.json"
     sim = QuantizationSimModel(
         model,
         quant_scheme=QuantScheme.min_max,
         param_type="int8",
         activation_type="int16",
-        config_file=str(htp) if htp.is_file() else None,
+        config_file=config_file(config),
     )
     if config == "w4a16_bq":
         set_blockwise_quantization_for_weights(
@@ -121,7 +158,7 @@ def aimet_encodings(
     if onnx_path.is_file() and enc_path.is_file() and (out_dir / "sim_outputs.npz").is_file():
         return onnx_path, enc_path
 
-    sim = _sim(model_path, config)
+    sim = quantsim(model_path, config)
     sim.compute_encodings([dict(f) for f in calib_inputs])
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -149,3 +186,29 @@ def sim_outputs(encodings_path: str | os.PathLike[str]) -> dict[str, np.ndarray]
     """AIMET's simulated outputs on the first calibration input, saved beside the encodings."""
     with np.load(Path(encodings_path).parent / "sim_outputs.npz") as z:
         return {k: z[k] for k in z.files}
+
+
+def quantsim_run(
+    model_path: str | os.PathLike[str],
+    encodings_path: str | os.PathLike[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    config: str,
+    strict: bool = False,
+) -> tuple[list[dict[str, np.ndarray]], list]:
+    """aimet-onnx's own simulation of ``model_path`` with ``encodings_path`` loaded, on ``feeds``.
+
+    A ``QuantizationSimModel`` of the model under ``config`` (AIMET places the quantizers by its
+    own rules), ``load_encodings_to_sim`` (``strict``: AIMET refuses any encoding its placement does
+    not have a quantizer for; otherwise 0.6.1/1.0.0 files get a quantizer added for such tensors,
+    and 2.x files must move them onto an equal encoding upstream or fail), then one run per feed.
+    Returns the outputs by the model's output names and the mismatches AIMET reported.
+    """
+    import onnx
+    from aimet_onnx.quantsim import load_encodings_to_sim
+
+    sim = quantsim(Path(model_path), config)
+    mismatches = load_encodings_to_sim(sim, str(encodings_path), strict=strict)
+    names = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]
+    runs = [dict(zip(names, sim.session.run(None, dict(feed)), strict=True)) for feed in feeds]
+    return runs, mismatches

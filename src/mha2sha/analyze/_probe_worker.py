@@ -34,16 +34,17 @@ def _peak_rss_mb() -> float:
 def _feeds(model: ir.Model) -> dict[str, np.ndarray]:
     """Generated inputs: N(0, 1) floats, zero integers (valid indices), true booleans."""
     rng = np.random.default_rng(0)
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for value in model.graph.inputs:
-        shape = tuple(int(d) for d in value.shape) if value.shape is not None else ()
+        shape = tuple(d if isinstance(d, int) else 1 for d in value.shape) if value.shape is not None else ()
+        name = value.name or ""
         dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
         if dtype.kind == "f":
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
-            feeds[value.name] = np.ones(shape, np.bool_)
+            feeds[name] = np.ones(shape, np.bool_)
         else:
-            feeds[value.name] = np.zeros(shape, dtype)
+            feeds[name] = np.zeros(shape, dtype)
     return feeds
 
 
@@ -82,9 +83,10 @@ def _weight_bytes(model: ir.Model) -> int:
 
 def _nominal_ranges(model: ir.Model) -> dict[str, tuple[float, float]]:
     """[-NOMINAL, NOMINAL] for every float tensor (when a float run would cost too much memory)."""
-    names = [v.name for v in model.graph.inputs if v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)]
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+    names = [v.name for v in model.graph.inputs if v.name and v.dtype in floats]
     for node in model.graph:
-        names += [o.name for o in node.outputs if o.name and o.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)]
+        names += [o.name for o in node.outputs if o.name and o.dtype in floats]
     return dict.fromkeys(names, (-NOMINAL, NOMINAL))
 
 
@@ -116,7 +118,8 @@ def _generated(model: ir.Model, path: Path, result: dict[str, Any]) -> Any:
             continue
         for index, value in weights:
             tensor = value.const_value
-            if value.name in es.params or tensor is None or len(tensor.shape) < 2:
+            name = value.name or ""
+            if name in es.params or tensor is None or len(tensor.shape) < 2:
                 continue
             if np.dtype(tensor.dtype.numpy()).kind != "f" or (node.op_type == "Gather" and index != 0):
                 continue
@@ -124,14 +127,14 @@ def _generated(model: ir.Model, path: Path, result: dict[str, Any]) -> Any:
             if node.op_type == "Conv" and index == 1:
                 peak = np.abs(array).reshape(array.shape[0], -1).max(axis=1).astype(np.float64)
                 scale = np.maximum(peak, 1e-8) / 127.0
-                es.params[value.name] = Encoding(
-                    value.name, bitwidth=8, is_symmetric=True, scale=scale.astype(np.float64),
+                es.params[name] = Encoding(
+                    name, bitwidth=8, is_symmetric=True, scale=scale.astype(np.float64),
                     offset=np.full(scale.shape, -128.0), enc_type="PER_CHANNEL", axis=0,
                 )  # fmt: skip
             else:
                 scale = max(float(np.abs(array).max()), 1e-8) / 127.0
-                es.params[value.name] = Encoding(
-                    value.name, bitwidth=8, is_symmetric=True, scale=np.asarray(scale), offset=np.asarray(-128.0)
+                es.params[name] = Encoding(
+                    name, bitwidth=8, is_symmetric=True, scale=np.asarray(scale), offset=np.asarray(-128.0)
                 )
             del array
     return es

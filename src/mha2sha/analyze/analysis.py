@@ -32,6 +32,7 @@ from mha2sha.analyze.record import AnalysisRecord
 from mha2sha.analyze.structure import describe_attention
 from mha2sha.encodings import channel_axes, load_encodings, propagate
 from mha2sha.errors import UserError
+from mha2sha.graph import name_of
 from mha2sha.io.load import fix_input_shapes, load_model
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
@@ -83,7 +84,7 @@ def analyze(
             producer=_producer(model),
         )
         record.original_ops = op_counts(model)
-        record.outputs = [(v.name, _shape(v)) for v in model.graph.outputs]
+        record.outputs = [(name_of(v), _shape(v)) for v in model.graph.outputs]
         shapes, shapes_fit = _choose_shapes(model, options, record)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
     with phase("lower fused ops"):
@@ -110,7 +111,7 @@ def analyze(
             record.problems.append(
                 f"{len(not_split)} attention block(s) would stay multi-head (convert exits 1 unless --allow-partial)"
             )
-        cut = [s.value.name for b in plan.blocks for s in b.region.steps.values() if s.kind in ("node", "param")]
+        cut = [name_of(s.value) for b in plan.blocks for s in b.region.steps.values() if s.kind in ("node", "param")]
         if encodings is not None:
             record.encodings = encodings_summary(model, encodings, str(options.encodings), cut)
             names, axes = tensor_names(model), dict(channel_axes(model))
@@ -124,7 +125,7 @@ def analyze(
         examples.clear()
         in_blocks = {id(n) for b in plan.blocks for n in b.region.nodes()}
         record.rank_in_split_blocks = [
-            v.name for n in model.graph if id(n) in in_blocks for v in n.outputs if len(v.shape or ()) > 4
+            name_of(v) for n in model.graph if id(n) in in_blocks for v in n.outputs if len(v.shape or ()) > 4
         ]
         if encodings is not None and plan.blocks:
             with phase("split in memory (dry run)"):

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from mha2sha.analyze.record import EncodingsSummary, InputInfo, ModelFacts
 from mha2sha.encodings.model import EncodingSet
-from mha2sha.graph import DATA_MOVEMENT_OPS, is_onnx_domain
+from mha2sha.graph import DATA_MOVEMENT_OPS, is_onnx_domain, name_of
 from mha2sha.io.names import tensor_names
 from mha2sha.layout.rank import high_rank_tensors
 
@@ -56,12 +56,12 @@ def input_infos(model: ir.Model, used: Mapping[str, tuple[int, ...]]) -> list[In
             continue
         shape = value.shape
         dynamic = shape is None or not all(isinstance(d, int) for d in shape)
-        static = used.get(value.name)
+        static = used.get(name_of(value))
         if static is None and not dynamic and shape is not None:
             static = tuple(int(d) for d in shape)  # type: ignore[arg-type]
         infos.append(
             InputInfo(
-                value.name,
+                name_of(value),
                 str(value.dtype.name.lower()) if value.dtype is not None else "?",
                 _shape_text(shape),
                 _shape_text(static) if static is not None else "",
@@ -94,9 +94,9 @@ def encodings_summary(
                     and value.const_value is not None
                     and value.const_value.dtype in _FLOATS
                     and len(value.const_value.shape) >= 2
-                    and value.name not in weights
+                    and name_of(value) not in weights
                 ):
-                    weights.append(value.name)
+                    weights.append(name_of(value))
     encoded = set(encodings.activations) | set(encodings.params)
     cut = [t for t in dict.fromkeys(attention_tensors) if t in names]
     return EncodingsSummary(

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.analyze.record import OpSupport, ProbeRecord
-from mha2sha.graph import is_onnx_domain, static_shape
+from mha2sha.graph import is_onnx_domain, name_of, static_shape
 from mha2sha.io.save import save_model
 from mha2sha.verify.htp import DEFAULT_SOC, htp_available
 
@@ -116,7 +116,7 @@ def _shrink_axis(node: ir.Node, index: int) -> int | None:
 
 
 def _sliced(tensor: ir.TensorProtocol, axis: int, keep: int, name: str) -> ir.LazyTensor:
-    shape = list(tensor.shape)
+    shape = [int(d) for d in tensor.shape.numpy()]
     axis %= len(shape)
     index = tuple(slice(0, keep) if a == axis else slice(None) for a in range(len(shape)))
     shape[axis] = keep
@@ -157,7 +157,7 @@ def build_probe_model(model: ir.Model, components: Sequence[ProbeComponent]) -> 
             continue
         for node in nodes:
             taken.add(id(node))
-            inputs = []
+            inputs: list[ir.Value | None] = []
             for index, value in enumerate(node.inputs):
                 if value is None:
                     inputs.append(None)
@@ -165,7 +165,7 @@ def build_probe_model(model: ir.Model, components: Sequence[ProbeComponent]) -> 
                 if id(value) not in mapped:
                     axis = _shrink_axis(node, index) if component.single else None
                     mapped[id(value)] = _new_input(graph, value, axis, shrunk)
-                    used.add(value.name)
+                    used.add(name_of(value))
                 inputs.append(mapped[id(value)])
             name = f"p{len(names)}"
             clone = ir.Node(
@@ -173,12 +173,12 @@ def build_probe_model(model: ir.Model, components: Sequence[ProbeComponent]) -> 
                 num_outputs=len(node.outputs), name=name, version=node.version,
             )  # fmt: skip
             label = node.op_type if is_onnx_domain(node.domain) else f"{node.domain}.{node.op_type}"
-            names[name] = (node.name or node.outputs[0].name, label, component.label)
+            names[name] = (node.name or name_of(node.outputs[0]), label, component.label)
             for old, new in zip(node.outputs, clone.outputs, strict=True):
                 # a value another component reads as an input keeps that name: this copy is renamed
-                new.name = old.name if old.name not in used else f"{old.name}.probe{len(names)}"
-                new.type = old.type
-                used.add(new.name)
+                new_name = name_of(old) if name_of(old) not in used else f"{old.name}.probe{len(names)}"
+                new.name, new.type = new_name, old.type
+                used.add(new_name)
                 new.shape = old.shape if not (component.single and any(i.name in shrunk for i in inputs if i)) else None
                 mapped[id(old)] = new
             graph.append(clone)
@@ -206,11 +206,12 @@ def _new_input(graph: ir.Graph, value: ir.Value, axis: int | None, shrunk: dict)
     tensor = value.const_value
     if tensor is not None:
         if axis is not None and tensor.nbytes > _SHRINK_BYTES and len(tensor.shape) >= 1:
-            full = tuple(int(d) for d in tensor.shape)
+            full = tuple(int(d) for d in tensor.shape.numpy())
             keep = min(_KEEP_ROWS, full[axis % len(full)])
-            tensor = _sliced(tensor, axis, keep, value.name)
-            shrunk[value.name] = (axis % len(full), keep, full)
-        new = ir.Value(name=value.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            tensor = _sliced(tensor, axis, keep, name_of(value))
+            shrunk[name_of(value)] = (axis % len(full), keep, full)
+        shape = ir.Shape(tensor.shape.numpy())
+        new = ir.Value(name=value.name, shape=shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
         graph.register_initializer(new)
         return new
     new = ir.Value(name=value.name, shape=ir.Shape(static_shape(value) or ()), type=value.type)
@@ -399,9 +400,9 @@ def _qdq_tensor_index(model: ir.Model) -> dict[str, list[str]]:
     for node in model.graph:
         for value in node.inputs:
             if value is not None and (value.is_initializer() or value.is_graph_input()):
-                index.setdefault(value.name, []).append(node.name or "")
+                index.setdefault(name_of(value), []).append(node.name or "")
         for out in node.outputs:
-            index.setdefault(out.name, []).append(node.name or "")
+            index.setdefault(name_of(out), []).append(node.name or "")
     return {k: [n for n in v if n] for k, v in index.items()}
 
 

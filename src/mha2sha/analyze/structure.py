@@ -48,6 +48,7 @@ from mha2sha.graph import (
     const_ints,
     is_onnx_domain,
     is_op,
+    name_of,
     static_shape,
 )
 from mha2sha.lower import LowerRecord
@@ -131,9 +132,9 @@ def _shape_text(shape: Sequence[object] | None) -> str:
 def _value_shape(value: ir.Value | None) -> str:
     if value is None:
         return ""
-    shape = value.shape
+    shape: Iterable[object] | None = value.shape
     if shape is None and value.const_value is not None:
-        shape = value.const_value.shape
+        shape = value.const_value.shape.numpy()
     if shape is None:
         return "?"
     return _shape_text([d if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in shape])
@@ -216,7 +217,7 @@ def _forward_outputs(value: ir.Value, hops: int = 4) -> list[ir.Value]:
     """Graph outputs ``value`` reaches through data movement within ``hops`` ops (itself included)."""
     found, frontier = [], [value]
     for _ in range(hops + 1):
-        nxt = []
+        nxt: list[ir.Value] = []
         for v in frontier:
             if v.is_graph_output():
                 found.append(v)
@@ -313,7 +314,7 @@ def _kept_whole(core: AttentionCore, nodes: set[ir.Node]) -> list[ir.Node]:
             continue  # its input is the hidden state: outside the block
         for value in node.inputs:
             producer = value.producer() if value is not None and value.const_value is None else None
-            if producer is None or producer in nodes or producer in starts:
+            if value is None or producer is None or producer in nodes or producer in starts:
                 continue
             if is_cache_concat(producer) or _from_projection(value):
                 starts.append(producer)
@@ -601,7 +602,7 @@ class _MaskValues:
             self._inputs = plan_inputs(self.model)
         inputs = self._inputs
         feeds = {name: inputs[name] for name in cone.inputs}  # type: ignore[index]
-        array = run_sub_model(self.model, cone, feeds, [value])[value.name]
+        array = run_sub_model(self.model, cone, feeds, [value])[name_of(value)]
         return _causal_array(array, seq, total)
 
 
@@ -628,6 +629,7 @@ def _mask(
     """The mask kind (see module docstring) and extra features (per-head bias, softcap)."""
     kinds: list[str] = []
     features: list[str] = []
+    scores = view.core.softmax.inputs[0]
     for node, value in view.sides:
         if _is_scalar_const(value):
             continue
@@ -637,7 +639,7 @@ def _mask(
             continue  # the fill value of a masked_fill
         if _all_zero(value):
             continue  # baddbmm's empty bias (diffusers), folded to zeros
-        per_head = _per_head(value, view.core.softmax.inputs[0])
+        per_head = scores is not None and _per_head(value, scores)
         inputs, ops, consts, _ = _cone(value)
         view.mask_values.add(id(value))
         found: list[str] = []
@@ -717,7 +719,7 @@ def _lora(view: BlockView) -> str:
             data = proj.inputs[0]
             inner = data.producer() if data is not None else None
             weight = projection_weight(inner) if inner is not None else None
-            shape = tuple(weight.const_value.shape) if weight is not None and weight.const_value is not None else ()
+            shape = tuple(weight.const_value.shape.numpy()) if weight is not None and weight.const_value is not None else ()
             if len(shape) == 2 and min(shape) * 4 <= max(shape) and label not in which:
                 which.append(label)
     return ", ".join(which)
@@ -768,7 +770,7 @@ def _layer(view: BlockView, index: int) -> str:
         prefix = ".".join(common)
         if len(common) >= 2 and any(ch.isdigit() for ch in prefix):
             return prefix
-    caches = sorted({v.name for n in view.nodes if is_cache_concat(n) for v in n.inputs if v is not None and v.is_graph_input()})
+    caches = sorted({name_of(v) for n in view.nodes if is_cache_concat(n) for v in n.inputs if v is not None and v.is_graph_input()})
     if caches:
         return " / ".join(caches)
     return name or f"block {index}"
@@ -859,7 +861,8 @@ def _role(view: BlockView, node: ir.Node) -> str:
     return "other"
 
 
-def _short(name: str, limit: int = 34) -> str:
+def _short(name: str | None, limit: int = 34) -> str:
+    name = name or "?"
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
 
@@ -868,12 +871,12 @@ class _SketchBuilder:
         self.sketch = Sketch(title)
         self._ids: dict[object, str] = {}
 
-    def node(self, key: object, label: str, detail: str, role: str, title: str = "") -> str:
+    def node(self, key: object, label: str, detail: str, role: str, title: str | None = "") -> str:
         if key in self._ids:
             return self._ids[key]
         sid = f"n{len(self._ids)}"
         self._ids[key] = sid
-        self.sketch.nodes.append(SketchNode(sid, label, detail, role, title))  # type: ignore[arg-type]
+        self.sketch.nodes.append(SketchNode(sid, label, detail, role, title or ""))  # type: ignore[arg-type]
         return sid
 
     def edge(self, a: str, b: str) -> None:
@@ -895,7 +898,7 @@ def _weight_detail(node: ir.Node) -> str:
     weight = projection_weight(node)
     if weight is None or weight.const_value is None:
         return ""
-    return f"W {_shape_text(weight.const_value.shape)}"
+    return f"W {_shape_text(weight.const_value.shape.numpy())}"
 
 
 def _mha_sketch(view: BlockView) -> Sketch:
@@ -1054,15 +1057,15 @@ def describe_attention(
     for i, refused in enumerate(plan.refused):
         entries.append((_refused_info(refused, i), None))
     values = _MaskValues(model)
-    for i, view in enumerate(block_views(model, plan)):
+    for i, block in enumerate(block_views(model, plan)):
         try:
-            info = _info(view, i, lowered, values)
+            info = _info(block, i, lowered, values)
         except Exception as e:  # a classifier's bug must not hide the rest of the report
-            logger.exception("describing attention block %s failed", view.report.name)
-            info = AttentionInfo(view.report.name, view.core.softmax.name or "", would_split=view.report.status == "split")
-            info.reason = view.report.reason
+            logger.exception("describing attention block %s failed", block.report.name)
+            info = AttentionInfo(block.report.name, block.core.softmax.name or "", would_split=block.report.status == "split")
+            info.reason = block.report.reason
             info.features.append(f"analysis error: {type(e).__name__}: {e}")
-        entries.append((info, view))
+        entries.append((info, block))
     kinds: dict[tuple, BlockKind] = {}
     for info, view in entries:
         key = _signature(info, view)

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from mha2sha.analyze import AnalyzeOptions, analyze
+from mha2sha.analyze import AnalysisRecord, AnalyzeOptions, analyze
 from mha2sha.commands.options import add_shape_options, shape_roles_from_flags
 from mha2sha.errors import UserError
 from mha2sha.io.save import staging_dir
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def write_analysis(record, out_dir: Path) -> list[Path]:  # type: ignore[no-untyped-def]
+def write_analysis(record: AnalysisRecord, out_dir: Path) -> list[Path]:
     """The report files, written as a set (a failed write leaves the folder as it was)."""
     report = f"{record.name}.report.json"
     files = {

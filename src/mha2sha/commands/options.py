@@ -39,7 +39,8 @@ LEGACY_HINTS = (
 #: Flags of the original tool for conv-based graphs: the HTP layout covers them.
 LEGACY_LAYOUT = ("mha_conv", "nchw_aligned", "replace_linear_with_conv")
 #: Flags of the original tool that later releases implement; until then they are refused clearly.
-LEGACY_LATER = ("build_ar", "lora_adaptor_list")
+#: (``--build-ar N`` is implemented: :mod:`mha2sha.legacy` runs the conversion, then build-ar.)
+LEGACY_LATER = ("lora_adaptor_list",)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
 
@@ -132,7 +133,7 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
     later = [_flag(f) for f in LEGACY_LATER if flags.get(f) not in (None, False)]
     if later:
         raise UserError(
-            f"{', '.join(later)} not supported yet by this release (planned: AR change, LoRA adaptor lists)"
+            f"{', '.join(later)} not supported yet by this release (planned: LoRA adaptor lists)"
         )
     verify = flags.get("verify", _DEFAULTS["verify"])
     if flags.get("no_verify") or flags.get("no_verification"):

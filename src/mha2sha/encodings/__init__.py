@@ -12,6 +12,7 @@ from mha2sha.encodings.formats import (
 )
 from mha2sha.encodings.model import VERSIONS, Encoding, EncodingSet
 from mha2sha.encodings.propagate import CoverageReport, EncodingCoverageError, propagate, slice_encoding
+from mha2sha.encodings.requant import RequantRecord, requantize
 
 __all__ = [
     "VERSIONS",
@@ -25,6 +26,8 @@ __all__ = [
     "load_encodings",
     "parse_encodings",
     "propagate",
+    "RequantRecord",
+    "requantize",
     "resolve_axes",
     "save_encodings",
     "slice_encoding",

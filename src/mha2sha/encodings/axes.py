@@ -12,36 +12,38 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TypeAlias
 
+import onnx
 import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.errors import UserError
-from mha2sha.graph import is_onnx_domain, is_op
+from mha2sha.graph import is_onnx_domain, is_op, static_shape
 from mha2sha.io.names import graphs
 
-__all__ = ["channel_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
+__all__ = ["ModelLike", "channel_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
 
 logger = logging.getLogger(__name__)
 
 AxisPair = tuple[int, int | None]
 
+#: What the functions taking "a model" accept: an onnx_ir model, a proto, or the path of a file.
+ModelLike: TypeAlias = ir.Model | onnx.ModelProto | str | os.PathLike[str]
 
-def as_ir_model(model: Any) -> ir.Model:
+
+def as_ir_model(model: ModelLike) -> ir.Model:
     """Accept an ``onnx_ir.Model``, an ``onnx.ModelProto`` or a path."""
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, (str, os.PathLike)):
         return ir.load(os.fspath(model))
-    import onnx
-
     if isinstance(model, onnx.ModelProto):
         return ir.from_proto(model)
     raise TypeError(f"expected onnx_ir.Model, onnx.ModelProto or a path, got {type(model).__name__}")
 
 
-def initializer_names(model: Any) -> set[str]:
+def initializer_names(model: ModelLike) -> set[str]:
     """Names of every initializer and Constant output (all graphs): AIMET's "parameters" in 2.x."""
     model = as_ir_model(model)
     names: set[str] = set()
@@ -71,13 +73,13 @@ def _consumer_axes(node: ir.Node, index: int, rank: int) -> AxisPair | None:
     return None
 
 
-def channel_axes(model: Any) -> dict[str, AxisPair]:
+def channel_axes(model: ModelLike) -> dict[str, AxisPair]:
     """``{weight name: (channel axis, block axis)}`` for every weight whose consumer fixes it."""
     model = as_ir_model(model)
     out: dict[str, AxisPair] = {}
     for g in graphs(model):
         for name, value in g.initializers.items():
-            shape = value.shape
+            shape: ir.ShapeProtocol | None = value.shape
             if shape is None and value.const_value is not None:
                 shape = value.const_value.shape
             if shape is None:
@@ -102,17 +104,15 @@ def channel_axes(model: Any) -> dict[str, AxisPair]:
     return out
 
 
-def tensor_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(model: ModelLike) -> dict[str, tuple[int, ...]]:
     """Static shapes of every named tensor that has one (initializers, inputs, node outputs)."""
     model = as_ir_model(model)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def add(v: ir.Value) -> None:
-        shape = v.shape
-        if shape is None and v.const_value is not None:
-            shape = v.const_value.shape
-        if v.name and shape is not None and all(isinstance(d, int) for d in shape):
-            shapes[v.name] = tuple(int(d) for d in shape)
+        shape = static_shape(v)  # the value's own shape, else its constant's; only all-int shapes
+        if v.name and shape is not None:
+            shapes[v.name] = shape
 
     for g in graphs(model):
         for v in g.inputs:
@@ -128,7 +128,7 @@ def tensor_shapes(model: Any) -> dict[str, tuple[int, ...]]:
 def resolve_axes(
     es: EncodingSet,
     *,
-    model: Any = None,
+    model: ModelLike | None = None,
     channel_axes: Mapping[str, int | AxisPair] | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:

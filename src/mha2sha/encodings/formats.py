@@ -24,12 +24,15 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mha2sha.encodings.model import VERSIONS, Encoding, EncodingSet, dtype_bits, dtype_is_signed
 from mha2sha.errors import UserError
+
+if TYPE_CHECKING:
+    from mha2sha.encodings.axes import ModelLike
 
 __all__ = [
     "load_encodings",
@@ -298,8 +301,8 @@ def _parse_100(ctx: _Ctx, entry: Any, section: str) -> Encoding:
         if key not in entry:
             raise ctx.fail(where, f"missing {key!r}")
     style["scale_scalar"] = not isinstance(entry["scale"], list)
-    scale = _nums(ctx, where, entry["scale"], "scale").ravel()
-    offset = _nums(ctx, where, entry["offset"], "offset").ravel()
+    scale: np.ndarray = _nums(ctx, where, entry["scale"], "scale").ravel()
+    offset: np.ndarray = _nums(ctx, where, entry["offset"], "offset").ravel()
     style["int_offset"] = _all_ints(entry["offset"])
     if "zero_point_shift" in entry:
         shift = _nums(ctx, where, entry["zero_point_shift"], "zero_point_shift").ravel()
@@ -858,7 +861,7 @@ def convert_encodings(
     es: EncodingSet,
     version: str,
     *,
-    model: Any = None,
+    model: ModelLike | None = None,
     channel_axes: Mapping[str, int] | None = None,
 ) -> EncodingSet:
     """A copy of ``es`` as ``version``, with axes resolved from ``model`` / ``channel_axes``.
@@ -887,7 +890,7 @@ def convert_encodings(
     return new
 
 
-def load_encodings(path: str | os.PathLike[str], *, model: Any = None) -> EncodingSet:
+def load_encodings(path: str | os.PathLike[str], *, model: ModelLike | None = None) -> EncodingSet:
     """Read an AIMET encodings file. With ``model`` (onnx_ir.Model), 2.x entries are classified
     by the model's initializers and channel axes are resolved for 0.6.1/1.0.0."""
     path = os.fspath(path)
@@ -940,7 +943,7 @@ def save_encodings(
     path: str | os.PathLike[str],
     version: str | None = None,
     *,
-    model: Any = None,
+    model: ModelLike | None = None,
     channel_axes: Mapping[str, int] | None = None,
 ) -> None:
     """Write ``es`` to ``path`` atomically (temp file + ``os.replace``), as ``version`` or its own."""

@@ -149,7 +149,8 @@ class Encoding:
         """ONNX zero point for ``dtype`` (default :meth:`qdtype`), from the unsigned-grid offset."""
         dtype = dtype or self.qdtype()
         if self.enc_type == "LPBQ":
-            return np.zeros(self.per_block_int_scale.shape, np.int64)  # type: ignore[union-attr]
+            assert self.per_block_int_scale is not None
+            return np.zeros(self.per_block_int_scale.shape, np.int64)
         bits = dtype_bits(dtype)
         assert bits is not None
         zp = -self.offset

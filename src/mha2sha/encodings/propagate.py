@@ -10,6 +10,11 @@ Rules (DESIGN.md section 3), applied to every tensor in the :class:`SplitRecord`
   each head) leaves every output channel in the piece, so the encoding is copied whole;
 - encodings of tensors that survive unchanged are kept; encodings naming a tensor that no longer
   exists in the output model are dropped and listed, so every written encoding names a real tensor;
+- a per-head tensor standing for several originals with different encodings (a packed-QKV Slice
+  output and the projection output it cuts) has been given one requantisation node per extra
+  encoding by :func:`mha2sha.encodings.requant.requantize` before this runs; the originals'
+  encodings land on those nodes (``requantized`` in the report). Without that step the first
+  encoding is kept and the conflict is reported;
 - a head join (the ``Concat`` of all pieces of one split tensor, e.g. before ``o_proj``) without an
   encoding of its own takes the encoding its pieces are data-movement copies of, when all pieces
   agree: the MHA file may not encode the Transpose/Reshape the join replaces (ORT propagates the
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mha2sha.encodings.axes import AxisPair, as_ir_model, channel_axes, tensor_shapes
+from mha2sha.encodings.axes import AxisPair, ModelLike, as_ir_model, channel_axes, tensor_shapes
 from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation
 from mha2sha.errors import UserError
 from mha2sha.graph import is_op
@@ -58,12 +63,18 @@ class CoverageReport:
     kept: list[str] = dataclasses.field(default_factory=list)
     folded: dict[str, str] = dataclasses.field(default_factory=dict)  # vanished data movement -> source
     joined: dict[str, str] = dataclasses.field(default_factory=dict)  # head-join Concat -> its pieces' source
+    # per-head tensor of a requantisation node (encodings.requant) -> the original whose encoding it carries
+    requantized: dict[str, str] = dataclasses.field(default_factory=dict)
+    # per-head tensor standing for originals with different encodings, only one of which it carries
+    # (requantisation not applied): the quantized SHA model then differs from the MHA one
+    conflicts: dict[str, str] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No gap: every quantized MHA tensor has all its per-head tensors encoded, nothing dropped."""
-        return not self.missing and not self.dropped
+        """No gap: every quantized MHA tensor has all its per-head tensors encoded, nothing dropped,
+        no per-head tensor short of a requantisation its originals call for."""
+        return not self.missing and not self.dropped and not self.conflicts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +89,8 @@ class CoverageReport:
                 "kept": len(self.kept),
                 "folded": len(self.folded),
                 "joined": len(self.joined),
+                "requantized": len(self.requantized),
+                "conflicts": len(self.conflicts),
             },
             "mha_encoded": list(self.mha_encoded),
             "sha_encoded": list(self.sha_encoded),
@@ -88,6 +101,8 @@ class CoverageReport:
             "kept": list(self.kept),
             "folded": dict(self.folded),
             "joined": dict(self.joined),
+            "requantized": dict(self.requantized),
+            "conflicts": dict(self.conflicts),
             "warnings": list(self.warnings),
         }
 
@@ -190,30 +205,32 @@ def _encode_joins(
         out = node.outputs[0]
         if not out.name or out.name in result:
             continue
-        originals = {owner.get(v.name) if v is not None else None for v in node.inputs}
-        if len(originals) != 1 or None in originals:
+        originals = {owner.get(v.name) if v is not None and v.name is not None else None for v in node.inputs}
+        if len(originals) != 1:
             continue
         (original,) = originals
-        if len(node.inputs) != len(record.tensors[original].pieces):  # type: ignore[index]
+        if original is None:
             continue
-        sources = [copied_activation(v, result) for v in node.inputs]
-        if None in sources:
+        if len(node.inputs) != len(record.tensors[original].pieces):
             continue
-        encs = [result.activations[s] for s in sources]  # type: ignore[index]
+        sources = [s for v in node.inputs if (s := copied_activation(v, result)) is not None]
+        if len(sources) != len(node.inputs):
+            continue
+        encs = [result.activations[s] for s in sources]
         if not all(e.same_numbers(encs[0]) for e in encs[1:]):
             report.warnings.append(f"{out.name}: the joined heads carry different encodings; left unencoded")
             continue
         result.activations[out.name] = encs[0].renamed(out.name)
         new_order.append(out.name)
-        report.joined[out.name] = sources[0]  # type: ignore[assignment]
+        report.joined[out.name] = sources[0]
 
 
 def propagate(
     encodings: EncodingSet,
     record: SplitRecord,
-    model: Any,
+    model: ModelLike,
     *,
-    original: Any = None,
+    original: ModelLike | None = None,
     channel_axes_map: Mapping[str, int | AxisPair] | None = None,
     strict: bool = False,
     original_names: set[str] | None = None,
@@ -245,6 +262,12 @@ def propagate(
     report = CoverageReport()
     result = EncodingSet(version=src.version, extra=src.extra, style=src.style)
     new_order: list[str] = []
+
+    def encoded(name: str) -> Encoding:
+        """The encoding ``src`` has for ``name`` (folded sources and copies are checked to have one)."""
+        enc = src.get(name)
+        assert enc is not None
+        return enc
 
     def resolve(enc: Encoding, split: TensorSplit) -> None:
         """Fill the axes of a per-channel/blocked encoding of a split weight."""
@@ -289,6 +312,18 @@ def propagate(
             report.unknown.append(name)
             report.warnings.append(f"encoding {name} names no tensor of the original model")
         split = record.tensors.get(name)
+        requantized = [n for n in record.requantized.get(name, []) if n in out_names]
+        if kind == "activation" and requantized:
+            # per-head requantisation nodes of this original (encodings.requant): its encoding is theirs
+            for new_name in requantized:
+                report.requantized[new_name] = name
+                if split is None and new_name not in result:
+                    target[new_name] = enc.renamed(new_name)
+                    new_order.append(new_name)
+                    report.sha_encoded.append(new_name)
+            if split is None:
+                report.mha_encoded.append(name)
+                continue
         if split is None:
             if name in out_names:
                 target[name] = enc
@@ -297,9 +332,9 @@ def propagate(
             else:
                 source = _folded_source(name, record, src)
                 copies = [c for c in record.copied_by.get(name, []) if src.get(c) is not None]
-                if source is not None and enc.same_numbers(src.get(source)):
+                if source is not None and enc.same_numbers(encoded(source)):
                     report.folded[name] = source
-                elif source is None and copies and all(enc.same_numbers(src.get(c)) for c in copies):
+                elif source is None and copies and all(enc.same_numbers(encoded(c)) for c in copies):
                     report.folded[name] = copies[0]  # e.g. a packed-QKV Split output, read by a Reshape
                 elif source is not None:
                     report.dropped[name] = f"removed data movement of {source} had a different encoding"
@@ -328,6 +363,7 @@ def propagate(
                 # One per-head tensor can stand for several originals (a reshape that is the identity
                 # per head); equal encodings agree, different ones are a real conflict.
                 if not sliced.same_numbers(result.get(piece.name) or target[piece.name]):
+                    report.conflicts[piece.name] = f"also stands for {name}, whose encoding differs"
                     report.warnings.append(
                         f"{piece.name} receives different encodings from two originals; first kept"
                     )
@@ -345,10 +381,11 @@ def propagate(
     for w in report.warnings:
         logger.warning("%s", w)
     if strict and not report.ok:
-        first = [*report.missing.items(), *report.dropped.items()][:3]
+        first = [*report.missing.items(), *report.dropped.items(), *report.conflicts.items()][:3]
         detail = "; ".join(f"{n}: {r}" for n, r in first)
         raise EncodingCoverageError(
             f"encodings coverage: {len(report.missing)} per-head tensors missing an encoding, "
-            f"{len(report.dropped)} encodings dropped ({detail})"
+            f"{len(report.dropped)} encodings dropped, {len(report.conflicts)} per-head tensors "
+            f"with conflicting encodings ({detail})"
         )
     return result, report

@@ -63,6 +63,5 @@ def remap_encodings(encodings: EncodingSet, record: LayoutRecord, model: ir.Mode
             logger.info("encoding of %s dropped: %s", name, record.fused.get(name, "tensor gone"))
             del out.activations[name]
     if out.order is not None:
-        seen: set[str] = set()
-        out.order = [n for n in out.order if n in out and not (n in seen or seen.add(n))]
+        out.order = list(dict.fromkeys(n for n in out.order if n in out))  # first occurrences, in order
     return out

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.graph import name_of
 
 __all__ = [
     "load_model",
@@ -213,7 +214,7 @@ def check_external_data_unchanged(model: ir.Model) -> None:
 
 def fix_input_shapes(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Apply ``--input-shape name=1,128`` overrides to the graph inputs."""
-    inputs = {v.name: v for v in model.graph.inputs}
+    inputs = {name_of(v): v for v in model.graph.inputs}
     for name, dims in shapes.items():
         if name not in inputs:
             raise UserError(

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass, ShapeInferencePass
 
-from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain, static_shape
+from mha2sha.graph import NONDETERMINISTIC_OPS, is_onnx_domain, name_of, static_shape
 
 __all__ = ["FoldSmallConstantsPass", "infer_shapes", "prepare_for_split", "remove_unused_initializers"]
 
@@ -44,9 +44,11 @@ def _evaluate(node: ir.Node) -> list[np.ndarray] | None:
     outputs = [f"out{i}" for i in range(len(node.outputs))]
     proto_node = onnx.helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
     proto_node.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
-    feeds = {
-        name: v.const_value.numpy() for name, v in zip(inputs, node.inputs, strict=True) if v is not None
-    }  # type: ignore[union-attr]
+    feeds: dict[str, np.ndarray] = {}
+    for name, v in zip(inputs, node.inputs, strict=True):
+        if v is not None:
+            assert v.const_value is not None  # folded only when every input is a small constant
+            feeds[name] = v.const_value.numpy()
     try:
         opset = 21 if node.version is None else node.version
         graph = onnx.helper.make_graph(
@@ -113,9 +115,9 @@ def _small_outputs(node: ir.Node) -> bool:
 
 def _fold_shape(node: ir.Node) -> list[np.ndarray] | None:
     shape = node.inputs[0].shape if node.inputs[0] is not None else None
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    if shape is None or not shape.is_static():
         return None
-    dims = [int(d) for d in shape]
+    dims = list(shape.numpy())
     start = node.attributes["start"].as_int() if "start" in node.attributes else 0
     end = node.attributes["end"].as_int() if "end" in node.attributes else len(dims)
     return [np.asarray(dims[slice(start, end)], dtype=np.int64)]
@@ -128,7 +130,7 @@ def _detach_into_initializers(graph: ir.Graph, node: ir.Node) -> None:
     for out in outputs:
         if out.uses() or out.is_graph_output():
             replacement = ir.Value(name=out.name, shape=out.shape, type=out.type, const_value=out.const_value)
-            out.name = out.name + ".folded"
+            out.name = name_of(out) + ".folded"
             out.replace_all_uses_with(replacement, replace_graph_outputs=True)
             graph.register_initializer(replacement)
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -146,12 +147,16 @@ def _drop_pages(source: mmap.mmap | None) -> None:
 
 def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
     """The read-only file mapping ``array`` is a view of, if any (dropping its pages is safe)."""
-    base = array
+    base: object = array
     while base is not None:
         if isinstance(base, mmap.mmap):
             return base if hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED") else None
         base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
     return None
+
+
+def _returning(tensor: ir.TensorProtocol) -> Callable[[], ir.TensorProtocol]:
+    return lambda: tensor
 
 
 @contextlib.contextmanager
@@ -164,13 +169,15 @@ def _written_by_python(model: ir.Model) -> Iterator[None]:
             if tensor is None or isinstance(tensor, ir.ExternalTensor):
                 continue
             swapped.append((value, tensor))
+            # LazyTensor is annotated with onnx_ir's concrete Shape and dict; it only stores them,
+            # and the protocol's ShapeProtocol / MutableMapping are what every tensor has.
             value.const_value = _PythonWrite(
-                lambda tensor=tensor: tensor,
+                _returning(tensor),
                 tensor.dtype,
-                tensor.shape,
+                cast(ir.Shape, tensor.shape),
                 name=tensor.name,
                 doc_string=tensor.doc_string,
-                metadata_props=tensor.metadata_props,
+                metadata_props=cast("dict[str, str]", tensor.metadata_props),
             )
     try:
         yield

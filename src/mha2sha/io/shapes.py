@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
 
 from mha2sha.errors import UserError
+from mha2sha.graph import name_of
 
 __all__ = ["ShapeRoles", "ShapeSuggestion", "check_shapes", "resolve_input_shapes", "suggest_input_shapes"]
 
@@ -128,7 +129,7 @@ def _dynamic_inputs(model: ir.Model) -> list[ir.Value]:
 def _fmt(shape: ir.Shape | None) -> str:
     if shape is None:
         return "[?]"
-    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"  # type: ignore[union-attr]
+    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def resolve_input_shapes(
@@ -140,8 +141,9 @@ def resolve_input_shapes(
     resolved = dict(explicit)
     named: dict[str, int] = {}
     for value in model.graph.inputs:  # explicit shapes fix the size of their named dims everywhere
-        if value.name in explicit and value.shape is not None and len(value.shape) == len(explicit[value.name]):
-            for dim, size in zip(value.shape, explicit[value.name], strict=True):
+        given = explicit.get(name_of(value))
+        if given is not None and value.shape is not None and len(value.shape) == len(given):
+            for dim, size in zip(value.shape, given, strict=True):
                 if isinstance(dim, ir.SymbolicDim) and dim.value:
                     named.setdefault(dim.value, size)
     missing: list[ir.Value] = []
@@ -155,7 +157,7 @@ def resolve_input_shapes(
         if any(d is None for d in dims):
             missing.append(value)
             continue
-        resolved[value.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+        resolved[name_of(value)] = tuple(d for d in dims if d is not None)
     if missing:
         raise UserError(_missing_message(model, missing, explicit, roles))
     return resolved
@@ -214,8 +216,8 @@ def suggest_input_shapes(
                     unknown.append(f"{value.name}[{axis}] {getattr(dim, 'value', None) or '?'}")
             if value.shape is None:
                 unknown.append(f"{value.name} (no shape declared)")
-        shapes[value.name] = tuple(d if d is not None else 1 for d in dims) if value.shape is not None else (1,)
-    listing = [(v.name, _fmt(v.shape)) for v in dynamic]
+        shapes[name_of(value)] = tuple(d if d is not None else 1 for d in dims) if value.shape is not None else (1,)
+    listing = [(name_of(v), _fmt(v.shape)) for v in dynamic]
     return ShapeSuggestion(listing, flags, shapes, unknown)
 
 

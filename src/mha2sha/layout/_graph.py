@@ -66,8 +66,9 @@ class Editor:
         key = tuple(int(v) for v in values)
         if key in self._i64 and self._i64[key].graph is self.graph:
             return self._i64[key]
-        value = ir.Value(name=self.unique(name), const_value=ir.tensor(np.asarray(key, dtype=np.int64)))
-        value.const_value.name = value.name  # type: ignore[union-attr]
+        tensor = ir.tensor(np.asarray(key, dtype=np.int64))
+        value = ir.Value(name=self.unique(name), const_value=tensor)
+        tensor.name = value.name
         value.shape = ir.Shape([len(key)])
         value.type = ir.TensorType(ir.DataType.INT64)
         value.meta[GENERATED] = True
@@ -98,7 +99,7 @@ class Editor:
         keeper.meta[GENERATED] = is_generated(donor)
         donor.meta[GENERATED] = True
         if keeper.const_value is not None:
-            keeper.const_value.name = name  # type: ignore[misc]
+            keeper.const_value.name = name
 
 
 def can_rename(value: ir.Value) -> bool:

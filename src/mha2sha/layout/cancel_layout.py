@@ -25,11 +25,12 @@ values; a surviving tensor created by a layout pass takes the vanished original'
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.graph import ELEMENTWISE_OPS, is_op, static_shape
+from mha2sha.graph import ELEMENTWISE_OPS, is_op, name_of, static_shape
 from mha2sha.layout._graph import GENERATED, Editor, can_rename, is_generated, layout_step
 from mha2sha.layout.algebra import Step, compose
 from mha2sha.layout.record import LayoutRecord
@@ -67,10 +68,18 @@ def _scalar_const(value: ir.Value, max_rank: int) -> bool:
 class CancelLayoutPass(ir.passes.InPlacePass):
     """Remove identity layout chains, merge duplicates, sink layout ops through elementwise ops."""
 
-    def __init__(self, record: LayoutRecord | None = None, *, sink: bool = True):
+    def __init__(self, record: LayoutRecord | None = None, *, sink: bool = True, keep: Collection[str] = ()):
         super().__init__()
         self.record = record if record is not None else LayoutRecord()
         self.sink = sink
+        # outputs of layout ops that are not data movement to cancel (per-head requantisation
+        # Identities: their output carries an encoding of its own)
+        self.keep = frozenset(keep)
+
+    def _step(self, node: ir.Node) -> Step | None:
+        if any(o.name in self.keep for o in node.outputs):
+            return None
+        return layout_step(node)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -115,7 +124,7 @@ class CancelLayoutPass(ir.passes.InPlacePass):
         seen: dict[tuple[int, Step], ir.Node] = {}
         changed = False
         for node in list(graph):
-            step = layout_step(node)
+            step = self._step(node)
             if step is None or node.outputs[0].is_graph_output():
                 continue
             key = (id(node.inputs[0]), step)
@@ -132,13 +141,15 @@ class CancelLayoutPass(ir.passes.InPlacePass):
 
     # -- rule 2 -------------------------------------------------------------------------------
     def _collapse(self, graph: ir.Graph, node: ir.Node) -> bool:
-        step = layout_step(node)
+        step = self._step(node)
         if step is None or not (node.outputs[0].uses() or node.outputs[0].is_graph_output()):
             return False
         chain: list[tuple[ir.Node, Step]] = [(node, step)]
         while len(chain) < _MAX_CHAIN:
-            producer = chain[0][0].inputs[0].producer()  # type: ignore[union-attr]
-            if producer is None or (pstep := layout_step(producer)) is None:
+            data = chain[0][0].inputs[0]
+            assert data is not None  # a layout op's data input is required
+            producer = data.producer()
+            if producer is None or (pstep := self._step(producer)) is None:
                 break
             chain.insert(0, (producer, pstep))
         end = node.outputs[0]
@@ -147,7 +158,9 @@ class CancelLayoutPass(ir.passes.InPlacePass):
             root = sub[0][0].inputs[0]
             assert root is not None
             src = static_shape(root)
-            comp = compose(src, [s for _, s in sub]) if src is not None else None
+            if src is None:
+                continue
+            comp = compose(src, [s for _, s in sub])
             if comp is None:
                 continue
             if comp.kind == "identity":
@@ -193,7 +206,7 @@ class CancelLayoutPass(ir.passes.InPlacePass):
 
     # -- rule 3 -------------------------------------------------------------------------------
     def _sink(self, graph: ir.Graph, node: ir.Node) -> bool:
-        step = layout_step(node)
+        step = self._step(node)
         if step is None or node.op_type == "Identity":
             return False
         src_shape = static_shape(node.inputs[0])
@@ -204,7 +217,7 @@ class CancelLayoutPass(ir.passes.InPlacePass):
 
         def same_layout(value: ir.Value) -> ir.Node | None:
             producer = value.producer()
-            if producer is None or layout_step(producer) != step:
+            if producer is None or self._step(producer) != step:
                 return None
             return producer if static_shape(producer.inputs[0]) == src_shape else None
 
@@ -260,7 +273,9 @@ class CancelLayoutPass(ir.passes.InPlacePass):
                     cand.replace_input_with(i, entering[id(v)].inputs[0])
             cand.outputs[0].shape = ir.Shape(list(src_shape))
         for p in removed:
-            self._same(p.outputs[0], p.inputs[0])  # type: ignore[arg-type]
+            source = p.inputs[0]
+            assert source is not None  # entering nodes have an input of shape src_shape
+            self._same(p.outputs[0], source)
         for value in leaving:
             self._relayout(graph, value, step, dst_shape, region_ids)
         return True
@@ -297,7 +312,7 @@ class CancelLayoutPass(ir.passes.InPlacePass):
             out.meta[GENERATED] = False
             self.record.aliases[value.name] = self.record.origin(name)
         else:
-            self.record.aliases[out.name] = self.record.origin(value.name)  # type: ignore[index]
+            self.record.aliases[name_of(out)] = self.record.origin(value.name)
 
     # -- names --------------------------------------------------------------------------------
     def _survivor(self, value: ir.Value, graph: ir.Graph) -> ir.Value | None:

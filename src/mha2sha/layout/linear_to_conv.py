@@ -34,7 +34,7 @@ from collections.abc import Collection
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.graph import is_op, static_shape
+from mha2sha.graph import is_op, name_of, static_shape
 from mha2sha.layout._graph import GENERATED, Editor
 from mha2sha.layout.algebra import Step
 from mha2sha.layout.record import LayoutRecord, Skipped, WeightRemap
@@ -199,7 +199,7 @@ class LinearToConvPass(ir.passes.InPlacePass):
         if not is_op(add, "Add") or len(add.inputs) != 2:
             return None, None
         other = add.inputs[1 - index]
-        if not _channel_bias(other, out_features, rank) or other.dtype != mm_out.dtype:
+        if other is None or not _channel_bias(other, out_features, rank) or other.dtype != mm_out.dtype:
             return None, None
         if static_shape(add.outputs[0]) != static_shape(mm_out):
             return None, None
@@ -301,7 +301,7 @@ class LinearToConvPass(ir.passes.InPlacePass):
         ]
         graph.insert_before(plan.node, nodes)
         for v in (r, t):
-            self.record.aliases[v.name] = self.record.origin(x.name)  # type: ignore[index]
+            self.record.aliases[name_of(v)] = self.record.origin(x.name)
         memo[id(x)] = t
         return t
 
@@ -317,7 +317,9 @@ class LinearToConvPass(ir.passes.InPlacePass):
         out_shape = static_shape(out)
         assert out_shape is not None and out.name is not None
         xb = self._input_bd1l(graph, editor, plan, inputs)
-        b, _, _, s = static_shape(xb)  # type: ignore[misc]
+        xb_shape = static_shape(xb)
+        assert xb_shape is not None  # made by Editor.value with a static shape
+        b, _, _, s = xb_shape
         _, conv_w = weights[(id(plan.weight), plan.transposed)]
         bias = self._bias_value(graph, editor, plan)
         base = node.name or out.name
@@ -349,5 +351,5 @@ class LinearToConvPass(ir.passes.InPlacePass):
         final.name = original_name
         origin = self.record.origin(original_name)
         for v in (conv_out, back):
-            self.record.aliases[v.name] = origin  # type: ignore[index]
+            self.record.aliases[name_of(v)] = origin
         self.record.conv.append(node.name or original_name)  # the old nodes are dead now

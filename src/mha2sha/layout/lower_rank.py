@@ -100,8 +100,8 @@ class LowerRankPass(ir.passes.InPlacePass):
                 i is not None
                 and not i.is_graph_input()
                 and not i.is_graph_output()
-                and static_shape(i) is not None
-                and self._readers_accept(i, static_shape(i), axes, via=node)  # type: ignore[arg-type]
+                and (i_shape := static_shape(i)) is not None
+                and self._readers_accept(i, i_shape, axes, via=node)
                 and self._producible(i, axes)
                 for i in node.inputs
             )
@@ -119,8 +119,8 @@ class LowerRankPass(ir.passes.InPlacePass):
         else:  # Concat
             axis = attr_int(node, "axis", 0) % len(shape)
             for i in node.inputs:
-                if static_shape(i) is not None and len(static_shape(i)) == len(shape):  # type: ignore[arg-type]
-                    self._squeeze(i, axes, edit)  # type: ignore[arg-type]
+                if i is not None and (i_shape := static_shape(i)) is not None and len(i_shape) == len(shape):
+                    self._squeeze(i, axes, edit)
             node.attributes["axis"] = ir.AttrInt64("axis", axis - sum(1 for a in axes if a < axis))
         self._squeeze_readers(value, shape, axes, edit)
 
@@ -211,6 +211,7 @@ class LowerRankPass(ir.passes.InPlacePass):
         dshape = static_shape(data)
         if index is None or dshape is None or index.ndim <= MAX_RANK or attr_int(node, "batch_dims", 0) != 0:
             return False
+        assert data is not None and indices is not None  # they have a shape and a constant
         depth = index.shape[-1]
         lead = dshape[:depth]
         index = np.where(index < 0, index + np.asarray(lead), index)  # negative indices count from the end
@@ -218,9 +219,10 @@ class LowerRankPass(ir.passes.InPlacePass):
         if linear.ndim > MAX_RANK:
             return False
         flat_shape = (int(np.prod(lead)), *dshape[depth:])
-        flat = edit.value(f"{data.name}.flat", flat_shape, data)  # type: ignore[union-attr]
-        table = ir.Value(name=edit.unique(f"{indices.name}.linear"), const_value=ir.tensor(linear))  # type: ignore[union-attr]
-        table.const_value.name = table.name  # type: ignore[union-attr]
+        flat = edit.value(f"{data.name}.flat", flat_shape, data)
+        table_tensor = ir.tensor(linear)
+        table = ir.Value(name=edit.unique(f"{indices.name}.linear"), const_value=table_tensor)
+        table_tensor.name = table.name
         table.shape, table.type = ir.Shape(list(linear.shape)), ir.TensorType(ir.DataType.INT64)
         edit.graph.register_initializer(table)
         gather = ir.Node("", "Gather", [flat, table], [ir.AttrInt64("axis", 0)], name=node.name)
@@ -235,5 +237,5 @@ class LowerRankPass(ir.passes.InPlacePass):
         name = out.name
         edit.graph.remove(node, safe=True)
         new_out.name = name
-        self.record.rank_lowered.append(indices.name or "")  # type: ignore[union-attr]
+        self.record.rank_lowered.append(indices.name or "")
         return True

@@ -54,7 +54,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.graph import attr_int, is_op, static_shape
+from mha2sha.graph import attr_int, is_op, name_of, static_shape
 from mha2sha.layout._graph import GENERATED, Editor
 from mha2sha.layout.record import LayoutRecord, Skipped
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
@@ -103,7 +103,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         RemoveUnusedNodesPass()(model)
         for w in weights:
             if w is not None and graph.initializers.get(w.name or "") is w and not w.uses():
-                del graph.initializers[w.name]  # type: ignore[arg-type]
+                del graph.initializers[name_of(w)]
         TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=True)
 
@@ -124,8 +124,12 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
             if len(uses) != 1 or value.is_graph_output():
                 return None
             user, index = uses[0]
-            if user.op_type == "Reshape" and index == 0 and static_shape(user.outputs[0]) is not None:
-                if static_shape(user.outputs[0])[-1] != shape[-1]:  # type: ignore[index]
+            if (
+                user.op_type == "Reshape"
+                and index == 0
+                and (r_shape := static_shape(user.outputs[0])) is not None
+            ):
+                if r_shape[-1] != shape[-1]:
                     return None
                 reshapes.append(user)
                 value = user.outputs[0]
@@ -155,14 +159,20 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         out_shape = static_shape(out)
         assert out_shape is not None and out.name is not None
         split = TensorSplit(w.name, "param", tuple(static_shape(w) or ()), [])
+        w_static = static_shape(w)
+        assert w_static is not None  # _plan: a constant [in, out] matrix
         partials: list[ir.Value] = []
         offset = 0
         for h, piece in enumerate(concat.inputs):
             assert piece is not None
-            width = static_shape(piece)[-1]  # type: ignore[index]
+            piece_shape = static_shape(piece)
+            assert piece_shape is not None  # _plan: every Concat input has a static shape
+            width = piece_shape[-1]
             current = piece
             for reshape in plan.reshapes:
-                target = list(static_shape(reshape.outputs[0]))  # type: ignore[arg-type]
+                reshape_shape = static_shape(reshape.outputs[0])
+                assert reshape_shape is not None  # _plan: only statically shaped Reshapes
+                target = list(reshape_shape)
                 target[-1] = width
                 reshaped = editor.value(f"{reshape.outputs[0].name}.h{h}", target, current)
                 shape_const = editor.const_i64(target, f"{reshaped.name}.shape")
@@ -179,14 +189,14 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
                 current = reshaped
             index = [slice(None), slice(None)]
             index[in_axis] = slice(offset, offset + width)
-            w_shape = list(static_shape(w))  # type: ignore[arg-type]
+            w_shape = list(w_static)
             w_shape[in_axis] = width
             w_h = ir.Value(name=editor.unique(f"{w.name}.h{h}"), shape=ir.Shape(w_shape), type=w.type)
             w_h.const_value = ir.LazyTensor(
                 _RowSlice(w.const_value, tuple(index)), w.const_value.dtype, ir.Shape(w_shape), name=w_h.name
             )
             graph.register_initializer(w_h)
-            split.pieces.append(Piece(w_h.name, ((in_axis, offset, offset + width),), (h,)))  # type: ignore[arg-type]
+            split.pieces.append(Piece(name_of(w_h), ((in_axis, offset, offset + width),), (h,)))
             offset += width
             inputs: list[ir.Value | None] = [current, w_h]
             attrs = [a for a in proj.attributes.values() if a.name != "beta"]
@@ -214,7 +224,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
         out.name = editor.unique(name + ".concat_proj")
         total.name = name
         total.meta[GENERATED] = bool(out.meta.get(GENERATED))
-        self.record.new_activations.extend(p.name for p in partials if p is not total)  # type: ignore[misc]
+        self.record.new_activations.extend(name_of(p) for p in partials if p is not total)
         if self.split_record is not None:
             self.split_record.tensors.setdefault(w.name, split)
         self.record.o_proj.append(proj.name or name)
@@ -242,11 +252,11 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
                         name=editor.unique(f"{proj.name or 'o_proj'}.sum{k}"),
                     ),
                 )
-                self.record.new_activations.append(total.name)  # type: ignore[arg-type]
+                self.record.new_activations.append(name_of(total))
                 k += 1
                 nxt.append(total)
             if len(level) % 2:
                 nxt.append(level[-1])
             level = nxt
-        self.record.new_activations.remove(level[0].name)  # type: ignore[arg-type]
+        self.record.new_activations.remove(name_of(level[0]))
         return level[0]

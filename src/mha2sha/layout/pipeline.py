@@ -48,11 +48,14 @@ def apply_htp_layout(
     linear_to_conv: bool = True,
     cancel: bool = True,
     quantized: Collection[str] = (),
+    keep: Collection[str] = (),
 ) -> LayoutRecord:
     """Run the HTP layout passes on ``model`` in place (static shapes required; see module docstring).
 
     ``quantized`` names the tensors that carry an encoding (a quantized MatMul output keeps its
-    separate bias Add). Everything the passes did is in the returned record.
+    separate bias Add). ``keep`` names tensors whose producing layout op must stay although it is
+    the identity (per-head requantisation nodes, :mod:`mha2sha.encodings.requant`). Everything the
+    passes did is in the returned record.
     """
     record = record if record is not None else LayoutRecord()
     passes: list[ir.passes.PassBase] = []
@@ -60,7 +63,7 @@ def apply_htp_layout(
         passes.append(LinearToConvPass(record, quantized=quantized))
     passes.append(LowerRankPass(record))
     if cancel:
-        passes.append(CancelLayoutPass(record))
+        passes.append(CancelLayoutPass(record, keep=keep))
     ir.passes.PassManager(passes)(model)
     present = {v.name for n in model.graph for v in n.outputs}
     record.new_activations = [n for n in record.new_activations if n in present]

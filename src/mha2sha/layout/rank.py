@@ -30,7 +30,7 @@ class HighRankTensor:
 
 
 def _shape(value: ir.Value) -> tuple[int | str | None, ...] | None:
-    shape = value.shape
+    shape: ir.ShapeProtocol | None = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
     if shape is None:

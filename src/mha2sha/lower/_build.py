@@ -9,7 +9,7 @@ constants and scalars become initializers so every later rule sees one kind of c
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -20,37 +20,15 @@ __all__ = [
     "Builder",
     "Context",
     "Refused",
-    "attr_float",
-    "attr_int",
-    "attr_ints",
     "dims",
+    "static_dims",
     "input_at",
-    "is_onnx",
     "used",
 ]
 
 
 class Refused(Exception):
     """The node cannot be lowered exactly; the message is the reason shown to the user."""
-
-
-def is_onnx(domain: str) -> bool:
-    return domain in ("", "ai.onnx")
-
-
-def attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
-
-
-def attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.as_float())
-
-
-def attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(x) for x in attr.as_ints()]
 
 
 def input_at(node: ir.Node, index: int) -> ir.Value | None:
@@ -70,12 +48,20 @@ def dims(value: ir.Value | None) -> list[int | None] | None:
     """The shape as a list (None for a symbolic or unknown dim), or None when the rank is unknown."""
     if value is None:
         return None
-    shape = value.shape
+    shape: ir.Shape | ir.ShapeProtocol | None = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
     if shape is None:
         return None
     return [int(d) if isinstance(d, int) else None for d in shape]
+
+
+def static_dims(value: ir.Value | None) -> list[int] | None:
+    """The shape as ints, or None when the rank or any dim is unknown."""
+    shape = dims(value)
+    if shape is None or any(d is None for d in shape):
+        return None
+    return [d for d in shape if d is not None]
 
 
 class Context:
@@ -156,9 +142,7 @@ class Builder:
         **attributes: object,
     ) -> ir.Value:
         """One node named ``{prefix}/{label}`` with one output named the same; returns the output."""
-        return self.op_multi(
-            op_type, inputs, label, outputs=outputs, domain=domain, dtype=dtype, **attributes
-        )[0]
+        return self.op_multi(op_type, inputs, label, outputs=outputs, domain=domain, dtype=dtype, attrs=attributes)[0]
 
     def op_multi(
         self,
@@ -170,8 +154,12 @@ class Builder:
         domain: str = "",
         dtype: ir.DataType | None = None,
         labels: Sequence[str] | None = None,
+        attrs: Mapping[str, object] | None = None,
         **attributes: object,
     ) -> list[ir.Value]:
+        """Like :meth:`op`, for several outputs (named by ``labels``); attributes as keywords or
+        ``attrs``."""
+        attributes = {**(attrs or {}), **attributes}
         base = f"{self.prefix}/{label}"
         out_labels = labels or ([base] if outputs == 1 else [f"{base}_{i}" for i in range(outputs)])
         outs = [
@@ -180,8 +168,10 @@ class Builder:
         if dtype is not None:
             for out in outs:
                 out.type = ir.TensorType(dtype)
-        attrs = ir.convenience.convert_attributes({k: v for k, v in attributes.items() if v is not None})
-        node = ir.Node(domain, op_type, list(inputs), attrs, outputs=outs, name=self.ctx.node(base))
+        converted = ir.convenience.convert_attributes(
+            {k: v for k, v in attributes.items() if v is not None}  # type: ignore[misc]
+        )
+        node = ir.Node(domain, op_type, list(inputs), converted, outputs=outs, name=self.ctx.node(base))
         self.nodes.append(node)
         self.ctx.infer(node)  # later steps of the lowering read these shapes
         return outs

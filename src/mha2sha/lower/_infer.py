@@ -114,7 +114,8 @@ class Inference:
             source = node.inputs[0]
             if source is None or not _static(source):
                 return
-            shape = [int(d) for d in source.shape]  # type: ignore[union-attr]
+            assert source.shape is not None  # _static
+            shape = list(source.shape.numpy())
             start = node.attributes["start"].as_int() if "start" in node.attributes else 0
             end = node.attributes["end"].as_int() if "end" in node.attributes else len(shape)
             self._data[id(out)] = np.asarray(shape[slice(start, end)], dtype=np.int64)
@@ -145,7 +146,7 @@ class Inference:
         opset = max(node.version or self.opset, 13)
         try:
             model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-            return np.asarray(ReferenceEvaluator(model).run(None, feeds)[0])
+            return np.asarray(ReferenceEvaluator(model).run(None, feeds)[0])  # type: ignore[index]
         except Exception as e:
             logger.debug("no data for %s: %s", node.name, e)
             return None

@@ -15,7 +15,8 @@ import math
 
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, dims
+from mha2sha.graph import attr_float
+from mha2sha.lower._build import Builder, Refused, dims
 
 __all__ = [
     "lower_bias_add",

@@ -33,12 +33,14 @@ Refused: ``position_ids``, ``attention_bias``, quantized caches, ``q_norm_weight
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at, used
+from mha2sha.graph import attr_float, attr_int
+from mha2sha.lower._build import Builder, Refused, dims, input_at, static_dims, used
 from mha2sha.lower._sdpa import attend, heads_first, heads_last
 from mha2sha.lower.rotary import gather_rows, rotate
 
@@ -90,8 +92,8 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     heads, kv_heads = attr_int(node, "num_heads", 0), attr_int(node, "kv_num_heads", 0)
     if not heads or not kv_heads or heads % kv_heads:
         raise Refused(f"num_heads {heads} must be a multiple of kv_num_heads {kv_heads}")
-    q_shape = dims(query)
-    if q_shape is None or len(q_shape) != 3 or None in q_shape:
+    q_shape = static_dims(query)
+    if q_shape is None or len(q_shape) != 3:
         raise Refused("GroupQueryAttention needs a static [B, S, D] query (fix the input shapes first)")
     batch, seq, width = q_shape
     packed = key is None
@@ -102,6 +104,7 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
         )
     elif value is None:
         raise Refused("key and value must be given together")
+    assert key is not None and value is not None
     q = heads_first(b, query, heads, "q")
     k = heads_first(b, key, kv_heads, "k")
     v = heads_first(b, value, kv_heads, "v")
@@ -109,9 +112,10 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     past = 0
     if past_k is not None:
         p_shape = dims(past_k)
-        if p_shape is None or len(p_shape) != 4 or p_shape[2] is None:
+        past_dim = p_shape[2] if p_shape is not None and len(p_shape) == 4 else None
+        if past_dim is None:
             raise Refused("the past length must be static")
-        past = p_shape[2]
+        past = past_dim
     sliding = attr_int(node, "sliding_window_cache", 0) == 1
     if sliding and past < attr_int(node, "local_window_size", -1):
         raise Refused(f"a window cache of capacity {past} below local_window_size")
@@ -238,8 +242,8 @@ def _rope(
     positions = steps if ps is None else b.op("Add", [ps, steps], "positions")
     cos = b.unsqueeze(gather_rows(b, cos_cache, positions, interleaved, "cos"), [1], "cos_b1sr")
     sin = b.unsqueeze(gather_rows(b, sin_cache, positions, interleaved, "sin"), [1], "sin_b1sr")
-    kwargs = {"rotary_dim": 2 * half, "head_size": size, "interleaved": interleaved}
-    return rotate(b, q, cos, sin, label="q_rope", **kwargs), rotate(b, k, cos, sin, label="k_rope", **kwargs)
+    rope = functools.partial(rotate, rotary_dim=2 * half, head_size=size, interleaved=interleaved)
+    return rope(b, q, cos, sin, label="q_rope"), rope(b, k, cos, sin, label="k_rope")
 
 
 def _bias(

@@ -26,8 +26,9 @@ import logging
 
 import onnx_ir as ir
 
+from mha2sha.graph import is_onnx_domain, name_of
 from mha2sha.io.names import graphs as all_graphs
-from mha2sha.lower._build import Builder, Context, Refused, is_onnx
+from mha2sha.lower._build import Builder, Context, Refused
 from mha2sha.lower.table import LOWERINGS, Lowering
 
 __all__ = ["LowerFusedOpsPass", "LowerRecord", "lower_fused_ops"]
@@ -59,7 +60,7 @@ class LowerRecord:
 
 
 def _op_name(node: ir.Node) -> str:
-    domain = "" if is_onnx(node.domain) else node.domain
+    domain = "" if is_onnx_domain(node.domain) else node.domain
     return f"{domain}.{node.op_type}" if domain else node.op_type
 
 
@@ -77,7 +78,7 @@ class LowerFusedOpsPass(ir.passes.InPlacePass):
         modified = False
         for graph in graphs:
             for node in list(graph):
-                domain = "" if is_onnx(node.domain) else node.domain
+                domain = "" if is_onnx_domain(node.domain) else node.domain
                 lowering = LOWERINGS.get((domain, node.op_type))
                 if lowering is None or not lowering.applies(node, opset):
                     ctx.infer(node)
@@ -139,7 +140,7 @@ class LowerFusedOpsPass(ir.passes.InPlacePass):
                 and not value.is_graph_input()
                 and not value.is_graph_output()
             ):
-                graph.initializers.pop(value.name, None)
+                graph.initializers.pop(name_of(value), None)
         self.record.lowered.append((node.name or "", _op_name(node), len(b.nodes)))
         for note in b.notes:
             self.record.notes.append((node.name or "", _op_name(node), note))

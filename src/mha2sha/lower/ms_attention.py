@@ -25,7 +25,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, attr_ints, dims, input_at, used
+from mha2sha.graph import attr_float, attr_int, attr_ints
+from mha2sha.lower._build import Builder, Refused, dims, input_at, used
 from mha2sha.lower._sdpa import attend, heads_first, heads_last
 
 __all__ = ["lower_ms_attention", "lower_multi_head_attention"]
@@ -168,7 +169,7 @@ def lower_ms_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
         qkv = b.op("Add", [qkv, bias], "qkv")
     q3, k3, v3 = b.split(qkv, sizes, -1, ["q_proj", "k_proj", "v_proj"])
     q, k, v = (heads_first(b, t, heads, name) for t, name in ((q3, "q"), (k3, "k"), (v3, "v")))
-    past_len = 0
+    past_len: int | None = 0
     present = None
     if past is not None:
         past_k, past_v = b.split(past, [1, 1], 0, ["past_key_5d", "past_value_5d"])
@@ -207,7 +208,8 @@ def lower_multi_head_attention(node: ir.Node, b: Builder) -> list[ir.Value | Non
     if bias is not None:
         width = (dims(bias) or [None])[0]
         if len(q_shape) == 5:  # packed [B,S,N,3,H]
-            d_q = q_shape[2] * q_shape[4] if None not in (q_shape[2], q_shape[4]) else None
+            n, h = q_shape[2], q_shape[4]
+            d_q = n * h if n is not None and h is not None else None
         else:
             d_q = q_shape[-1]
         if width is None or d_q is None:
@@ -232,6 +234,7 @@ def lower_multi_head_attention(node: ir.Node, b: Builder) -> list[ir.Value | Non
         q = heads_first(b, query, heads, "q")
         if key is None:
             raise Refused("key is required unless query is packed QKV")
+        assert k_shape is not None  # known whenever key is given (checked above)
         if len(k_shape) == 5:  # packed KV [B,L,N,2,H]
             if value is not None:
                 raise Refused("packed KV with a value input")
@@ -257,7 +260,7 @@ def lower_multi_head_attention(node: ir.Node, b: Builder) -> list[ir.Value | Non
             k = heads_first(b, key, heads, "k")
             v = heads_first(b, value, heads, "v")
             kv = k_shape[1]
-    past = 0
+    past: int | None = 0
     present_k = present_v = None
     if past_k is not None:
         if not new_kv:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at, used
+from mha2sha.graph import attr_float, attr_int
+from mha2sha.lower._build import Builder, Refused, dims, input_at, used
 
 __all__ = [
     "lower_embed_layer_norm",

@@ -26,7 +26,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_float, attr_int, dims, input_at
+from mha2sha.graph import attr_float, attr_int
+from mha2sha.lower._build import Builder, Refused, dims, input_at
 from mha2sha.lower._sdpa import attend, head_dim, heads_first, heads_last
 
 __all__ = ["lower_attention"]
@@ -64,6 +65,8 @@ def lower_attention(node: ir.Node, b: Builder) -> list[ir.Value | None]:
     hq_attr, hkv_attr = attr_int(node, "q_num_heads", 0), attr_int(node, "kv_num_heads", 0)
     q_shape = dims(query)
     rank = len(q_shape) if q_shape is not None else (3 if hq_attr and hkv_attr else None)
+    hq: int | None
+    hkv: int | None
     if rank == 3:
         if not (hq_attr and hkv_attr):
             raise Refused("3-D inputs need q_num_heads and kv_num_heads")
@@ -141,7 +144,7 @@ def _bias(
 
     allowed: ir.Value | None = None  # bool, True where a key may be attended
     if causal and nonpad is None:
-        assert s is not None and total is not None
+        assert s is not None and total is not None and past is not None
         allowed = b.const(np.tril(np.ones((s, total), bool), past), "causal")
     if nonpad is not None:
         assert s is not None and total is not None

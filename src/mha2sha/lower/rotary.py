@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mha2sha.lower._build import Builder, Refused, attr_int, dims
+from mha2sha.graph import attr_int
+from mha2sha.lower._build import Builder, Refused, dims
 
 __all__ = ["gather_rows", "lower_ms_rotary", "lower_onnx_rotary", "rotate"]
 

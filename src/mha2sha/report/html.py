@@ -168,11 +168,12 @@ def attention_rows(blocks: Sequence[AttentionInfo]) -> list[list[object]]:
     rows = []
     for b in blocks:
         reason = b.reason if not b.would_split else "; ".join(b.features)
-        rows.append([
+        row: list[object] = [
             b.name, b.layer, b.kind, b.heads or "", b.kv_heads or "", b.head_dim or "", b.seq or "",
             "" if b.past is None else b.past, b.rope, b.mask, b.kv_cache, b.packed_qkv or "no",
             b.lora or "no", b.fused_op or "", "yes" if b.would_split else "no", reason,
-        ])  # fmt: skip
+        ]  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -342,7 +343,7 @@ def _encodings_section(summary: EncodingsSummary | None, coverage: CoverageRepor
             ("heads joined (Concat), encoding of the pieces' source", coverage.joined),
         ):
             names = list(items) if not isinstance(items, dict) else [f"{k} ({v})" for k, v in items.items()]
-            rows.append([label, len(names), _few(names, 5)])
+            rows.append([label, str(len(names)), _few(names, 5)])
         out.append(_table(["category", "count", "examples"], rows, numeric=(1,), table_id="coverage-table"))
     return "".join(out)
 
@@ -438,9 +439,9 @@ def _verification_section(verify: VerifyRecord | None) -> str:
         out.append(_table(["output", "max LSB"], rows, numeric=(1,), table_id="qdq-table"))
     if verify.qdq_local is not None:
         local = verify.qdq_local
-        worst = local.worst
+        worst_tensor = local.worst
         out.append(
-            f"<p>Quantized tensor by tensor: {len(local.tensors)} tensors, max {worst.lsb if worst else 0:g} LSB given the same quantized inputs</p>"
+            f"<p>Quantized tensor by tensor: {len(local.tensors)} tensors, max {worst_tensor.lsb if worst_tensor else 0:g} LSB given the same quantized inputs</p>"
         )
     if verify.htp is not None:
         h = verify.htp

@@ -131,6 +131,8 @@ def coverage_table(report: CoverageReport, examples: int = 3) -> Table:
         ("encodings kept unchanged", report.kept, ""),
         ("removed, same encoding as its data-movement input or copy", report.folded, "dim"),
         ("heads joined (Concat), encoding of the pieces' source", report.joined, "dim"),
+        ("requantised per head (a copy with its own encoding)", report.requantized, ""),
+        ("per-head tensors with conflicting encodings", report.conflicts, "red"),
     ]
     for label, items, style in rows:
         t.add_row(label, str(len(items)), names(items) if items else "", style=style if items else None)

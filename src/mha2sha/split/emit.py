@@ -8,9 +8,12 @@ lazy slices of the original (memory-mapped) weight, materialised only when the m
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import onnx_ir as ir
 
+from mha2sha.graph import DATA_MOVEMENT_OPS, name_of
 from mha2sha.io.names import UniqueNames
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 from mha2sha.split.rules import rule_of, static_shape
@@ -54,13 +57,30 @@ class Emitter:
     def _remember(self, step: Step, head: int, piece: ir.Value) -> None:
         key = piece_key(step.spec, head)
         self._memo[(id(step.value), step.spec, key)] = piece
-        split = self.record.tensors.get(step.value.name)
+        name = name_of(step.value)
+        split = self.record.tensors.get(name)
         if split is None:
-            kind = "param" if step.kind == "param" else "activation"
-            split = TensorSplit(step.value.name, kind, static_shape(step.value), [])
-            self.record.tensors[step.value.name] = split
+            kind: Literal["param", "activation"] = "param" if step.kind == "param" else "activation"
+            split = TensorSplit(name, kind, static_shape(step.value), [])
+            self.record.tensors[name] = split
         if all(p.name != piece.name for p in split.pieces):
-            split.pieces.append(Piece(piece.name, piece_ranges(step.spec, head), key))
+            split.pieces.append(Piece(name_of(piece), piece_ranges(step.spec, head), key))
+        # the producer's original is remembered first (a vanished op's input piece is built, and
+        # remembered, before the op's own step), so originals are listed in data-flow order
+        originals = self.record.originals.setdefault(name_of(piece), [])
+        if name_of(step.value) not in originals:
+            originals.append(name_of(step.value))
+
+    def _note_reads(self, node: ir.Node, index: int, piece: ir.Value, original: ir.Value) -> None:
+        """``node``'s input ``index`` is ``piece`` standing for ``original``: record it when ``piece``
+        was produced for another original (``original`` is a vanished data-movement copy of it)."""
+        produced_for = self.record.originals.get(name_of(piece))
+        if produced_for and produced_for[0] != original.name:
+            self.record.reads.setdefault(node.name or "", {})[index] = name_of(original)
+
+    def _note_copy(self, step: Step, source: ir.Value | None) -> None:
+        if source is not None and step.node is not None:
+            self.record.copy_of[name_of(step.value)] = source.name or ""
 
     # -- pieces ---------------------------------------------------------------------------------
     def piece(self, region: Region, value: ir.Value, spec: HeadSpec | None, head: int) -> ir.Value:
@@ -82,7 +102,7 @@ class Emitter:
         return piece
 
     def _value_like(self, original: ir.Value, spec: HeadSpec, head: int) -> ir.Value:
-        name = self.unique(original.name + _suffix(piece_key(spec, head)))
+        name = self.unique(name_of(original) + _suffix(piece_key(spec, head)))
         shape = ir.Shape(piece_shape(static_shape(original), spec))
         return ir.Value(name=name, shape=shape, type=original.type)
 
@@ -93,6 +113,7 @@ class Emitter:
         for axis, start, stop in piece_ranges(step.spec, head):
             index[axis] = slice(start, stop)
         value = self._value_like(step.value, step.spec, head)
+        assert value.shape is not None  # _value_like gives every piece its shape
         value.const_value = ir.LazyTensor(
             _SlicedTensor(tensor, tuple(index)), tensor.dtype, value.shape, name=value.name
         )
@@ -110,7 +131,7 @@ class Emitter:
                 position = list(self.graph.inputs).index(step.value) + 1
                 for offset, out in enumerate(outputs):
                     self.graph.inputs.insert(position + offset, out)
-                self.input_pieces[step.value.name] = (step.value, cut.axis, outputs)
+                self.input_pieces[name_of(step.value)] = (step.value, cut.axis, outputs)
             else:
                 sizes = self.const_i64([cut.block] * cut.count, f"{step.value.name}.split_sizes")
                 node = ir.Node(
@@ -150,18 +171,25 @@ class Emitter:
         assert rule is not None
         if rule.identity_when is not None and rule.identity_when(node, step.out_index, step.spec):
             k = next(i for i, s in enumerate(step.in_specs) if s)
-            return self.piece(region, node.inputs[k], step.in_specs[k], head)
+            source = node.inputs[k]
+            assert source is not None  # the walk cuts only inputs that are present
+            self._note_copy(step, source)
+            return self.piece(region, source, step.in_specs[k], head)
         inputs = [
             self.piece(region, v, s, head) if v is not None else None
             for v, s in zip(node.inputs, step.in_specs, strict=False)
         ]
         inputs += list(node.inputs[len(inputs) :])
-        if rule.emit == "reshape":
-            return self._reshape(step, head, inputs[0])
-        if rule.emit == "tile":
-            repeats = self._tile_repeats(step, head, inputs[0])
+        if node.op_type in DATA_MOVEMENT_OPS or rule.emit in ("reshape", "tile"):
+            self._note_copy(step, node.inputs[0])
+        if rule.emit in ("reshape", "tile"):
+            data = inputs[0]
+            assert data is not None  # input 0 of Reshape/Expand/(Un)Squeeze/Flatten/Tile is required
+            if rule.emit == "reshape":
+                return self._reshape(step, head, data)
+            repeats = self._tile_repeats(step, head, data)
             if repeats is None:
-                return inputs[0]
+                return data
             inputs[1] = repeats
         clone_key = (id(node), tuple(id(v) for v in inputs))
         clone = self._clones.get(clone_key)
@@ -169,7 +197,7 @@ class Emitter:
             outputs = [
                 self._value_like(o, step.spec, head)
                 if i == step.out_index
-                else ir.Value(name=self.unique(o.name + _suffix(piece_key(step.spec, head))), type=o.type)
+                else ir.Value(name=self.unique(name_of(o) + _suffix(piece_key(step.spec, head))), type=o.type)
                 for i, o in enumerate(node.outputs)
             ]
             clone = ir.Node(
@@ -183,6 +211,10 @@ class Emitter:
             )
             self._clones[clone_key] = clone
             self.add(clone)
+            for i, (v, s) in enumerate(zip(node.inputs, step.in_specs, strict=False)):
+                piece = inputs[i]
+                if v is not None and s and piece is not None:
+                    self._note_reads(clone, i, piece, v)
         out = clone.outputs[step.out_index]
         if out.shape is None:
             out.shape = ir.Shape(piece_shape(static_shape(node.outputs[step.out_index]), step.spec))
@@ -194,9 +226,10 @@ class Emitter:
         assert node is not None
         target = piece_shape(static_shape(step.value), step.spec)
         source = self._reshape_sources.get(id(source), source)  # collapse chains of per-head reshapes
-        if tuple(source.shape) == target:
+        source_shape = static_shape(source)  # pieces have static shapes; the walk checked shared inputs
+        if source_shape == target:
             return source
-        if node.op_type == "Expand" and np.prod(target) != np.prod(tuple(source.shape)):
+        if node.op_type == "Expand" and np.prod(target) != np.prod(source_shape):
             op, shape_name = "Expand", "expand_shape"
         else:
             op, shape_name = "Reshape", "shape"
@@ -211,6 +244,8 @@ class Emitter:
             name=self.unique((node.name or node.op_type) + _suffix(piece_key(step.spec, head))),
         )
         self.add(new)
+        if node.inputs[0] is not None:  # a collapsed chain reads an earlier piece for the op's input
+            self._note_reads(new, 0, source, node.inputs[0])
         return out
 
     def _tile_repeats(self, step: Step, head: int, source: ir.Value) -> ir.Value | None:
@@ -223,8 +258,9 @@ class Emitter:
 
     # -- helpers --------------------------------------------------------------------------------
     def const_i64(self, values: list[int], name: str) -> ir.Value:
-        value = ir.Value(name=self.unique(name), const_value=ir.tensor(np.asarray(values, dtype=np.int64)))
-        value.const_value.name = value.name  # type: ignore[union-attr]
+        tensor = ir.tensor(np.asarray(values, dtype=np.int64))
+        value = ir.Value(name=self.unique(name), const_value=tensor)
+        tensor.name = value.name
         value.shape = ir.Shape([len(values)])
         value.type = ir.TensorType(ir.DataType.INT64)
         self.graph.register_initializer(value)
@@ -232,9 +268,11 @@ class Emitter:
 
     def concat(self, pieces: list[ir.Value], axis: int, like: ir.Value) -> ir.Value:
         """Join pieces back into a tensor shaped like ``like``."""
-        out = ir.Value(name=self.unique(like.name + ".concat_heads"), shape=like.shape, type=like.type)
+        out = ir.Value(name=self.unique(name_of(like) + ".concat_heads"), shape=like.shape, type=like.type)
         node = ir.Node("", "Concat", pieces, [ir.AttrInt64("axis", axis)], outputs=[out], name=out.name)
         self.add(node)
+        for i, piece in enumerate(pieces):
+            self._note_reads(node, i, piece, like)
         return out
 
     def add(self, node: ir.Node) -> None:

@@ -68,6 +68,20 @@ class SplitRecord:
     # tensors the split made vanish (e.g. the outputs of a packed-QKV Split) that data-movement
     # tensors of the split regions copied: the same values live on there, cut per head
     copied_by: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # per-head tensor -> the original tensors it stands for, in data-flow order: first the tensor
+    # whose op produced it, then data-movement copies of that tensor whose per-head op vanished (a
+    # packed-QKV Slice/Split taking the head's rows, a Reshape that is the identity per head, ...)
+    originals: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # data-movement tensor of a split region (Reshape, Transpose, Expand, a Slice/Split whose head
+    # piece is its input's, ...) -> the tensor it copies
+    copy_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    # per-head node -> {input index: the original tensor that input stands for}, recorded only where
+    # the per-head input was produced for another original (the first of its ``originals``): the
+    # node reads a vanished copy, which may be requantised on its own encoding (encodings stage)
+    reads: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    # originals without per-head tensors of their own (vanished data movement) that the encodings
+    # stage requantised per head: original -> its per-head requantised tensors
+    requantized: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     # one report per attention block found (split or not), and Softmax nodes that are not attention
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     other_softmax: list[str] = dataclasses.field(default_factory=list)
@@ -90,6 +104,8 @@ class SplitRecord:
             split.pieces = [p for p in split.pieces if p.name in existing]
             if not split.pieces:
                 del self.tensors[name]
+        for piece in [p for p in self.originals if p not in existing]:
+            del self.originals[piece]
 
     def name_map(self) -> dict[str, dict[str, list[str]]]:
         """The ``mha_to_sha_names.json`` content: original name -> per-head names, by kind."""
@@ -97,4 +113,6 @@ class SplitRecord:
         for split in self.tensors.values():
             key = "param_encodings" if split.kind == "param" else "activation_encodings"
             out[key][split.original] = [p.name for p in split.pieces]
+        for original, names in self.requantized.items():
+            out["activation_encodings"].setdefault(original, list(names))
         return out

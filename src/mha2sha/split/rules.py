@@ -44,8 +44,12 @@ class Unsplittable(Exception):
     """The op cannot be computed per head from per-head inputs."""
 
 
-def static_shape(value: ir.Value) -> tuple[int, ...]:
-    """The static shape every tensor of a split region must have (else the walk stops here)."""
+def static_shape(value: ir.Value | None) -> tuple[int, ...]:
+    """The static shape every tensor of a split region must have (else the walk stops here).
+
+    ``value`` is a node input the op requires (``node.inputs[k]`` is typed optional because
+    optional inputs may be omitted; a required one is always there)."""
+    assert value is not None, "a required input is missing"
     shape = shape_or_none(value)
     if shape is None:
         raise Unsplittable(f"tensor '{value.name}' has no static shape")

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from mha2sha.find.anchors import AttentionCore, RefusedCore, find_attention_cores
-from mha2sha.graph import DATA_MOVEMENT_OPS
+from mha2sha.graph import DATA_MOVEMENT_OPS, name_of
 from mha2sha.graph import static_shape as shape_or_none
 from mha2sha.io.names import tensor_names
 from mha2sha.split.emit import Emitter
@@ -136,7 +136,10 @@ def _kv_heads(region: Region, core: AttentionCore, heads: int) -> int:
     )
     if qk is None or len(qk.in_specs) < 2 or not qk.in_specs[1]:
         return 1
-    k_steps = _steps_below(region, region.get(qk.node.inputs[1], qk.in_specs[1]))
+    assert qk.node is not None  # picked for its node above
+    key = qk.node.inputs[1]
+    assert key is not None  # MatMul's inputs are required
+    k_steps = _steps_below(region, region.get(key, qk.in_specs[1]))
     if any(s.kind == "node" and not any(s.in_specs) for s in k_steps):
         return 1  # the key is broadcast to the heads from one shared tensor (MQA)
     return min(len({piece_key(s.spec, h) for h in range(heads)}) for s in k_steps)
@@ -154,10 +157,10 @@ def _describe(block: PlannedBlock) -> None:
     report.heads = _model_heads(region, block.heads)
     report.head_dim = static_shape(block.core.output)[-1]
     report.kv_heads = min(_kv_heads(region, block.core, block.heads), report.heads)
-    report.weights = sorted({s.value.name for s in region.of_kind("param")})
-    report.inputs = sorted({s.value.name for s in region.of_kind("input")})
+    report.weights = sorted({name_of(s.value) for s in region.of_kind("param")})
+    report.inputs = sorted({name_of(s.value) for s in region.of_kind("input")})
     cuts = region.of_kind("activation")
-    report.kv_cache = sorted({s.value.name for s in cuts if s.reason == CACHE_CONCAT_REASON})
+    report.kv_cache = sorted({name_of(s.value) for s in cuts if s.reason == CACHE_CONCAT_REASON})
     report.activations = sorted(
         {f"{s.value.name} ({s.reason})" for s in cuts if s.reason != CACHE_CONCAT_REASON}
     )
@@ -208,7 +211,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
             done += 1
             self.progress(done, total)
         copies = {  # data-movement tensor -> the tensor it copies (read before joins rename and cleanup detaches)
-            step.value.name: step.node.inputs[0].name
+            name_of(step.value): name_of(step.node.inputs[0])
             for block in blocks
             for step in block.region.of_kind("node")
             if step.node is not None
@@ -276,7 +279,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                 if not is_full_cover(step.spec, static_shape(value)):
                     continue  # the original computation stays alive for these users
                 joined.add(id(value))
-                original_name = value.name
+                original_name = name_of(value)
                 (cut,) = step.spec
                 pieces = [
                     emitter.piece(block.region, value, step.spec, i * cut.div) for i in range(cut.count)
@@ -297,9 +300,9 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                     else:
                         graph.outputs[k] = whole
                 if self.per_head_io:
-                    self.record.output_pieces[original_name] = (cut.axis, [p.name for p in pieces])
+                    self.record.output_pieces[original_name] = (cut.axis, [name_of(p) for p in pieces])
         for name, (value, axis, pieces) in emitter.input_pieces.items():
             if value.uses():
                 value.replace_all_uses_with(emitter.concat(pieces, axis, value))
             graph.inputs.remove(value)
-            self.record.input_pieces[name] = (axis, [p.name for p in pieces])
+            self.record.input_pieces[name] = (axis, [name_of(p) for p in pieces])

@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import os
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -60,7 +61,7 @@ import onnx_ir as ir
 
 from mha2sha.errors import InternalError, UserError
 from mha2sha.find.anchors import find_attention_cores
-from mha2sha.graph import FUSED_ATTENTION_OPS
+from mha2sha.graph import FUSED_ATTENTION_OPS, name_of
 from mha2sha.io.names import values_by_name
 from mha2sha.io.prepare import infer_shapes
 from mha2sha.verify.runner import (
@@ -96,7 +97,7 @@ _PROTO_LIMIT = (2 << 30) - (64 << 20)  # protobuf's 2 GB, with room for the grap
 #: rounding difference of the CPU kernels, e.g. a matmul 64 columns wide vs 2048, never a wrong
 #: head).
 LOW_PRECISION_EPS = 8
-_LOW_EPS = {onnx.TensorProto.FLOAT16: 2.0**-10, onnx.TensorProto.BFLOAT16: 2.0**-7}
+_LOW_EPS: dict[int, float] = {onnx.TensorProto.FLOAT16: 2.0**-10, onnx.TensorProto.BFLOAT16: 2.0**-7}
 
 
 def low_precision_bound(dtype: ir.DataType) -> float:
@@ -131,7 +132,7 @@ def _cone(outputs: Iterable[ir.Value], stop: Callable[[ir.Value], bool]) -> _Con
     """Nodes computing ``outputs``, walking back until graph inputs, constants or ``stop``."""
     cone = _Cone()
     targets = {v.name for v in outputs}
-    stack = [v.producer() for v in outputs if v.producer() is not None]
+    stack = [producer for v in outputs if (producer := v.producer()) is not None]
     while stack:
         node = stack.pop()
         if id(node) in cone.nodes:
@@ -139,13 +140,13 @@ def _cone(outputs: Iterable[ir.Value], stop: Callable[[ir.Value], bool]) -> _Con
         cone.nodes.add(id(node))
         for out in node.outputs:
             if out.is_graph_output() and out.name not in targets and out.name not in cone.graph_outputs:
-                cone.graph_outputs.append(out.name)
+                cone.graph_outputs.append(name_of(out))
         for inp in _node_inputs(node):
             producer = inp.producer()
             if inp.is_initializer() or (producer is None and inp.const_value is not None):
-                cone.initializers[inp.name] = inp
+                cone.initializers[name_of(inp)] = inp
             elif producer is None or stop(inp):
-                cone.inputs[inp.name] = inp
+                cone.inputs[name_of(inp)] = inp
             else:
                 stack.append(producer)
     return cone
@@ -155,7 +156,7 @@ def _node_inputs(node: ir.Node) -> list[ir.Value]:
     """Inputs of ``node`` and outer-scope values its subgraphs (If/Loop/Scan bodies) read."""
     values = [v for v in node.inputs if v is not None]
     for attr in node.attributes.values():
-        graphs = []
+        graphs: list[ir.Graph] = []
         if attr.type == ir.AttributeType.GRAPH:
             graphs = [attr.as_graph()]
         elif attr.type == ir.AttributeType.GRAPHS:
@@ -165,6 +166,11 @@ def _node_inputs(node: ir.Node) -> list[ir.Value]:
             for sub in g.all_nodes():
                 values += [v for v in sub.inputs if v is not None and id(v) not in inner]
     return values
+
+
+def _named_in(names: Container[str]) -> Callable[[ir.Value], bool]:
+    """A ``stop`` for :func:`_cone`: the value's name is in ``names`` (read at each call)."""
+    return lambda v: v.name in names
 
 
 def _first_stable_after(value: ir.Value, stable: Callable[[ir.Value], bool]) -> ir.Value | None:
@@ -207,7 +213,7 @@ def _stable_in(other: ir.Model, graph: ir.Graph) -> Callable[[ir.Value], bool]:
 
     def stable(v: ir.Value) -> bool:
         producer = v.producer()
-        twin = values.get(v.name)
+        twin = values.get(name_of(v))
         return (
             twin is not None
             and v.name not in outputs
@@ -227,7 +233,7 @@ def _downstream(value: ir.Value) -> set[str]:
         for user in v.consumers():
             for out in user.outputs:
                 if out.name not in seen:
-                    seen.add(out.name)
+                    seen.add(name_of(out))
                     stack.append(out)
     return seen
 
@@ -260,8 +266,8 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
             raise RuntimeError(f"attention block {name}: no value after it exists in the converted model")
         cut = set(_cone([end], o_stable).inputs)
         for _ in range(16):
-            o_cone = _cone([end], lambda v, cut=cut: v.name in cut)
-            names = [end.name, *o_cone.graph_outputs]
+            o_cone = _cone([end], _named_in(cut))
+            names = [name_of(end), *o_cone.graph_outputs]
             c_out = [c_values[p] for n in names for p in (out_pieces[n][1] if n in out_pieces else [n])]
             reached = dict.fromkeys(whole_of.get(n, n) for n in _cone(c_out, c_stable).inputs)
             beyond = [n for n in reached if n not in cut and n in o_values]
@@ -270,10 +276,10 @@ def find_blocks(original: ir.Model, converted: ir.Model) -> list[Block]:
             for name in beyond:
                 cut -= _downstream(o_values[name])
             cut.update(beyond)
-        o_cone = _cone([end], lambda v, cut=cut: v.name in cut)
-        names = [end.name, *o_cone.graph_outputs]
+        o_cone = _cone([end], _named_in(cut))
+        names = [name_of(end), *o_cone.graph_outputs]
         c_out = [c_values[p] for n in names for p in (out_pieces[n][1] if n in out_pieces else [n])]
-        c_cone = _cone(c_out, lambda v, cut=cut: v.name in cut)
+        c_cone = _cone(c_out, _named_in(cut))
         c_inputs = (whole_of.get(n, n) for n in c_cone.inputs)
         inputs = dict.fromkeys([*o_cone.inputs, *(n for n in c_inputs if n in o_values)])
         blocks.append(Block(name, tuple(inputs), tuple(names)))
@@ -321,10 +327,13 @@ def _sub_model(
     ]
     types = types or {}
     outs = [
-        _value_info(v.name, v.dtype or (types[v.name].dtype if v.name in types else None), None)
+        _value_info(name_of(v), v.dtype or (types[name_of(v)].dtype if v.name in types else None), None)
         for v in outputs
     ]
-    inits = [_tensor_proto(name, v.const_value) for name, v in cone.initializers.items()]
+    inits = []
+    for name, v in cone.initializers.items():
+        assert v.const_value is not None  # _cone takes initializers and constants only
+        inits.append(_tensor_proto(name, v.const_value))
     proto_graph = onnx.helper.make_graph(nodes, f"{graph.name or 'graph'}_block", inputs, outs, inits)
     proto = onnx.helper.make_model(
         proto_graph,
@@ -456,9 +465,8 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(name.encode("utf-8"))])
 
 
-def _draw(
-    name: str, value: ir.Value, like: ir.Value | None, seed: int, *, check_only: bool = False
-) -> np.ndarray | None:
+def _draw_spec(name: str, value: ir.Value, like: ir.Value | None) -> tuple[ir.Shape, ir.DataType]:
+    """The static shape and dtype a drawn ``value`` gets (``like``: its converted twin)."""
     shape = value.shape if value.shape is not None and value.shape.is_static() else None
     dtype = value.dtype
     if like is not None:
@@ -466,9 +474,12 @@ def _draw(
         dtype = dtype or like.dtype
     if shape is None or dtype is None:
         raise UserError(f"blockwise verification: cannot draw block input '{name}' (unknown shape or type)")
-    if check_only:
-        return None
-    dims = tuple(int(d) for d in shape)
+    return shape, dtype
+
+
+def _draw(name: str, value: ir.Value, like: ir.Value | None, seed: int) -> np.ndarray:
+    shape, dtype = _draw_spec(name, value, like)
+    dims = shape.numpy()  # static: checked by _draw_spec
     np_dtype = np.dtype(dtype.numpy())
     if np_dtype.kind in "fc" or np_dtype.name == "bfloat16":
         return _rng(seed, name).standard_normal(size=dims, dtype=np.float32).astype(np_dtype)
@@ -505,14 +516,14 @@ def _boundary_feeds(
             if uses[name] > 1:
                 feeds[name] = inputs[name]
             else:
-                draw[name] = lambda n=name: inputs[n]
+                draw[name] = functools.partial(inputs.__getitem__, name)
             continue
         cone = _cone([value], lambda v: False)
         if cone.weight_bytes() <= CHEAP_CONE_BYTES and all(n in inputs for n in cone.inputs):
             cheap.append(value)
         else:
-            _draw(name, value, c_values.get(name), seed, check_only=True)
-            draw[name] = lambda n=name, v=value: _draw(n, v, c_values.get(n), seed)
+            _draw_spec(name, value, c_values.get(name))  # fail now, not when the block runs
+            draw[name] = functools.partial(_draw, name, value, c_values.get(name), seed)
     if cheap:
         cone = _cone(cheap, lambda v: False)
         cone_feeds = {n: feeds[n] if n in feeds else inputs[n] for n in cone.inputs}
@@ -530,15 +541,17 @@ def infer_pieces(
     for value in originals:
         if value.name in have:
             continue
-        prefix = value.name + ".h"
-        found = [v for v in converted if v.name.startswith(prefix) and v.name[len(prefix) :].isdigit()]
+        prefix = name_of(value) + ".h"
+        found = [
+            v for v in converted if name_of(v).startswith(prefix) and name_of(v)[len(prefix) :].isdigit()
+        ]
         if not found or value.shape is None or found[0].shape is None:
             continue
-        found.sort(key=lambda v: int(v.name[len(prefix) :]))
+        found.sort(key=lambda v: int(name_of(v)[len(prefix) :]))
         whole, piece = list(value.shape), list(found[0].shape)
         axes = [i for i, (a, b) in enumerate(zip(whole, piece, strict=False)) if a != b]
         if len(whole) == len(piece) and len(axes) == 1:
-            pieces[value.name] = (axes[0], [v.name for v in found])
+            pieces[name_of(value)] = (axes[0], [name_of(v) for v in found])
     return pieces
 
 
@@ -608,7 +621,7 @@ def verify_blocks(
             if name in feeds:
                 feeds.update(zip(names, np.split(feeds[name], len(names), axis=axis), strict=True))
         o_out = [o_values[n] for n in block.outputs]
-        o_cone = _cone(o_out, lambda v, stops=set(block.inputs): v.name in stops)
+        o_cone = _cone(o_out, _named_in(set(block.inputs)))
         o_proto = _sub_model(original, o_cone, feeds, o_out, c_values)
 
         c_names = [p for n in block.outputs for p in (output_pieces[n][1] if n in output_pieces else [n])]
@@ -617,7 +630,7 @@ def verify_blocks(
             raise UserError(f"blockwise verification: converted model has no value {missing[0]!r}")
         c_out = [c_values[n] for n in c_names]
         stops = set(block.inputs) | {p for n in block.inputs if n in input_pieces for p in input_pieces[n][1]}
-        c_cone = _cone(c_out, lambda v, stops=stops: v.name in stops)
+        c_cone = _cone(c_out, _named_in(stops))
         absent = [n for n in c_cone.inputs if n not in feeds]
         if absent:
             raise UserError(

@@ -61,7 +61,8 @@ def run_on_htp(
         raise UserError("--verify-htp needs onnxruntime-qnn: pip install 'mha2sha[htp]'")
     with tempfile.TemporaryDirectory(prefix="mha2sha-htp-") as tmp:
         feeds, result = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
-        np.savez(feeds, **dict(inputs))
+        # numpy's stub checks **arrays against savez's own keyword allow_pickle: bool as well
+        np.savez(feeds, **dict(inputs))  # type: ignore[arg-type]
         proc = subprocess.run(
             [sys.executable, "-m", "mha2sha.verify.htp", str(model_path), str(feeds), str(result), soc]
             + (["fallback"] if cpu_fallback else []),

@@ -54,7 +54,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
-from mha2sha.graph import RESHAPE_OPS, is_onnx_domain
+from mha2sha.graph import RESHAPE_OPS, is_onnx_domain, name_of
 
 __all__ = [
     "MASK_NEG",
@@ -143,7 +143,7 @@ def _resolve_shapes(
     """Static shape of every feedable input, applying ``overrides``; UserError if any is unknown."""
     overrides = dict(overrides or {})
     inputs = _feedable_inputs(model)
-    known = {v.name for v in inputs}
+    known = {name_of(v) for v in inputs}
     for name in overrides:
         if name not in known:
             raise UserError(
@@ -184,7 +184,7 @@ def _resolve_shapes(
             raise UserError(
                 f"input {name!r} has a dynamic shape {_fmt_shape(v.shape)}; fix it with {_suggest(v)}{more}"
             )
-        resolved[name] = tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+        resolved[name] = v.shape.numpy()  # static: checked above
     return resolved
 
 
@@ -212,7 +212,7 @@ def _table_rows(value: ir.Value, axis: int, depth: int = 4) -> int | None:
     Shapes are read from the root initializer because intermediate values of a model that was
     never shape-inferred have none; only shapes are read, never the weight data.
     """
-    shape = value.shape
+    shape: ir.ShapeProtocol | None = value.shape
     if value.is_initializer() or value.const_value is not None:
         if shape is None and value.const_value is not None:
             shape = value.const_value.shape
@@ -572,7 +572,7 @@ def plan_inputs(
     path = Path(npz) if npz is not None else None
     if path is not None:
         provided = _npz_headers(path)
-    inputs = {v.name: v for v in _feedable_inputs(model)}
+    inputs = {name_of(v): v for v in _feedable_inputs(model)}
     symbols: dict[str, int] = {}
     for name, (dtype, shape) in provided.items():
         assert path is not None
@@ -614,8 +614,9 @@ def plan_inputs(
                 dims = [
                     d if isinstance(d, int) else symbols.get(d.value) if d.value else None for d in v.shape
                 ]
-                if all(d is not None for d in dims):
-                    merged[name] = [int(d) for d in dims]  # type: ignore[arg-type]
+                known_dims = [d for d in dims if d is not None]
+                if len(known_dims) == len(dims):
+                    merged[name] = [int(d) for d in known_dims]
     specs = _specs(model, merged)
     planned = ModelInputs(specs, _infer_lengths(specs), seed, path, provided)
     if planned.generated:

@@ -16,6 +16,7 @@ Both run in memory on models re-read from the original file (graphs only when we
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from mha2sha.graph import name_of
 from mha2sha.io.load import fix_input_shapes, load_model
 from mha2sha.io.names import values_by_name
 from mha2sha.io.prepare import infer_shapes
@@ -38,6 +40,10 @@ def _whole(
 ) -> onnx.ModelProto:
     """Everything computing ``outputs`` from the graph inputs, as a model of its own."""
     return _sub_model(model, _cone(outputs, lambda v: False), inputs, outputs, types)
+
+
+def _named_in(names: set[str], value: ir.Value) -> bool:
+    return value.name in names
 
 
 def prove_through_lowering(
@@ -76,11 +82,11 @@ def prove_through_lowering(
         values.update(_run(proto, inputs, "basic", "the original"))
     rows = []
     for name, node in nodes.items():
-        outs = [low_values[o.name] for o in node.outputs if o.name in wanted and o.name in low_values]
-        stops = {v.name for v in node.inputs if v is not None}
-        cone = _cone(outs, lambda v, stops=stops: v.name in stops)
+        outs = [low_values[name_of(o)] for o in node.outputs if o.name in wanted and o.name in low_values]
+        stops = {name_of(v) for v in node.inputs if v is not None}
+        cone = _cone(outs, functools.partial(_named_in, stops))
         feeds = {n: values[n] for n in cone.inputs}
         got = _run(_sub_model(lowered, cone, feeds, outs, low_values), feeds, "basic", f"the lowering of {name}")
-        check = compare_outputs({o.name: values[o.name] for o in outs}, got, rtol)
+        check = compare_outputs({name_of(o): values[name_of(o)] for o in outs}, got, rtol)
         rows += [dataclasses.replace(r, name=f"{name}/{r.name}") for r in check.rows]
     return split, Verification(rows=tuple(rows), rtol=rtol)

@@ -10,6 +10,7 @@ The result is one :class:`VerifyRecord`; a failed check raises
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import math
@@ -24,7 +25,7 @@ import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.errors import ConversionFailed, UserError
-from mha2sha.graph import is_onnx_domain
+from mha2sha.graph import is_onnx_domain, name_of
 from mha2sha.io.load import fix_input_shapes, load_model
 from mha2sha.io.prepare import infer_shapes
 from mha2sha.io.save import save_model
@@ -130,7 +131,8 @@ class VerifyRecord:
 
     plan: VerifyPlan
     float: Verification | None = None
-    qdq_lsb: dict[str, float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
+    # builtins.float: the field above shadows ``float`` in this class body
+    qdq_lsb: dict[str, builtins.float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
     qdq_local: LocalCheck | None = None  # tensor-by-tensor check, run when the QDQ outputs differ
     htp: HtpCheck | None = None
     input_lists: list[Path] = dataclasses.field(default_factory=list)
@@ -215,7 +217,7 @@ def require_memory(plan: VerifyPlan, model: ir.Model) -> None:
             shape = value.shape
             if shape is None or not shape.is_static() or value.dtype is None:
                 continue
-            size = int(math.prod(int(d) for d in shape) * value.dtype.itemsize)  # type: ignore[arg-type]
+            size = int(math.prod(shape.numpy()) * value.dtype.itemsize)
             if size > largest:
                 largest, name = size, value.name or ""
     need = largest * 3 + plan.inputs.nbytes  # a tensor, its consumer's output, the feeds
@@ -372,7 +374,7 @@ def _verify_htp(
             target = Path(tmp) / f"{tag}.onnx"
             save_model(to_qdq_ir(path, es), target)
             paths.append(target)
-        shapes = {v.name: tuple(v.shape or ()) for v in ir.load(converted).graph.outputs}
+        shapes = {name_of(v): tuple(v.shape or ()) for v in ir.load(converted).graph.outputs}
         lsb = {name: output_lsb(quantized.original.get(name), shape) for name, shape in shapes.items()}
         return compare_on_htp(paths[0], paths[1], inputs, lsb, soc)
 
@@ -531,7 +533,9 @@ def _borrow_shapes_through_fused_ops(source: ir.Model, path: Path, options: Veri
         for value in node.outputs:
             known = shapes.get(value.name or "")
             if value.shape is None and known is not None:
-                value.shape, value.dtype = known.shape, known.dtype
+                value.shape = known.shape
+                if known.dtype is not None:
+                    value.dtype = known.dtype
 
 
 def _failure_line(v: Verification, mode: str = "full") -> str:

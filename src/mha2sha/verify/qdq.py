@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -37,10 +37,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from mha2sha.encodings.axes import as_ir_model, resolve_axes
+from mha2sha.encodings.axes import ModelLike, as_ir_model, resolve_axes
 from mha2sha.encodings.model import Encoding, EncodingSet, copied_activation, dtype_bits, dtype_is_signed
 from mha2sha.errors import InternalError, UserError
-from mha2sha.graph import DATA_MOVEMENT_OPS, is_op
+from mha2sha.graph import DATA_MOVEMENT_OPS, is_op, name_of
 
 __all__ = [
     "to_qdq",
@@ -89,7 +89,7 @@ def _quantize_rows(
     x = np.asarray(x)
     if x.ndim == 0 or x.size <= _CHUNK:
         return _saturate(np.rint(x.astype(np.float32) / s32) + z32, lo, hi, dtype)
-    out = np.empty(x.shape, dtype)
+    out: np.ndarray = np.empty(x.shape, dtype)
     rows = max(1, _CHUNK // max(1, x.size // x.shape[0]))
     for start in range(0, x.shape[0], rows):
         stop = min(start + rows, x.shape[0])
@@ -158,7 +158,7 @@ class _Builder:
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.values: dict[str, ir.Value] = {}
         for v in self.graph.inputs:
-            self.values[v.name] = v
+            self.values[name_of(v)] = v
         for name, v in self.graph.initializers.items():
             self.values[name] = v
         for node in self.graph:
@@ -169,7 +169,7 @@ class _Builder:
         self.uses_ms = False
 
     def const(self, name: str, arr: np.ndarray) -> ir.Value:
-        tensor = ir.tensor(arr, name=name)
+        tensor = ir.Tensor(arr, name=name)  # what ir.tensor makes of an array, typed with its Shape
         v = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(v)
         return v
@@ -237,7 +237,9 @@ def _activation_qdtype(enc: Encoding) -> str:
     unsigned = "u" + qdtype
     if enc.output_dtype is not None or enc.enc_type == "LPBQ" or unsigned not in _NP_QDTYPE:
         return qdtype  # 2.x dtype as written; int32 has no uint32 Q/DQ; uint stays uint
-    hi = 2 ** dtype_bits(unsigned) - 1  # type: ignore[operator]
+    bits = dtype_bits(unsigned)
+    assert bits is not None  # a _NP_QDTYPE integer dtype
+    hi = 2**bits - 1
     zp = np.asarray(enc.zero_point(unsigned), np.float64)
     if np.any(zp < 0) or np.any(zp > hi):
         return qdtype
@@ -251,11 +253,11 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
         return
     fdt = _float_dtype(value)
     np_float = fdt.numpy()
-    shape = None
-    if value.shape is not None and all(isinstance(d, int) for d in value.shape):
-        shape = tuple(int(d) for d in value.shape)
+    shape: tuple[int, ...] | None = None
+    if value.shape is not None and value.shape.is_static():
+        shape = value.shape.numpy()
     elif value.const_value is not None:
-        shape = tuple(value.const_value.shape)
+        shape = tuple(value.const_value.shape.numpy())  # a constant's shape is static
     if enc.is_float:
         if enc.has_scale:
             raise UserError(f"encoding {name}: scaled float ({enc.output_dtype}) QDQ is not supported")
@@ -288,13 +290,21 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
         raise UserError(f"encoding {name}: blocked encoding on a tensor without a static shape")
     s_arr = _layout(enc, scale, shape).astype(np_float)
     z_arr = _layout(enc, zp, shape).astype(np.int64)
-    if enc.enc_type == "PER_CHANNEL" and shape is not None and s_arr.size != shape[enc.axis]:  # type: ignore[index]
+    if (
+        enc.enc_type == "PER_CHANNEL"
+        and shape is not None
+        and enc.axis is not None  # known: checked above
+        and s_arr.size != shape[enc.axis]
+    ):
         raise UserError(f"encoding {name}: {s_arr.size} channels, axis {enc.axis} of {list(shape)}")
     attrs: list[ir.Attr] = []
     if enc.enc_type != "PER_TENSOR":
-        attrs.append(ir.AttrInt64("axis", enc.block_axis if blocked else enc.axis))  # type: ignore[arg-type]
+        axis = enc.block_axis if blocked else enc.axis
+        assert axis is not None  # checked above
+        attrs.append(ir.AttrInt64("axis", axis))
     if blocked:
-        attrs.append(ir.AttrInt64("block_size", int(enc.block_size)))  # type: ignore[arg-type]
+        assert enc.block_size is not None  # blocked encodings are parsed with their block size
+        attrs.append(ir.AttrInt64("block_size", int(enc.block_size)))
     domain = b.domain_for(qdtype, enc)
 
     if const is not None and domain is not None and not blocked:
@@ -399,7 +409,7 @@ def _inherit_through_copies(model: ir.Model, es: EncodingSet) -> None:
 
 
 def to_qdq_ir(
-    model: Any, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None, copy: bool = True
+    model: ModelLike, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None, copy: bool = True
 ) -> ir.Model:
     """A copy of ``model`` (onnx_ir.Model, ModelProto or path) with ``encodings`` applied as QDQ
     (``copy=False``: an ``ir.Model`` is changed in place, its lazy weights are read one by one)."""
@@ -419,7 +429,7 @@ def to_qdq_ir(
 
 
 def to_qdq(
-    model: Any, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None
+    model: ModelLike, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None
 ) -> onnx.ModelProto:
     """:func:`to_qdq_ir` as an ``onnx.ModelProto``."""
     return ir.to_proto(to_qdq_ir(model, encodings, channel_axes=channel_axes))
@@ -442,7 +452,7 @@ def _session(model: ir.Model, workdir: str):  # -> ort.InferenceSession
 
 
 def run_qdq(
-    model: Any,
+    model: ModelLike,
     encodings: EncodingSet,
     inputs: Mapping[str, np.ndarray],
     *,
@@ -465,7 +475,8 @@ def run_qdq_model(
         return dict(zip(outputs, result, strict=True))
 
 
-def output_lsb(enc: Encoding | None, shape: tuple[int, ...]) -> np.ndarray | None:
+def output_lsb(enc: Encoding | None, shape: Sequence[int | ir.SymbolicDim]) -> np.ndarray | None:
+    """The output's quantization step, broadcastable to ``shape`` (only its rank is read)."""
     if enc is None or enc.is_float or not enc.has_scale:
         return None
     if enc.enc_type == "PER_TENSOR":
@@ -495,9 +506,9 @@ def max_steps(a: np.ndarray, b: np.ndarray, lsb: np.ndarray | None) -> float:
 
 
 def run_qdq_compare(
-    model_a: Any,
+    model_a: ModelLike,
     enc_a: EncodingSet,
-    model_b: Any,
+    model_b: ModelLike,
     enc_b: EncodingSet,
     inputs: Mapping[str, np.ndarray],
     *,

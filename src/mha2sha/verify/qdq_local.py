@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
+from mha2sha.graph import name_of
 from mha2sha.io.names import values_by_name
 from mha2sha.io.prepare import infer_shapes
 from mha2sha.layout.record import LayoutRecord
@@ -106,7 +107,7 @@ def _expose(model: ir.Model, values: list[ir.Value]) -> list[str]:
     for v in values:
         if id(v) not in present:
             model.graph.outputs.append(v)
-    return [v.name for v in values]
+    return [name_of(v) for v in values]
 
 
 def _piece(array: np.ndarray, ranges: tuple[tuple[int, int, int], ...]) -> np.ndarray:
@@ -161,7 +162,8 @@ def compare_quantized_tensors(
         (value, source, ranges)
         for value, source, ranges in candidates
         # same name in another layout (a Conv output [B, C, 1, S]) is not comparable
-        if tuple(value.shape) == _piece(reference[source], ranges).shape
+        if value.shape is not None  # kept in candidates only with a shape
+        and tuple(value.shape) == _piece(reference[source], ranges).shape
     ]
     if not matched:
         return LocalCheck([])
@@ -169,14 +171,14 @@ def compare_quantized_tensors(
     feeds = dict(inputs)
     for value, source, ranges in matched:
         ref = _cut(sha_q, value)
-        feeds[ref.name] = np.ascontiguousarray(_piece(reference[source], ranges))
+        feeds[name_of(ref)] = np.ascontiguousarray(_piece(reference[source], ranges))
     got = run_qdq_model(sha_q, feeds, _expose(sha_q, [v for v, _, _ in matched]))
 
     order = {id(o): i for i, node in enumerate(sha_q.graph) for o in node.outputs}
     diffs = []
     for value, source, ranges in sorted(matched, key=lambda m: order.get(id(m[0]), -1)):
-        name = value.name.removesuffix("_qdq")
+        name = name_of(value).removesuffix("_qdq")
         expected = _piece(reference[source], ranges)
         unit = output_lsb(sha_encodings.get(name), expected.shape)
-        diffs.append(TensorDiff(name, source, max_steps(got[value.name], expected, unit)))
+        diffs.append(TensorDiff(name, source, max_steps(got[name_of(value)], expected, unit)))
     return LocalCheck(diffs)

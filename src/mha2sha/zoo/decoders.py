@@ -9,14 +9,16 @@ confuse them); the ``adv_*`` cases then make some of them collide on purpose.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .spec import ALL_EXPORTERS, Built, Case, CaseInfo
+from .spec import ALL_EXPORTERS, EXPORTERS, Built, Case, CaseInfo
 from .weights import reinit_
 
 VOCAB = 256
@@ -32,7 +34,7 @@ class DecoderSpec:
 
     family: str
     description: str
-    make_config: Callable[[], object]
+    make_config: Callable[[], Any]  # a transformers PreTrainedConfig
     heads: int
     kv_heads: int
     head_dim: int
@@ -289,7 +291,7 @@ class CausalLMStep(nn.Module):
         kw = {}
         if self.has_position_ids:
             kw["position_ids"], rest = rest[0], rest[1:]
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=cast(Any, self.model).config)
         for layer in range(self.layers):
             _preload(cache.layers[layer], rest[2 * layer], rest[2 * layer + 1])
         out = self.model(
@@ -301,7 +303,7 @@ class CausalLMStep(nn.Module):
         return tuple(flat)
 
 
-def _preload(layer: object, keys: torch.Tensor, values: torch.Tensor) -> None:
+def _preload(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Put past KV into a transformers 5.x ``DynamicLayer``/``DynamicSlidingWindowLayer`` as-is."""
     layer.lazy_initialization(keys, values)
     layer.keys, layer.values = keys, values
@@ -323,7 +325,7 @@ def _prefill(spec: DecoderSpec, seq_len: int) -> Built:
 
 def _step(spec: DecoderSpec, ar: int, past: int) -> Built:
     model = make_causal_lm(spec)
-    layers = int(model.config.num_hidden_layers)
+    layers = int(cast(Any, model).config.num_hidden_layers)
     gen = torch.Generator().manual_seed(INPUT_SEED)
     mask = torch.ones(1, past + ar, dtype=torch.int64)
     mask[:, :2] = 0  # two left-padded past slots, so the padding mask changes the numbers
@@ -338,6 +340,16 @@ def _step(spec: DecoderSpec, ar: int, past: int) -> Built:
     return Built(CausalLMStep(model, layers, spec.position_ids).eval(), inputs, outputs)
 
 
+def _step_at(spec: DecoderSpec, ar: int, cl: int) -> Built:
+    """The step case of ``spec`` with ``ar`` tokens per step and context length ``cl`` (same weights)."""
+    return _step(spec, ar, cl - ar)
+
+
+def _prefill_at(spec: DecoderSpec, ar: int, cl: int) -> Built:
+    """The prefill case of ``spec`` on ``ar`` tokens (a prefill graph's CL is its AR)."""
+    return _prefill(spec, ar)
+
+
 def _info(
     name: str,
     spec: DecoderSpec,
@@ -348,7 +360,6 @@ def _info(
     exporters: tuple[str, ...] | None = None,
 ) -> CaseInfo:
     notes = "; ".join(n for n in (spec.notes, extra) if n)
-    more = {} if exporters is None else {"exporters": exporters}
     return CaseInfo(
         name=name,
         family=spec.family,
@@ -362,7 +373,7 @@ def _info(
         vocab_size=VOCAB,
         notes=notes,
         attn_implementation=spec.attn,
-        **more,
+        exporters=EXPORTERS if exporters is None else exporters,
     )
 
 
@@ -373,13 +384,15 @@ def cases() -> list[Case]:
         out.append(
             Case(
                 _info(f"{key}_prefill", spec, "prefill", PREFILL_LEN, 0),
-                lambda s=spec: _prefill(s, PREFILL_LEN),
+                functools.partial(_prefill, spec, PREFILL_LEN),
+                functools.partial(_prefill_at, spec),
             )
         )
         out.append(
             Case(
                 _info(f"{key}_step", spec, "step", STEP_AR, PAST_LEN),
-                lambda s=spec: _step(s, STEP_AR, PAST_LEN),
+                functools.partial(_step, spec, STEP_AR, PAST_LEN),
+                functools.partial(_step_at, spec),
             )
         )
     llama = SPECS["llama"]
@@ -387,12 +400,14 @@ def cases() -> list[Case]:
         Case(
             _info("llama_decode_ar1", llama, "step", 1, PAST_LEN + 4, "single-token decode step (AR=1)"),
             lambda: _step(llama, 1, PAST_LEN + 4),
+            functools.partial(_step_at, llama),
         )
     )
     out.append(
         Case(
             _info("adv_llama_ar_eq_heads", llama, "step", 4, PAST_LEN, "adversarial: AR == heads == 4"),
             lambda: _step(llama, 4, PAST_LEN),
+            functools.partial(_step_at, llama),
         )
     )
     hd8 = replace(
@@ -409,6 +424,7 @@ def cases() -> list[Case]:
                 "adv_llama_hd_eq_heads", hd8, "step", STEP_AR, PAST_LEN, "adversarial: head_dim == heads == 8"
             ),
             lambda: _step(hd8, STEP_AR, PAST_LEN),
+            functools.partial(_step_at, hd8),
         )
     )
     return out
@@ -453,14 +469,14 @@ def variant_cases() -> list[Case]:
         out.append(
             Case(
                 _info(f"{key}_step_sdpa", sdpa, "step", STEP_AR, PAST_LEN, exporters=step_exporters),
-                lambda s=sdpa: _step(s, STEP_AR, PAST_LEN),
+                functools.partial(_step, sdpa, STEP_AR, PAST_LEN),
             )
         )
         if key in SDPA_PREFILL:
             out.append(
                 Case(
                     _info(f"{key}_prefill_sdpa", sdpa, "prefill", PREFILL_LEN, 0, exporters=SDPA_EXPORTERS),
-                    lambda s=sdpa: _prefill(s, PREFILL_LEN),
+                    functools.partial(_prefill, sdpa, PREFILL_LEN),
                 )
             )
     return out

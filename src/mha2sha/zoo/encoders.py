@@ -9,12 +9,19 @@ batch dimension (diffusers ``AttnProcessor``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 import torch
 from torch import nn
 
 from .spec import Built, Case, CaseInfo
-from .weights import reinit_
+from .weights import ModuleT, reinit_
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, WhisperForConditionalGeneration
+    from typing_extensions import Unpack
+
+ConfigT = TypeVar("ConfigT", bound="PreTrainedConfig")
 
 VOCAB = 256
 SEQ = 10
@@ -28,12 +35,12 @@ def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(INPUT_SEED)
 
 
-def _eager(config: object, attn: str = "eager") -> object:
+def _eager(config: ConfigT, attn: str = "eager") -> ConfigT:
     config._attn_implementation = attn
     return config
 
 
-def _prep(model: nn.Module) -> nn.Module:
+def _prep(model: ModuleT) -> ModuleT:
     return reinit_(model).eval()
 
 
@@ -145,7 +152,7 @@ WHISPER_FRAMES = 12  # encoder positions; input_features has 2x frames (conv2 ha
 WHISPER_MELS = 16
 
 
-def _whisper(attn: str = "eager") -> nn.Module:
+def _whisper(attn: str = "eager") -> WhisperForConditionalGeneration:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
@@ -177,7 +184,7 @@ def _whisper(attn: str = "eager") -> nn.Module:
 class WhisperEncoder(nn.Module):
     """``input_features -> encoder last_hidden_state``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: WhisperForConditionalGeneration) -> None:
         super().__init__()
         self.encoder = model.model.encoder
 
@@ -188,7 +195,7 @@ class WhisperEncoder(nn.Module):
 class WhisperDecoder(nn.Module):
     """``(decoder_input_ids, encoder_hidden_states) -> logits``, no cache: self + cross attention."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: WhisperForConditionalGeneration) -> None:
         super().__init__()
         self.decoder = model.model.decoder
         self.proj_out = model.proj_out
@@ -234,7 +241,8 @@ def t5() -> Built:
             num_heads=HEADS,
             relative_attention_num_buckets=8,
             relative_attention_max_distance=16,
-            decoder_start_token_id=0,
+            # a PreTrainedConfig kwarg T5Config's @strict dataclass fields do not list (it takes it)
+            decoder_start_token_id=0,  # type: ignore[call-arg]
             pad_token_id=0,
             eos_token_id=1,
         )
@@ -249,7 +257,7 @@ def t5() -> Built:
     return Built(_Outputs(model, list(inputs), ["logits"], use_cache=False), inputs, ["logits"])
 
 
-def _classic_attention(module: nn.Module) -> nn.Module:
+def _classic_attention(module: ModuleT) -> ModuleT:
     """Force diffusers' pre-2.0 ``AttnProcessor``: heads folded into batch, baddbmm/softmax/bmm.
 
     The default ``AttnProcessor2_0`` calls ``F.scaled_dot_product_attention``, which the dynamo
@@ -300,7 +308,8 @@ def sd_block() -> Built:
 
 
 def sd_transformer2d() -> Built:
-    from diffusers import Transformer2DModel
+    # the same class as diffusers.Transformer2DModel; for mypy that name is diffusers' dummy object
+    from diffusers.models import Transformer2DModel
 
     torch.manual_seed(0)
     model = Transformer2DModel(
@@ -320,17 +329,36 @@ def sd_transformer2d() -> Built:
     return Built(DiffusersCall(model, True).eval(), inputs, ["sample"])
 
 
+class _CaseExtras(TypedDict, total=False):
+    """The :class:`CaseInfo` fields the cases below set besides the attention shape."""
+
+    seq_len: int
+    vocab_size: int
+    notes: str
+    exporters: tuple[str, ...]
+    attn_implementation: str
+
+
 def _case(
-    name: str, family: str, kind: str, description: str, builder: Callable[[], Built], **kw: object
+    name: str,
+    family: str,
+    kind: str,
+    description: str,
+    builder: Callable[[], Built],
+    *,
+    heads: int = HEADS,
+    kv_heads: int = HEADS,
+    head_dim: int = 16,
+    **kw: Unpack[_CaseExtras],
 ) -> Case:
     info = CaseInfo(
         name=name,
         family=family,
         description=description,
         kind=kind,
-        heads=int(kw.pop("heads", HEADS)),
-        kv_heads=int(kw.pop("kv_heads", HEADS)),
-        head_dim=int(kw.pop("head_dim", 16)),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
         **kw,
     )
     return Case(info, builder)

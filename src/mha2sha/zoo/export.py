@@ -39,17 +39,17 @@ def export(built: Built, path: Path, exporter: str) -> None:
                 do_constant_folding=True,
             )
         else:
-            opset_kw = {} if opset is None else {"opset_version": opset}
             program = torch.onnx.export(
                 built.module,
                 args,
                 input_names=names,
                 output_names=built.output_names,
                 dynamo=True,
-                **opset_kw,
+                opset_version=opset,  # None: torch's default
                 optimize=True,
                 verbose=False,
             )
+            assert program is not None  # dynamo=True returns the program
             program.save(str(path), external_data=False)
     _check_names(built, path)
 

@@ -9,11 +9,16 @@ attention math written here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .decoders import SPECS, VOCAB, make_causal_lm
 from .spec import Built, Case, CaseInfo
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 MASK_VALUE = -10000.0
 CONTEXT = 17  # CL: past + AR
@@ -46,7 +51,7 @@ def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 class PreparedLlamaStep(nn.Module):
     """Llama decoder step with prepared-style I/O; weights are the HF model's own modules."""
 
-    def __init__(self, hf: nn.Module, tile: bool = False) -> None:
+    def __init__(self, hf: LlamaForCausalLM, tile: bool = False) -> None:
         super().__init__()
         self.repeat_kv = repeat_kv_tile if tile else repeat_kv
         cfg = hf.config
@@ -55,6 +60,7 @@ class PreparedLlamaStep(nn.Module):
         self.norm = hf.model.norm
         self.lm_head = hf.lm_head
         self.heads = int(cfg.num_attention_heads)
+        assert cfg.num_key_value_heads is not None  # LlamaConfig defaults it to num_attention_heads
         self.kv_heads = int(cfg.num_key_value_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.scale = self.head_dim**-0.5
@@ -91,7 +97,7 @@ class PreparedLlamaStep(nn.Module):
         return (self.lm_head(self.norm(h)), *new_kv)
 
 
-def rope_tables(hf: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(hf: LlamaForCausalLM, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-width cos/sin [1, 1, AR, D/2] from the HF model's own rotary embedding."""
     inv_freq = hf.model.rotary_emb.inv_freq.float()
     freqs = positions.float()[:, None] * inv_freq[None, :]
@@ -110,8 +116,11 @@ def prepared_mask(ar: int, context: int, padded: int = 2) -> torch.Tensor:
 
 def build_prepared(ar: int, context: int = CONTEXT, tile: bool = False) -> Built:
     """Prepared-style step over the ``llama_gqa`` weights (8 q heads, 2 kv heads, head_dim 12)."""
+    from transformers import LlamaForCausalLM
+
     spec = SPECS["llama_gqa"]
     hf = make_causal_lm(spec)
+    assert isinstance(hf, LlamaForCausalLM)  # a LlamaConfig without LoRA
     past = context - ar
     layers = int(hf.config.num_hidden_layers)
     gen = torch.Generator().manual_seed(INPUT_SEED)
@@ -152,10 +161,11 @@ def _info(name: str, ar: int, extra: str) -> CaseInfo:
 def cases() -> list[Case]:
     """Prepared-style step with AR=3, the AR=1 decode variant, and repeat_kv through Tile."""
     return [
-        Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3)),
-        Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1)),
+        Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3), build_prepared),
+        Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1), build_prepared),
         Case(
             _info("prepared_llama_gqa_tile", 3, "; repeat_kv as Unsqueeze -> Tile (AIMET re-export)"),
             lambda: build_prepared(3, tile=True),
+            lambda ar, cl: build_prepared(ar, cl, tile=True),
         ),
     ]

@@ -8,10 +8,14 @@ tensor distinct, so numerical equivalence checks are meaningful.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 SEED = 1234
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _fan_in(module: nn.Module, weight: torch.Tensor) -> int:
@@ -37,7 +41,7 @@ def _norm_offset(module: nn.Module) -> float:
 
 
 @torch.no_grad()
-def reinit_(model: nn.Module, seed: int = SEED) -> nn.Module:
+def reinit_(model: ModuleT, seed: int = SEED) -> ModuleT:
     """Re-draw every parameter of ``model`` in place from a private seeded generator.
 
     Linear/Conv/Embedding (and any other >=2-D) weights ~ N(0, 1/fan_in); biases ~ N(0, 0.02^2);
