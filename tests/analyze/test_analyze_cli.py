@@ -169,3 +169,30 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys, make, extra, messa
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_encodings_coverage_and_the_probe_on_them(tmp_path: Path) -> None:
+    """Real aimet-onnx encodings (W8A16): coverage of the model as given, the propagation to the
+    per-head model as convert would do it (dry run), and the HTP probe quantized with them."""
+    from tests.encodings.aimet_gen import aimet_available, aimet_encodings
+
+    if not aimet_available():
+        pytest.skip("needs aimet-onnx (make installs it)")
+    calibration = [zoo.example_inputs(CASE), zoo.example_inputs(CASE, seed=1)]
+    model, encodings = aimet_encodings(zoo.build(CASE), calibration, config="w8a16", version="1.0.0")
+    out = tmp_path / "r"
+    assert main(["analyze", str(model), "-o", str(out), "--encodings", str(encodings)]) == 0
+    report = json.loads((out / "model.report.json").read_text())
+    summary = report["encodings"]
+    assert summary["version"] == "1.0.0" and summary["unknown"] == []
+    assert summary["encoded_weights"] == summary["weights"] > 0
+    # AIMET leaves the RoPE halves (Slice) and no-op Casts unencoded: listed, and nothing else
+    assert summary["attention_tensors"] > 0 and set(summary["attention_unencoded"]) <= set(summary["unencoded_activations"])
+    assert all(t.rsplit("/", 1)[-1].startswith(("Slice", "Cast")) for t in summary["attention_unencoded"])
+    propagation = report["encodings_propagation"]
+    assert propagation["ok"] and propagation["counts"]["missing"] == 0 and propagation["counts"]["sha_encoded"] > 0
+    assert report["rank_gt_4_after_split"] is not None  # the dry run ran
+    if htp_available():
+        probe = report["htp_probe"]
+        assert probe["status"] == "ran" and probe["encodings"] == f"user encodings ({encodings.name})"
+        assert probe["nodes"] and all(n["taken"] for n in probe["nodes"]), [n for n in probe["nodes"] if not n["taken"]]

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from mha2sha.analyze.record import EncodingsSummary, InputInfo, ModelFacts
 from mha2sha.encodings.model import EncodingSet
 from mha2sha.graph import DATA_MOVEMENT_OPS, is_onnx_domain, name_of
-from mha2sha.io.names import tensor_names
+from mha2sha.io.names import tensor_names, values_by_name
 from mha2sha.layout.rank import high_rank_tensors
 
 __all__ = ["encodings_summary", "input_infos", "model_facts", "op_counts"]
@@ -98,7 +98,19 @@ def encodings_summary(
                 ):
                     weights.append(name_of(value))
     encoded = set(encodings.activations) | set(encodings.params)
-    cut = [t for t in dict.fromkeys(attention_tensors) if t in names]
+    values = values_by_name(graph)
+
+    def needs_encoding(name: str) -> bool:
+        value = values.get(name)
+        if value is None:
+            return False
+        producer = value.producer()
+        if producer is not None and producer.op_type in DATA_MOVEMENT_OPS:
+            return False  # carries its input's encoding
+        dtype = value.dtype or (value.const_value.dtype if value.const_value is not None else None)
+        return dtype in _FLOATS
+
+    cut = [t for t in dict.fromkeys(attention_tensors) if needs_encoding(t)]
     return EncodingsSummary(
         path=path,
         version=encodings.version,

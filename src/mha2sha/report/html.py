@@ -317,7 +317,14 @@ def _encodings_section(summary: EncodingsSummary | None, coverage: CoverageRepor
         return '<h2 id="encodings">Encodings</h2><p class="muted">No encodings given (--encodings).</p>'
     out = ['<h2 id="encodings">Encodings coverage</h2>']
     if summary is not None:
-        verdict = '<span class="ok">covers the model</span>' if summary.ok else '<span class="warn">gaps</span>'
+        if summary.ok:
+            verdict = '<span class="ok">every float tensor and weight has an encoding</span>'
+        else:
+            verdict = _e(
+                f"{len(summary.unencoded_activations)} float tensor(s) and {len(summary.unencoded_weights)} weight(s) "
+                f"without an encoding (they stay unquantized), {len(summary.unknown)} encoding(s) naming no tensor"
+            )
+            verdict = f'<span class="warn">{verdict}</span>'
         out.append(f"<p><code>{_e(summary.path)}</code> (version {_e(summary.version)}): {verdict}</p>")
         rows = [
             ["activations encoded (float outputs; data movement inherits)", f"{summary.encoded_activations} / {summary.float_activations}", _few(summary.unencoded_activations)],
