@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -1022,7 +1023,7 @@ def _summary(info: AttentionInfo) -> str:
 def _signature(info: AttentionInfo, view: BlockView | None) -> tuple:
     ops = tuple(sorted(collections.Counter(_op_label(n) for n in view.nodes).items())) if view else ()
     return (
-        info.would_split, info.reason if not info.would_split else "", info.heads, info.kv_heads, info.head_dim,
+        info.would_split, re.sub(r"'[^']*'", "'…'", info.reason), info.heads, info.kv_heads, info.head_dim,
         info.seq, info.past, info.rope, info.mask, info.kv_cache, info.packed_qkv, info.lora, info.fused_op,
         tuple(info.features), ops,
     )  # fmt: skip

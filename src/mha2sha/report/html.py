@@ -186,16 +186,17 @@ def _attention_section(structure: StructureRecord, split_word: str = "would spli
         "packed QKV", "LoRA", "fused op", split_word, "reason / features",
     ]  # fmt: skip
     out = [f'<h2 id="attention">Attention blocks ({len(blocks)})</h2>']
-    out.append(
-        _table(
-            headers,
-            attention_rows(blocks),
-            table_id="attention-table",
-            numeric=(3, 4, 5, 6, 7),
-            classes=["" if b.would_split else "no" for b in blocks],
-            cell_class={14: lambda v: "yes" if v == "yes" else "no"},
-        )
+    table = _table(
+        headers,
+        attention_rows(blocks),
+        table_id="attention-table",
+        numeric=(3, 4, 5, 6, 7),
+        classes=["" if b.would_split else "no" for b in blocks],
+        cell_class={14: lambda v: "yes" if v == "yes" else "no"},
     )
+    # a long table folds away (the kinds below summarise it); blocks that would not split keep it open
+    unfold = len(blocks) <= 12 or any(not b.would_split for b in blocks)
+    out.append(f"<details{' open' if unfold else ''}><summary>one row per block</summary>{table}</details>")
     if structure.other_softmax:
         out.append(
             f"<p class=\"muted\">Softmax not in an attention core (left as is): {_e(', '.join(structure.other_softmax))}</p>"
