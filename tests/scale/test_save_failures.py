@@ -31,6 +31,7 @@ import pytest
 
 from mha2sha import cli
 from mha2sha.api import ConvertOptions, convert
+from mha2sha.commands import guard
 from mha2sha.errors import UserError
 from mha2sha.io.load import load_model
 from mha2sha.io.save import parse_size, save_model
@@ -206,7 +207,7 @@ def _run_cli_with_save_hook(monkeypatch, capsys, action, *args: str) -> tuple[in
                 action()
             return super().phase(name, total)
 
-    monkeypatch.setattr(cli, "PhaseTimer", SaveHook)
+    monkeypatch.setattr(guard, "PhaseTimer", SaveHook)
     code = cli.main(list(args))
     return code, capsys.readouterr().err
 

@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from mha2sha.arcl.dims import AR, CL, Dim, P
 from mha2sha.errors import UserError
+from mha2sha.graph import is_op
 from mha2sha.verify.inputs import _embedding_vocab
 
 __all__ = ["InputRole", "Roles", "find_roles"]
@@ -108,7 +109,7 @@ def _past_axis(value: ir.Value, rank: int) -> int | None:
             continue
         seen.add(id(v))
         for node, index in v.uses():
-            if node.op_type == "Concat" and node.domain in ("", "ai.onnx") and len(node.inputs) >= 2:
+            if is_op(node, "Concat") and len(node.inputs) >= 2:
                 axis = node.attributes.get_int("axis", 0) % len(axes)
                 return axes[axis]
             if node.op_type in _KV_PASS and index == 0:

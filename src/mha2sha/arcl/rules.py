@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from mha2sha.arcl.dims import Dim, NotLinear, P, dim
 from mha2sha.arcl.trace import DATA_LIMIT, State, Trace, Unexplained, is_const
+from mha2sha.graph import attr_int, attr_ints
 from mha2sha.split.reshape_map import Unmappable, reshape_groups
 
 #: A change a rule asks of an input: (input index, "axis" | "elem", position, size[, optional]).
@@ -43,16 +44,6 @@ def _shape(s: State | None) -> tuple[Dim, ...]:
     if s is None or s.shape is None:
         raise Unexplained("an input has no known shape")
     return s.shape
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
-
-
-def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(x) for x in attr.as_ints()]
 
 
 def _size(shape: Sequence[Dim]) -> int | None:
@@ -170,7 +161,7 @@ def f_same(t: Trace, node: ir.Node, ins: list) -> list:
     data = None
     if s.data is not None:
         op = node.op_type
-        if op in ("Identity", "CastLike") or op == "Cast" and _attr_int(node, "to", 0) != ir.DataType.BOOL:
+        if op in ("Identity", "CastLike") or op == "Cast" and attr_int(node, "to", 0) != ir.DataType.BOOL:
             data = s.data
         elif op == "Cast":
             data = _elementwise_data(t, "Not", [State(shape, _elementwise_data(t, "Not", [s], shape))], shape)
@@ -215,7 +206,7 @@ def f_matmul(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_gemm(t: Trace, node: ir.Node, ins: list) -> list:
     a, b = _shape(ins[0]), _shape(ins[1])
-    ta, tb = _attr_int(node, "transA", 0), _attr_int(node, "transB", 0)
+    ta, tb = attr_int(node, "transA", 0), attr_int(node, "transB", 0)
     m, k_a = (a[1], a[0]) if ta else (a[0], a[1])
     k_b, n = (b[1], b[0]) if tb else (b[0], b[1])
     t.unify(node, [(0, 0 if ta else 1, k_a), (1, 1 if tb else 0, k_b)], broadcast=False)
@@ -228,9 +219,9 @@ def f_conv(t: Trace, node: ir.Node, ins: list) -> list:
         raise Unexplained("Conv channels move with AR/CL")
     spatial = len(x) - 2
     kernel = [int(d) for d in w[2:]]
-    strides = _attr_ints(node, "strides") or [1] * spatial
-    dil = _attr_ints(node, "dilations") or [1] * spatial
-    pads = _attr_ints(node, "pads") or [0] * (2 * spatial)
+    strides = attr_ints(node, "strides") or [1] * spatial
+    dil = attr_ints(node, "dilations") or [1] * spatial
+    pads = attr_ints(node, "pads") or [0] * (2 * spatial)
     auto = node.attributes.get("auto_pad")
     auto_pad = auto.as_string() if auto is not None else "NOTSET"
     out = [x[0], w[0]]
@@ -253,7 +244,7 @@ def f_conv(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_transpose(t: Trace, node: ir.Node, ins: list) -> list:
     shape = _shape(ins[0])
-    perm = _attr_ints(node, "perm") or list(reversed(range(len(shape))))
+    perm = attr_ints(node, "perm") or list(reversed(range(len(shape))))
     data = None
     if ins[0].data is not None:
         data = np.transpose(ins[0].data, perm)
@@ -269,7 +260,7 @@ def _target(t: Trace, node: ir.Node, s: State | None) -> list[Dim]:
 def f_reshape(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
     tgt = _target(t, node, ins[1])
-    allowzero = _attr_int(node, "allowzero", 0)
+    allowzero = attr_int(node, "allowzero", 0)
     out0 = _reshape_orig(t, x, tgt, allowzero)
     groups = _size_one_pairs(x, out0, _groups(node, [t.orig(d) for d in x], out0))
     out: list[Dim] = [Dim(s) for s in out0]
@@ -367,12 +358,12 @@ def _groups(node: ir.Node, src: list[int], dst: list[int]) -> list[tuple[list[in
 
 def f_flatten(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
-    axis = _attr_int(node, "axis", 1) % (len(x) + 1) if x else 0
+    axis = attr_int(node, "axis", 1) % (len(x) + 1) if x else 0
     return [State((_prod(x[:axis]), _prod(x[axis:])))]
 
 
 def _axes_arg(t: Trace, node: ir.Node, ins: list) -> list[int] | None:
-    axes = _attr_ints(node, "axes")
+    axes = attr_ints(node, "axes")
     if axes is None and len(ins) > 1 and ins[1] is not None:
         axes = _ints(t, node, ins[1], "axes")
     return axes
@@ -407,7 +398,7 @@ def f_squeeze(t: Trace, node: ir.Node, ins: list) -> list:
 def f_concat(t: Trace, node: ir.Node, ins: list) -> list:
     present = [i for i, s in enumerate(ins) if s is not None]
     rank = len(_shape(ins[present[0]]))
-    axis = _attr_int(node, "axis", 0) % rank
+    axis = attr_int(node, "axis", 0) % rank
     out = []
     for k in range(rank):
         if k == axis:
@@ -423,13 +414,13 @@ def f_concat(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_split(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
-    axis = _attr_int(node, "axis", 0) % len(x)
+    axis = attr_int(node, "axis", 0) % len(x)
     n = len(node.outputs)
     if x[axis].symbolic:
         if n != 1:
             raise Unexplained(f"Split along axis {axis}, which moves with AR/CL ({x[axis]})")
         return [State(x)]
-    sizes = _attr_ints(node, "split")
+    sizes = attr_ints(node, "split")
     if sizes is None and len(ins) > 1 and ins[1] is not None:
         sizes = _ints(t, node, ins[1], "split sizes")
     if sizes is None:
@@ -447,9 +438,9 @@ def f_split(t: Trace, node: ir.Node, ins: list) -> list:
 def _slice_args(t: Trace, node: ir.Node, ins: list, rank: int) -> list[tuple[int, Dim, Dim, int, int, int]]:
     """(axis, start, end, step, start input index, end input index) per sliced axis; -1: attribute."""
     if len(ins) == 1:  # opset < 10: attributes
-        starts = [Dim(v) for v in _attr_ints(node, "starts") or []]
-        ends = [Dim(v) for v in _attr_ints(node, "ends") or []]
-        axes = _attr_ints(node, "axes") or list(range(len(starts)))
+        starts = [Dim(v) for v in attr_ints(node, "starts") or []]
+        ends = [Dim(v) for v in attr_ints(node, "ends") or []]
+        axes = attr_ints(node, "axes") or list(range(len(starts)))
         steps = [1] * len(starts)
         return [(a % rank, s, e, st, -1, -1) for a, s, e, st in zip(axes, starts, ends, steps, strict=True)]
     starts = list(_target(t, node, ins[1]))
@@ -514,7 +505,7 @@ def f_slice(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_gather(t: Trace, node: ir.Node, ins: list) -> list:
     x, idx = _shape(ins[0]), _shape(ins[1])
-    axis = _attr_int(node, "axis", 0) % len(x)
+    axis = attr_int(node, "axis", 0) % len(x)
     out = (*x[:axis], *idx, *x[axis + 1 :])
     data = None
     if ins[0].data is not None and ins[1].data is not None and _small(out):
@@ -530,7 +521,7 @@ def f_gather_elements(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_gather_nd(t: Trace, node: ir.Node, ins: list) -> list:
     x, idx = _shape(ins[0]), _shape(ins[1])
-    batch = _attr_int(node, "batch_dims", 0)
+    batch = attr_int(node, "batch_dims", 0)
     last = idx[-1]
     if last.symbolic:
         raise Unexplained("GatherND index depth moves with AR/CL")
@@ -621,7 +612,7 @@ def f_range(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_shape(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
-    start = _attr_int(node, "start", 0)
+    start = attr_int(node, "start", 0)
     end = node.attributes.get("end")
     dims = x[start : int(end.as_int()) if end is not None else len(x)]
     return [State((Dim(len(dims)),), _data(list(dims), (Dim(len(dims)),)))]
@@ -636,11 +627,11 @@ def f_size(t: Trace, node: ir.Node, ins: list) -> list:
 
 
 def _reduce_axes(t: Trace, node: ir.Node, ins: list, rank: int) -> list[int]:
-    axes = _attr_ints(node, "axes")
+    axes = attr_ints(node, "axes")
     if axes is None and len(ins) > 1 and ins[1] is not None:
         axes = _ints(t, node, ins[1], "axes")
     if not axes:
-        if _attr_int(node, "noop_with_empty_axes", 0):
+        if attr_int(node, "noop_with_empty_axes", 0):
             return []
         return list(range(rank))
     return sorted(a % rank for a in axes)
@@ -649,15 +640,15 @@ def _reduce_axes(t: Trace, node: ir.Node, ins: list, rank: int) -> list[int]:
 def f_reduce(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
     axes = _reduce_axes(t, node, ins, len(x))
-    keep = _attr_int(node, "keepdims", 1)
+    keep = attr_int(node, "keepdims", 1)
     out = tuple(Dim(1) if i in axes else d for i, d in enumerate(x) if keep or i not in axes)
     return [State(out)]
 
 
 def f_argmax(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
-    axis = _attr_int(node, "axis", 0) % len(x)
-    keep = _attr_int(node, "keepdims", 1)
+    axis = attr_int(node, "axis", 0) % len(x)
+    keep = attr_int(node, "keepdims", 1)
     out = tuple(Dim(1) if i == axis else d for i, d in enumerate(x) if keep or i != axis)
     return [State(out)]
 
@@ -665,7 +656,7 @@ def f_argmax(t: Trace, node: ir.Node, ins: list) -> list:
 def f_norm(t: Trace, node: ir.Node, ins: list) -> list:
     """LayerNormalization & co: output 0 like input 0; statistics reduce from ``axis`` on."""
     x = _shape(ins[0])
-    axis = _attr_int(node, "axis", -1) % len(x)
+    axis = attr_int(node, "axis", -1) % len(x)
     stats = tuple(d if i < axis else Dim(1) for i, d in enumerate(x))
     return [State(x)] + [State(stats) for _ in node.outputs[1:]]
 
@@ -686,7 +677,7 @@ def f_pad(t: Trace, node: ir.Node, ins: list) -> list:
     if len(ins) > 1 and ins[1] is not None:
         pads = _ints(t, node, ins[1], "pads")
     else:
-        pads = _attr_ints(node, "pads") or [0] * (2 * len(x))
+        pads = attr_ints(node, "pads") or [0] * (2 * len(x))
     axes = list(range(len(x)))
     if len(ins) > 3 and ins[3] is not None:
         axes = [a % len(x) for a in _ints(t, node, ins[3], "axes")]
@@ -699,7 +690,7 @@ def f_pad(t: Trace, node: ir.Node, ins: list) -> list:
 
 def f_topk(t: Trace, node: ir.Node, ins: list) -> list:
     x = list(_shape(ins[0]))
-    axis = _attr_int(node, "axis", -1) % len(x)
+    axis = attr_int(node, "axis", -1) % len(x)
     k = _target(t, node, ins[1])[0]
     x[axis] = k
     return [State(tuple(x)), State(tuple(x))]
@@ -709,7 +700,7 @@ def f_qdq(t: Trace, node: ir.Node, ins: list) -> list:
     x = _shape(ins[0])
     scale = ins[1]
     if scale is not None and scale.shape and len(scale.shape) == 1 and int(scale.shape[0]) > 1:
-        axis = _attr_int(node, "axis", 1) % len(x)
+        axis = attr_int(node, "axis", 1) % len(x)
         if x[axis].symbolic:
             raise Unexplained("per-axis quantization along a moving axis")
     return [State(x)]
@@ -913,7 +904,7 @@ def b_transpose(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim
     if kind != "axis":
         raise Unexplained("Transpose values")
     rank = len(_shape(t.input(node, 0)))
-    perm = _attr_ints(node, "perm") or list(reversed(range(rank)))
+    perm = attr_ints(node, "perm") or list(reversed(range(rank)))
     return [(0, "axis", perm[index], d)]
 
 
@@ -922,7 +913,7 @@ def b_reshape(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) 
         return [(0, "elem", index, d)]
     x = _shape(t.input(node, 0))
     tgt = _target(t, node, t.input(node, 1))
-    allowzero = _attr_int(node, "allowzero", 0)
+    allowzero = attr_int(node, "allowzero", 0)
     out0 = _reshape_orig(t, x, tgt, allowzero)
     for gi, go in _size_one_pairs(x, out0, _groups(node, [t.orig(v) for v in x], out0)):
         if index not in go:
@@ -1060,7 +1051,7 @@ def b_gather(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) -
     x = _shape(t.input(node, 0))
     idx_state = t.input(node, 1)
     idx = _shape(idx_state)
-    axis = _attr_int(node, "axis", 0) % len(x)
+    axis = attr_int(node, "axis", 0) % len(x)
     if kind == "axis":
         if index < axis:
             return [(0, "axis", index, d)]
@@ -1077,7 +1068,7 @@ def b_gather_nd(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim
     if kind != "axis":
         raise Unexplained(f"GatherND '{node.name}' values")
     idx = _shape(t.input(node, 1))
-    batch = _attr_int(node, "batch_dims", 0)
+    batch = attr_int(node, "batch_dims", 0)
     if index < len(idx) - 1:
         return [(1, "axis", index, d)]
     return [(0, "axis", index - (len(idx) - 1) + batch + int(idx[-1]), d)]
@@ -1087,7 +1078,7 @@ def b_concat(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) -
     present = [i for i in range(len(node.inputs)) if node.inputs[i] is not None]
     shapes = {i: _shape(t.input(node, i)) for i in present}
     rank = len(shapes[present[0]])
-    axis = _attr_int(node, "axis", 0) % rank
+    axis = attr_int(node, "axis", 0) % rank
     if kind == "axis":
         if index == axis:
             raise Unexplained(f"the concatenated axis of '{node.name}'")
@@ -1107,7 +1098,7 @@ def b_shape(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) ->
     if kind != "elem":
         raise Unexplained("Shape output length")
     rank = len(_shape(t.input(node, 0)))
-    start = _attr_int(node, "start", 0) % (rank + 1) if rank else 0
+    start = attr_int(node, "start", 0) % (rank + 1) if rank else 0
     return [(0, "axis", start + index, d)]
 
 
@@ -1117,7 +1108,7 @@ def b_reduce(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) -
     ins = [t.input(node, i) for i in range(len(node.inputs))]
     rank = len(_shape(ins[0]))
     axes = _reduce_axes(t, node, ins, rank)
-    keep = _attr_int(node, "keepdims", 1)
+    keep = attr_int(node, "keepdims", 1)
     mapping = list(range(rank)) if keep else [a for a in range(rank) if a not in axes]
     src = mapping[index]
     if src in axes:
@@ -1130,7 +1121,7 @@ def b_conv(t: Trace, node: ir.Node, out: int, kind: str, index: int, d: Dim) -> 
         raise Unexplained("Conv output channels")
     if index == 0:
         return [(0, "axis", 0, d)]
-    strides = _attr_ints(node, "strides") or []
+    strides = attr_ints(node, "strides") or []
     w = _shape(t.input(node, 1))
     if any(s != 1 for s in strides) or int(w[index]) != 1:
         raise Unexplained("Conv spatial axis with a kernel or stride")

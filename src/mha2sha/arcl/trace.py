@@ -30,6 +30,7 @@ import onnx_ir as ir
 from mha2sha.arcl.dims import Dim, NotLinear
 from mha2sha.arcl.roles import Roles
 from mha2sha.errors import UserError
+from mha2sha.graph import is_op
 
 __all__ = ["State", "Trace", "Unexplained", "MarkKey", "const_array", "is_const"]
 
@@ -68,7 +69,7 @@ def is_const(value: ir.Value | None) -> bool:
     if value.const_value is not None:
         return True
     node = value.producer()
-    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+    return is_op(node, "Constant")
 
 
 def const_array(value: ir.Value) -> np.ndarray:
@@ -163,7 +164,7 @@ class Trace:
             dims = tuple(role.axes.get(a, Dim(s)) if role else Dim(s) for a, s in enumerate(shape))
             self.states[id(value)] = State(dims)
         for node in self.graph:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if is_op(node, "Constant"):
                 continue
             self.node = node
             outs = self._evaluate(node)
