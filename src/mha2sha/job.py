@@ -347,10 +347,10 @@ def convert(
                 timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
             )  # fmt: skip
         files = (p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        outputs = sorted([report_file, html_file, *files])
-        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
-        (stage / html_file).write_text(result.to_html(name, str(model_path), outputs), encoding="utf-8")
-        result.files = [out_dir / f for f in outputs]
+        written = sorted([report_file, html_file, *files])
+        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
+        (stage / html_file).write_text(result.to_html(name, str(model_path), written), encoding="utf-8")
+        result.files = [out_dir / f for f in written]
     return result
 
 
