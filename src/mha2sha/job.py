@@ -1,7 +1,7 @@
 """The conversion job: the stages in order, each returning a record, nothing else.
 
-    load -> lower -> prepare -> [lora_alpha input] -> split -> encodings -> layout -> [adapters]
-         -> save -> verify -> report
+    load -> lower -> prepare -> [lora_alpha input] -> split (plan, describe, emit) -> encodings -> layout
+         -> [adapters] -> save -> verify -> report
 
 A stage is a pass or a function of its own module (``io/``, ``lower/``, ``split/``,
 ``encodings/``, ``layout/``, ``verify/``, ``report/``); this module only decides which run and in
@@ -37,6 +37,9 @@ from mha2sha.adapters import (
     read_adapter_list,
     save_adapters,
 )
+from mha2sha.analyze import ModelFacts, StructureRecord, describe_attention
+from mha2sha.analyze.facts import input_infos, model_facts
+from mha2sha.analyze.record import InputInfo
 from mha2sha.encodings import (
     CoverageReport,
     EncodingSet,
@@ -51,6 +54,7 @@ from mha2sha.encodings import (
 )
 from mha2sha.encodings.remap import remap_encodings
 from mha2sha.errors import ConversionFailed, InternalError, UserError
+from mha2sha.graph import name_of
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
@@ -58,6 +62,7 @@ from mha2sha.io.save import save_model, staging_dir
 from mha2sha.io.shapes import ShapeRoles, check_shapes, resolve_input_shapes
 from mha2sha.layout import LayoutRecord, apply_htp_layout, split_o_proj_per_head
 from mha2sha.lower import LowerRecord, lower_fused_ops
+from mha2sha.report.html import conversion_html
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
 from mha2sha.split.record import BlockReport, SplitRecord
@@ -175,6 +180,13 @@ class ConversionResult:
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
+    # for the HTML report: the attention blocks as planned (before the split emitted), the inputs
+    # (declared and used), the graph's facts before the split and as written
+    structure: StructureRecord | None = None
+    inputs: list[InputInfo] = dataclasses.field(default_factory=list)
+    outputs: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    facts_before: ModelFacts | None = None
+    facts_after: ModelFacts | None = None
 
     # -- shortcuts into the records -------------------------------------------------------------
     @property
@@ -228,7 +240,7 @@ class ConversionResult:
         return self.verify.htp if self.verify else None
 
     def to_json(self) -> dict[str, Any]:
-        return report_json(
+        report = report_json(
             lowering=self.lowering,
             split=self.split,
             layout=self.layout,
@@ -236,6 +248,26 @@ class ConversionResult:
             adapters=self.adapters,
             verify=self.verify,
             phases=self.timer.records if self.timer else [],
+        )
+        if self.structure is not None:
+            report["attention"] = self.structure.to_dict(sketches=False)
+        return report
+
+    def to_html(self, name: str, model_path: str, files: list[str]) -> str:
+        return conversion_html(
+            name=name,
+            model_path=model_path,
+            structure=self.structure,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            facts_before=self.facts_before,
+            facts_after=self.facts_after,
+            lowering=self.lowering,
+            layout=self.layout,
+            coverage=self.coverage,
+            verify=self.verify,
+            phases=self.timer.records if self.timer else [],
+            files=files,
         )
 
 
@@ -249,10 +281,10 @@ def convert(
 ) -> ConversionResult:
     """Split every multi-head attention of ``model_path`` and write the result to ``out_dir``.
 
-    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json`` and
-    ``<name>.report.json`` (+ ``<name>.encodings``, input lists). Nothing is written when the input
-    is bad; when verification fails only ``<name>.failed.report.json`` (what was checked, and where
-    it failed) is.
+    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json``,
+    ``<name>.report.json`` and ``<name>.report.html`` (+ ``<name>.encodings``, input lists, adapters).
+    Nothing is written when the input is bad; when verification fails only
+    ``<name>.failed.report.json`` (what was checked, and where it failed) is.
     """
     options = options or ConvertOptions()
     timer = timer or PhaseTimer()
@@ -268,6 +300,7 @@ def convert(
     with timer.phase("load"):
         model = load_model(model_path)
         shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
+        inputs, outputs = input_infos(model, shapes), [(name_of(v), _shape_text(v.shape)) for v in model.graph.outputs]
         fix_input_shapes(model, shapes)
         require_static_inputs(model)
         check_shapes(model)
@@ -293,9 +326,16 @@ def convert(
     before = _EncodingsContext.of(model) if encoded else None
 
     result = ConversionResult(model, SplitRecord(), lowering=result_lowering, adapters=adapters, timer=timer)
+    result.inputs, result.outputs = inputs, outputs
+    result.facts_before = model_facts(model)
     if options.split_heads:
         with timer.phase("split heads") as progress:
-            SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)(model)
+            split_pass = SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)
+            split_plan = split_pass.plan(model)
+            # what the report draws and lists, read from the graph before the split changes it
+            result.structure = describe_attention(model, split_plan, result_lowering)
+            result.structure.other_softmax = list(result.split.other_softmax)
+            split_pass.apply(model, split_plan)
             remove_unused_initializers(model)
         if not result.split_blocks and not options.force:
             return result
@@ -354,7 +394,9 @@ def convert(
         with timer.phase("split adapters"):
             fit_adapters(adapters, result.split, result.layout, model)
 
+    result.facts_after = model_facts(model)
     report_file = f"{name}.report.json"
+    html_file = f"{name}.report.html"
     failed_report = out_dir / f"{name}{FAILED_REPORT_SUFFIX}"
     replaces = _previous_outputs(out_dir / report_file)
     if failed_report.is_file():  # an earlier run's failure report goes when this run's set comes
@@ -387,11 +429,11 @@ def convert(
                         rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
                         input_shapes=verify_options.input_shapes, phase=timer.phase,
                     )  # fmt: skip
-            outputs = sorted(
-                [report_file, *(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())]
-            )
-            (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
-            result.files = [out_dir / f for f in outputs]
+            files = (p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+            written = sorted([report_file, html_file, *files])
+            (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
+            (stage / html_file).write_text(result.to_html(name, str(model_path), written), encoding="utf-8")
+            result.files = [out_dir / f for f in written]
     except ConversionFailed as failed:  # verification failed: the model is not written, the report is
         if not isinstance(failed.record, VerifyRecord):
             raise
@@ -434,6 +476,12 @@ def _load_adapters(options: ConvertOptions, model: ir.Model) -> AdapterSet | Non
         for adapter in adapter_set.adapters:
             adapter_scale(adapter, adapter_set.lora)  # refuse a scale that cannot be fed now
     return adapter_set
+
+
+def _shape_text(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def _previous_outputs(report: Path) -> list[str]:

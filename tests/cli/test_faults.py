@@ -91,7 +91,7 @@ def test_rerun_replaces_outputs_as_a_set(tmp_path, model, encodings) -> None:
     assert (out / "attn.encodings").exists()
     (out / "notes.txt").write_text("mine")
     assert run("convert", str(model), "-o", str(out)).returncode == 0
-    assert listing(out) == ["attn.onnx", "attn.report.json", "mha_to_sha_names.json", "notes.txt"]
+    assert listing(out) == ["attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json", "notes.txt"]
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -136,7 +136,7 @@ def test_concurrent_runs_into_one_folder(tmp_path, model) -> None:
     procs = [subprocess.Popen([*CLI, "convert", str(model), "-o", str(out)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for _ in range(3)]  # fmt: skip
     assert all(p.wait(timeout=180) == 0 for p in procs)
-    assert listing(out) == ["attn.onnx", "attn.report.json", "mha_to_sha_names.json"]
+    assert listing(out) == ["attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json"]
     assert onnx.load(out / "attn.onnx") is not None
 
 

@@ -313,7 +313,8 @@ def test_sharded_convert_matches_unsharded(tmp_path, external_model, shard_bytes
     ):
         np.testing.assert_array_equal(got, want)
     assert whole.files == [
-        tmp_path / "whole" / n for n in ("attn.onnx", "attn.report.json", "mha_to_sha_names.json")
+        tmp_path / "whole" / n
+        for n in ("attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json")
     ]
 
 

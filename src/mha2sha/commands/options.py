@@ -26,7 +26,9 @@ __all__ = [
     "LEGACY_LATER",
     "LEGACY_LAYOUT",
     "add_conversion_options",
+    "add_shape_options",
     "options_from_flags",
+    "shape_roles_from_flags",
 ]
 
 #: Flags of the original tool that the automatic split makes unnecessary: accepted, no effect.
@@ -47,6 +49,30 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def add_shape_options(parser: argparse.ArgumentParser) -> None:
+    """``--input-shape`` and the role sizes (``--seq-len``, ``--past-len``, ...) of dynamic dims."""
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape"
+    )
+    for role, flag, what in (
+        ("seq", "--seq-len", "new tokens per step (sequence_length dims)"),
+        ("past", "--past-len", "cached tokens (past_sequence_length dims; total = past + seq)"),
+        ("batch", "--batch-size", "batch (batch_size dims; default: suggested 1)"),
+        ("encoder_seq", "--encoder-seq-len", "encoder_sequence_length dims (cross-attention)"),
+    ):
+        parser.add_argument(flag, dest=f"{role}_len" if role != "batch" else "batch_size", type=int,
+                            metavar="N", help=f"size of dynamic dims: {what}")  # fmt: skip
+
+
+def shape_roles_from_flags(flags: Mapping[str, Any]) -> ShapeRoles:
+    return ShapeRoles(
+        batch=flags.get("batch_size"),
+        seq=flags.get("seq_len"),
+        past=flags.get("past_len"),
+        encoder_seq=flags.get("encoder_seq_len"),
+    )
+
+
 def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     """Options every conversion front-end shares (``convert`` and the original tool's CLI)."""
     parser.add_argument(
@@ -63,17 +89,7 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimize-o-proj", action="store_true", help="per-head o_proj slices summed (measured slower; off in htp)"
     )
-    parser.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape"
-    )
-    for role, flag, what in (
-        ("seq", "--seq-len", "new tokens per step (sequence_length dims)"),
-        ("past", "--past-len", "cached tokens (past_sequence_length dims; total = past + seq)"),
-        ("batch", "--batch-size", "batch (batch_size dims; default: suggested 1)"),
-        ("encoder_seq", "--encoder-seq-len", "encoder_sequence_length dims (cross-attention)"),
-    ):
-        parser.add_argument(flag, dest=f"{role}_len" if role != "batch" else "batch_size", type=int,
-                            metavar="N", help=f"size of dynamic dims: {what}")  # fmt: skip
+    add_shape_options(parser)
     parser.add_argument("--inputs", metavar="NPZ", help="verify on these inputs (.npz keyed by input name)")
     parser.add_argument(
         "--allow-partial", action="store_true", help="exit 0 even if some attention blocks stay multi-head"
@@ -135,12 +151,7 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
     shard = flags.get("shard_size")
     return ConvertOptions(
         input_shapes=parse_input_shapes(flags.get("input_shape") or []),
-        shape_roles=ShapeRoles(
-            batch=flags.get("batch_size"),
-            seq=flags.get("seq_len"),
-            past=flags.get("past_len"),
-            encoder_seq=flags.get("encoder_seq_len"),
-        ),
+        shape_roles=shape_roles_from_flags(flags),
         inputs=flags.get("inputs"),
         verify=verify,
         rtol=flags.get("rtol", _DEFAULTS["rtol"]),

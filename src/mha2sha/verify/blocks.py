@@ -77,6 +77,8 @@ from mha2sha.verify.runner import (
 __all__ = [
     "Block",
     "CHEAP_CONE_BYTES",
+    "cone_of",
+    "run_sub_model",
     "LOW_PRECISION_EPS",
     "find_blocks",
     "infer_pieces",
@@ -554,6 +556,24 @@ def infer_pieces(
 
 
 # ----------------------------------------------------------------------------- public
+
+
+def cone_of(outputs: Sequence[ir.Value], stop: Callable[[ir.Value], bool] = lambda v: False) -> _Cone:
+    """The nodes computing ``outputs`` back to graph inputs, constants or ``stop``: ``.nodes``
+    (ids), ``.inputs`` (values to feed), ``.initializers``, ``.weight_bytes()``."""
+    return _cone(outputs, stop)
+
+
+def run_sub_model(
+    model: ir.Model,
+    cone: _Cone,
+    feeds: Mapping[str, np.ndarray],
+    outputs: Sequence[ir.Value],
+    optimization: Optimization = "basic",
+) -> dict[str, np.ndarray]:
+    """Run the nodes of ``cone`` (from :func:`cone_of`) on ``feeds`` with onnxruntime's CPU provider."""
+    proto = _sub_model(model, cone, feeds, outputs)
+    return _run(proto, feeds, optimization, "a part of the model")
 
 
 def verify_blocks(
