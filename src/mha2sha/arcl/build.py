@@ -36,6 +36,7 @@ from mha2sha.io.save import staging_dir
 from mha2sha.io.shared_weights import save_sharing_weights
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.verify.inputs import ROPE_THETA
+from mha2sha.verify.plan import available_ram
 from mha2sha.verify.token_loop import StepContract, compare_loops, prompt_tokens, run_token_loop
 
 __all__ = ["BuildArOptions", "build_ar", "convert_and_build_ar", "variant_name", "parse_ars"]
@@ -306,7 +307,7 @@ def _verify(
     from mha2sha.verify.runner import estimate_ort_bytes
 
     estimate, low = estimate_ort_bytes(source)
-    if options.verify == "auto" and estimate > min(options.loop_max_bytes, _available_ram() // 4):
+    if options.verify == "auto" and estimate > min(options.loop_max_bytes, available_ram() // 4):
         record.verify_mode = "skipped"
         note = (
             f"token loops skipped: a whole-model onnxruntime run of this model is estimated at "
@@ -434,12 +435,3 @@ def _tie_cache_encodings(enc, contract: StepContract, record: ArRecord):
     return tied
 
 
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 8 << 30

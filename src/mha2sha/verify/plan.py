@@ -162,7 +162,8 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
+    """Bytes of memory available now (MemAvailable), what a whole-model run may use."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -198,7 +199,7 @@ def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: boo
         return None
     inputs = plan_inputs(model, options.seed, npz=options.inputs)
     estimate, low = estimate_ort_bytes(model, inputs.nbytes)
-    limit = min(options.full_verify_max_bytes, _available_ram() // 4)
+    limit = min(options.full_verify_max_bytes, available_ram() // 4)
     fits: Literal["full", "blocks"] = "full" if estimate <= limit else "blocks"
     mode = fits if options.mode == "auto" else options.mode
     plan = VerifyPlan(options.mode, mode, inputs, estimate, limit, low)
@@ -230,7 +231,7 @@ def require_memory(plan: VerifyPlan, model: ir.Model) -> None:
             if size > largest:
                 largest, name = size, value.name or ""
     need = largest * 3 + plan.inputs.nbytes  # a tensor, its consumer's output, the feeds
-    available = _available_ram()
+    available = available_ram()
     if need > available:
         raise UserError(
             f"verification would need more memory than this machine has: tensor '{name}' alone is "
