@@ -26,6 +26,7 @@ import onnx_ir as ir
 from mha2sha.adapters import (
     AdapterSet,
     AdaptersRecord,
+    AlphaRecord,
     adapter_scale,
     alpha_encoding,
     alpha_encodings,
@@ -286,153 +287,187 @@ def convert(
     Nothing is written when the input is bad; when verification fails only
     ``<name>.failed.report.json`` (what was checked, and where it failed) is.
     """
-    options = options or ConvertOptions()
-    timer = timer or PhaseTimer()
-    if not os.fspath(out_dir).strip():
-        raise UserError("the output folder (-o) is empty")
-    model_path, out_dir = Path(model_path), Path(out_dir)
-    name = model_path.stem if name is None else name
-    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
-        raise UserError(f"--name must be a plain file name (no folder, not '.' or '..'), not {name!r}")
-    out_model = out_dir / f"{name}.onnx"
-    _refuse_overwriting_input(model_path, out_model)
+    job = _Job.start(model_path, out_dir, name, options or ConvertOptions(), timer or PhaseTimer())
+    _load(job)
+    with job.timer.phase("lower fused ops"):
+        job.result.lowering = lower_fused_ops(job.model)
+    _prepare(job)
+    if not _split(job):
+        return job.result
+    _encodings(job)
+    _layout(job)
+    _save_verify_report(job)
+    return job.result
 
-    with timer.phase("load"):
-        model = load_model(model_path)
+
+@dataclasses.dataclass
+class _Job:
+    """One conversion in progress: its inputs, the model being rewritten, and what stages hand on."""
+
+    options: ConvertOptions
+    timer: PhaseTimer
+    model_path: Path
+    out_dir: Path
+    name: str
+    model: ir.Model = dataclasses.field(init=False)
+    result: ConversionResult = dataclasses.field(init=False)
+    verify_options: VerifyOptions = dataclasses.field(init=False)
+    plan: VerifyPlan | None = None
+    encodings: EncodingSet | None = None  # of the original model, as read
+    sha_encodings: EncodingSet | None = None
+    adapter_set: AdapterSet | None = None
+    alpha: AlphaRecord | None = None
+    before: _EncodingsContext | None = None
+
+    @classmethod
+    def start(cls, model_path: str | os.PathLike, out_dir: str | os.PathLike, name: str | None,
+              options: ConvertOptions, timer: PhaseTimer) -> _Job:  # fmt: skip
+        """Check the output location before any work (never the input's files, a plain name)."""
+        if not os.fspath(out_dir).strip():
+            raise UserError("the output folder (-o) is empty")
+        path = Path(model_path)
+        name = path.stem if name is None else name
+        if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise UserError(f"--name must be a plain file name (no folder, not '.' or '..'), not {name!r}")
+        _refuse_overwriting_input(path, Path(out_dir) / f"{name}.onnx")
+        return cls(options, timer, path, Path(out_dir), name)
+
+    @property
+    def adapters(self) -> AdaptersRecord | None:
+        return self.result.adapters
+
+
+def _load(job: _Job) -> None:
+    """The model with static input shapes, the verification planned, encodings and adapters read."""
+    options = job.options
+    with job.timer.phase("load"):
+        model = job.model = load_model(job.model_path)
         shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
-        inputs, outputs = input_infos(model, shapes), [(name_of(v), _shape_text(v.shape)) for v in model.graph.outputs]
+        inputs = input_infos(model, shapes)
+        outputs = [(name_of(v), _shape_text(v.shape)) for v in model.graph.outputs]
         fix_input_shapes(model, shapes)
         require_static_inputs(model)
         check_shapes(model)
-        verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
-        plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
-        encodings = load_encodings(options.encodings, model=model) if options.encodings else None
-        adapter_set = _load_adapters(options, model)
-    with timer.phase("lower fused ops"):
-        result_lowering = lower_fused_ops(model)
-    with timer.phase("prepare (fold shapes, infer)"):
-        prepare_for_split(model)
-        if plan is not None:
-            require_memory(plan, model)
-    alpha = None
-    if adapter_set is not None and options.lora_alpha_from_input:
-        with timer.phase("LoRA scale -> input lora_alpha"):
-            alpha = lora_alpha_to_input(model, find_lora(model, adapter_set.names))
-            if plan is not None:
-                plan.inputs.add_fixed(alpha.input, alpha.feed())
-    adapters = plan_adapters(adapter_set, alpha, encodings) if adapter_set is not None else None
-    adapter_results = adapters.adapters if adapters is not None else []
-    encoded = encodings is not None or any(a.mha_encodings is not None for a in adapter_results)
-    before = _EncodingsContext.of(model) if encoded else None
+        job.verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
+        job.plan = plan_verification(model, job.verify_options, encodings=options.encodings is not None)
+        job.encodings = load_encodings(options.encodings, model=model) if options.encodings else None
+        job.adapter_set = _load_adapters(options, model)
+    job.result = ConversionResult(model, SplitRecord(), timer=job.timer)
+    job.result.inputs, job.result.outputs = inputs, outputs
 
-    result = ConversionResult(model, SplitRecord(), lowering=result_lowering, adapters=adapters, timer=timer)
-    result.inputs, result.outputs = inputs, outputs
-    result.facts_before = model_facts(model)
+
+def _prepare(job: _Job) -> None:
+    """Static shapes everywhere; the LoRA scale as an input when asked; the adapters planned."""
+    with job.timer.phase("prepare (fold shapes, infer)"):
+        prepare_for_split(job.model)
+        if job.plan is not None:
+            require_memory(job.plan, job.model)
+    if job.adapter_set is not None and job.options.lora_alpha_from_input:
+        with job.timer.phase("LoRA scale -> input lora_alpha"):
+            job.alpha = lora_alpha_to_input(job.model, find_lora(job.model, job.adapter_set.names))
+            if job.plan is not None:
+                job.plan.inputs.add_fixed(job.alpha.input, job.alpha.feed())
+    if job.adapter_set is not None:
+        job.result.adapters = plan_adapters(job.adapter_set, job.alpha, job.encodings)
+    adapter_encodings = any(a.mha_encodings is not None for a in _adapter_results(job))
+    if job.encodings is not None or adapter_encodings:
+        job.before = _EncodingsContext.of(job.model)
+    job.result.facts_before = model_facts(job.model)
+
+
+def _split(job: _Job) -> bool:
+    """Every attention block split per head (and ``o_proj`` per head when asked); False when there
+    is nothing to write (no block split, and no ``--force``)."""
+    result, options, model = job.result, job.options, job.model
     if options.split_heads:
-        with timer.phase("split heads") as progress:
+        with job.timer.phase("split heads") as progress:
             split_pass = SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)
             split_plan = split_pass.plan(model)
             # what the report draws and lists, read from the graph before the split changes it
-            result.structure = describe_attention(model, split_plan, result_lowering)
+            result.structure = describe_attention(model, split_plan, result.lowering)
             result.structure.other_softmax = list(result.split.other_softmax)
             split_pass.apply(model, split_plan)
             remove_unused_initializers(model)
         if not result.split_blocks and not options.force:
-            return result
+            return False
     if options.htp_layout or options.optimize_o_proj:
         result.layout = LayoutRecord()
     if options.optimize_o_proj:  # before propagation: its W_o row slices are per-head weights
-        with timer.phase("per-head o_proj"):
+        with job.timer.phase("per-head o_proj"):
             split_o_proj_per_head(model, result.layout, result.split)
             remove_unused_initializers(model)
-    sha_encodings = None
-    mha_encodings = encodings  # the quantized reference of the base graph
-    if before is not None:
-        facts: OutputFacts | None = None  # of the model once requantize() changed it
+    return True
 
-        def propagated(es: EncodingSet, only: set[str] | None = None) -> tuple[EncodingSet, CoverageReport]:
-            return propagate(
-                es,
-                result.split,
-                model,
-                channel_axes_map=before.axes,
-                strict=options.strict_encodings,
-                original_names=before.names,
-                only=only,
-                facts=facts,
-            )
 
-        with timer.phase("propagate encodings"):
-            sha_source = encodings
-            if encodings is not None and alpha is not None:
-                enc, alpha.encoding_source = alpha_encoding(encodings, alpha, alpha.value)
-                sha_source = alpha_encodings(encodings, alpha, enc)
-            if sha_source is not None:
-                # where one per-head tensor stands for originals with different encodings, requantise
-                # per head as the MHA model did (a full-range Slice per extra encoding)
-                result.requant = requantize(model, result.split, sha_source)
-            facts = output_facts(model)
-            if sha_source is not None:
-                sha_encodings, result.coverage = propagated(sha_source)
-            for adapter in adapter_results:  # only its own encodings: the others are the base graph's
-                if adapter.mha_encodings is not None:
-                    adapter.encodings, adapter.coverage = propagated(adapter.mha_encodings, adapter.scope)
-    if options.htp_layout:
-        with timer.phase("HTP layout (Linear -> Conv 1x1)"):
-            every = [sha_encodings, *(a.encodings for a in adapter_results)]
+def _encodings(job: _Job) -> None:
+    """Requantisation where heads need it, then every encodings file propagated per head."""
+    if job.before is None:
+        return
+    result, before, options = job.result, job.before, job.options
+    facts: OutputFacts | None = None  # of the model once requantize() changed it
+
+    def propagated(es: EncodingSet, only: set[str] | None = None) -> tuple[EncodingSet, CoverageReport]:
+        return propagate(es, result.split, job.model, channel_axes_map=before.axes, strict=options.strict_encodings,
+                         original_names=before.names, only=only, facts=facts)  # fmt: skip
+
+    with job.timer.phase("propagate encodings"):
+        sha_source = job.encodings
+        if job.encodings is not None and job.alpha is not None:
+            enc, job.alpha.encoding_source = alpha_encoding(job.encodings, job.alpha, job.alpha.value)
+            sha_source = alpha_encodings(job.encodings, job.alpha, enc)
+        if sha_source is not None:
+            # where one per-head tensor stands for originals with different encodings, requantise
+            # per head as the MHA model did (a full-range Slice per extra encoding)
+            result.requant = requantize(job.model, result.split, sha_source)
+        facts = output_facts(job.model)
+        if sha_source is not None:
+            job.sha_encodings, result.coverage = propagated(sha_source)
+        for adapter in _adapter_results(job):  # only its own encodings: the others are the base graph's
+            if adapter.mha_encodings is not None:
+                adapter.encodings, adapter.coverage = propagated(adapter.mha_encodings, adapter.scope)
+
+
+def _layout(job: _Job) -> None:
+    """The HTP layout (encodings follow it), then the adapters cut like the graph."""
+    result, model = job.result, job.model
+    if job.options.htp_layout:
+        assert result.layout is not None  # made by _split for the layout passes
+        with job.timer.phase("HTP layout (Linear -> Conv 1x1)"):
+            every = [job.sha_encodings, *(a.encodings for a in _adapter_results(job))]
             quantized = {n for es in every if es is not None for n in es.activations}
             keep = set(result.requant.tensors) if result.requant is not None else set()
             apply_htp_layout(model, result.layout, quantized=quantized, keep=keep)
             remove_unused_initializers(model)
-            assert result.layout is not None  # made above for the layout passes
-            if sha_encodings is not None:
-                sha_encodings = remap_encodings(sha_encodings, result.layout, model)
-            for adapter in adapter_results:
+            if job.sha_encodings is not None:
+                job.sha_encodings = remap_encodings(job.sha_encodings, result.layout, model)
+            for adapter in _adapter_results(job):
                 if adapter.encodings is not None:
                     adapter.encodings = remap_encodings(adapter.encodings, result.layout, model)
-    if adapters is not None:
-        with timer.phase("split adapters"):
-            fit_adapters(adapters, result.split, result.layout, model)
-
+    if job.adapters is not None:
+        with job.timer.phase("split adapters"):
+            fit_adapters(job.adapters, result.split, result.layout, model)
     result.facts_after = model_facts(model)
-    report_file = f"{name}.report.json"
-    html_file = f"{name}.report.html"
+
+
+def _save_verify_report(job: _Job) -> None:
+    """Save into a staging folder, prove it, write the reports; move it all in place as one set.
+    A failed proof leaves only ``<name>.failed.report.json``."""
+    result, name, out_dir = job.result, job.name, job.out_dir
+    report_file, html_file = f"{name}.report.json", f"{name}.report.html"
     failed_report = out_dir / f"{name}{FAILED_REPORT_SUFFIX}"
     replaces = _previous_outputs(out_dir / report_file)
     if failed_report.is_file():  # an earlier run's failure report goes when this run's set comes
         replaces.append(failed_report.name)
     try:
         with staging_dir(out_dir, replaces=replaces) as stage:
-            with timer.phase("save") as progress:
-                staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
-                _check_model(staged)
-                (stage / NAME_MAP_FILE).write_text(json.dumps(result.split.name_map(), indent=1))
-                if sha_encodings is not None:
-                    version = options.encodings_version or sha_encodings.version
-                    save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
-                if adapters is not None:
-                    save_adapters(adapters, stage, out_model.name, options.encodings_version, model=model)
-            if plan is not None:
-                quantized_pair = (
-                    Quantized(mha_encodings, sha_encodings, origins(result.split, result.layout))
-                    if mha_encodings is not None and sha_encodings is not None
-                    else None
-                )
-                result.verify = verify_conversion(
-                    plan, verify_options, model_path, staged, result.split, quantized_pair,
-                    timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
-                )  # fmt: skip
-                if adapters is not None:
-                    result.verify.adapters = verify_adapters(
-                        adapters, model_path, staged, result.split, result.layout, sha_encodings,
-                        inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
-                        rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
-                        input_shapes=verify_options.input_shapes, phase=timer.phase,
-                    )  # fmt: skip
+            staged = _save(job, stage)
+            if job.plan is not None:
+                _verify(job, job.plan, staged, stage)
             files = (p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
             written = sorted([report_file, html_file, *files])
             (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
-            (stage / html_file).write_text(result.to_html(name, str(model_path), written), encoding="utf-8")
+            html = result.to_html(name, str(job.model_path), written)
+            (stage / html_file).write_text(html, encoding="utf-8")
             result.files = [out_dir / f for f in written]
     except ConversionFailed as failed:  # verification failed: the model is not written, the report is
         if not isinstance(failed.record, VerifyRecord):
@@ -443,7 +478,44 @@ def convert(
             f"{failed}; the model was not written (report of the failed check: {failed_report})",
             record=failed.record,
         ) from None
-    return result
+
+
+def _save(job: _Job, stage: Path) -> Path:
+    """The model, the name map, the encodings and the adapters, into the staging folder."""
+    with job.timer.phase("save") as progress:
+        out = stage / f"{job.name}.onnx"
+        staged = save_model(job.model, out, job.options.shard_bytes, progress.to)[0]
+        _check_model(staged)
+        (stage / NAME_MAP_FILE).write_text(json.dumps(job.result.split.name_map(), indent=1))
+        version = job.options.encodings_version
+        if job.sha_encodings is not None:
+            path = stage / f"{job.name}.encodings"
+            save_encodings(job.sha_encodings, path, version or job.sha_encodings.version, model=job.model)
+        if job.adapters is not None:
+            save_adapters(job.adapters, stage, out.name, version, model=job.model)
+    return staged
+
+
+def _verify(job: _Job, plan: VerifyPlan, staged: Path, stage: Path) -> None:
+    """Every proof the plan holds: the base conversion, then each adapter's."""
+    result, options = job.result, job.options
+    quantized = None
+    if job.encodings is not None and job.sha_encodings is not None:
+        quantized = Quantized(job.encodings, job.sha_encodings, origins(result.split, result.layout))
+    lowered = [name for name, _, _ in result.lowering.lowered] if result.lowering else []
+    result.verify = verify_conversion(plan, job.verify_options, job.model_path, staged, result.split, quantized,
+                                      job.timer.phase, stage, job.out_dir, lowered)  # fmt: skip
+    if job.adapters is not None:
+        result.verify.adapters = verify_adapters(
+            job.adapters, job.model_path, staged, result.split, result.layout, job.sha_encodings,
+            inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
+            rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
+            input_shapes=job.verify_options.input_shapes, phase=job.timer.phase,
+        )  # fmt: skip
+
+
+def _adapter_results(job: _Job) -> list:
+    return job.adapters.adapters if job.adapters is not None else []
 
 
 def _write_failed_report(path: Path, report: dict[str, Any]) -> None:
