@@ -10,6 +10,7 @@ file plus one step in :func:`convert`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,6 +54,7 @@ from mha2sha.verify.plan import (
     VerifyPlan,
     VerifyRecord,
     plan_verification,
+    prepare_blocks,
     require_memory,
     verify_conversion,
 )
@@ -101,7 +103,9 @@ class ConvertOptions:
             self.verify = "auto" if self.verify else "none"
         mode = self.verify.lower() if isinstance(self.verify, str) else None
         if mode is None or not _is_verify_mode(mode):
-            raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
+            raise UserError(
+                f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}"
+            )
         self.verify = mode
         if not (math.isfinite(self.rtol) and self.rtol > 0):
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
@@ -286,7 +290,21 @@ def convert(
                 sha_encodings = remap_encodings(sha_encodings, result.layout, model)
 
     report_file = f"{name}.report.json"
-    with staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage:
+    quantized_pair = (
+        Quantized(encodings, sha_encodings, origins(result.split, result.layout))
+        if encodings is not None and sha_encodings is not None
+        else None
+    )
+    with (
+        contextlib.ExitStack() as background,
+        staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage,
+    ):
+        ahead = None
+        if plan is not None and plan.mode == "blocks":
+            with timer.phase("find blocks (original sides computed during the save)"):
+                ahead = prepare_blocks(plan, verify_options, model_path, model, result.split, quantized_pair)
+                if ahead is not None:
+                    background.enter_context(ahead)
         with timer.phase("save") as progress:
             staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
             _check_model(staged)
@@ -295,14 +313,9 @@ def convert(
                 version = options.encodings_version or sha_encodings.version
                 save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
         if plan is not None:
-            quantized_pair = (
-                Quantized(encodings, sha_encodings, origins(result.split, result.layout))
-                if encodings is not None and sha_encodings is not None
-                else None
-            )
             result.verify = verify_conversion(
                 plan, verify_options, model_path, staged, result.split, quantized_pair,
-                timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered],
+                timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered], ahead,
             )  # fmt: skip
         outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         outputs.append(report_file)
@@ -317,7 +330,9 @@ def _previous_outputs(report: Path) -> list[str]:
         outputs = json.loads(report.read_text()).get("outputs", [])
     except (OSError, ValueError, AttributeError):
         return []
-    return [o for o in outputs if isinstance(o, str) and ".." not in Path(o).parts and not Path(o).is_absolute()]
+    return [
+        o for o in outputs if isinstance(o, str) and ".." not in Path(o).parts and not Path(o).is_absolute()
+    ]
 
 
 @dataclasses.dataclass
@@ -352,4 +367,3 @@ def _check_model(path: Path) -> None:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:  # a bug of ours, never the user's
         raise InternalError(f"converted model fails onnx.checker: {str(e).splitlines()[0]}") from e
-

@@ -114,7 +114,8 @@ def _nums(ctx: _Ctx, where: str, v: Any, key: str) -> np.ndarray:
 
     def ok(x: Any) -> bool:
         if isinstance(x, list):
-            return all(ok(y) for y in x)
+            # flat lists of plain numbers first (per-channel scales: most of a file's values)
+            return all(type(y) is float or type(y) is int for y in x) or all(ok(y) for y in x)
         return _is_num(x)
 
     if not ok(v):
@@ -128,7 +129,7 @@ def _nums(ctx: _Ctx, where: str, v: Any, key: str) -> np.ndarray:
 
 def _all_ints(v: Any) -> bool:
     if isinstance(v, list):
-        return all(_all_ints(x) for x in v)
+        return all(type(x) is int for x in v) or all(_all_ints(x) for x in v)
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -749,7 +750,9 @@ def _check_values(ctx: _Ctx, enc: Encoding) -> None:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if dtype_is_signed(qdtype) else (0, 2**bits - 1)
     zp = np.asarray(enc.zero_point(qdtype), np.float64)
     if zp.size and (zp.min() < lo or zp.max() > hi):
-        raise ctx.fail(enc.name, f"offset / zero point {zp.reshape(-1)[0]:g} outside the {qdtype} grid [{lo}, {hi}]")
+        raise ctx.fail(
+            enc.name, f"offset / zero point {zp.reshape(-1)[0]:g} outside the {qdtype} grid [{lo}, {hi}]"
+        )
 
 
 def parse_encodings(data: Any, *, source: str = "<dict>", param_names: set[str] | None = None) -> EncodingSet:
@@ -938,6 +941,31 @@ def _require_same_model(ctx: _Ctx, es: EncodingSet, model: Any) -> None:
         )
 
 
+def _dumps(doc: Any) -> str:
+    """JSON with the top two levels indented and each encoding on one line.
+
+    ``json.dump(..., indent=4)`` runs Python's pure encoder (the C one takes no indent): 0.5 s for
+    a 7 MB file, 3 s for 40 MB. One line per encoding keeps the file readable and uses the C encoder.
+    """
+
+    def one(value: Any) -> str:
+        return json.dumps(value, allow_nan=False)
+
+    if not isinstance(doc, dict):
+        return json.dumps(doc, indent=4, allow_nan=False)
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value:
+            body = ",\n".join(f"        {one(v)}" for v in value)
+            parts.append(f"    {one(key)}: [\n{body}\n    ]")
+        elif isinstance(value, dict) and value:
+            body = ",\n".join(f"        {one(k)}: {one(v)}" for k, v in value.items())
+            parts.append(f"    {one(key)}: {{\n{body}\n    }}")
+        else:
+            parts.append(f"    {one(key)}: {one(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}"
+
+
 def save_encodings(
     es: EncodingSet,
     path: str | os.PathLike[str],
@@ -959,7 +987,7 @@ def save_encodings(
     os.chmod(tmp, 0o666 & ~umask)  # like any file this tool writes (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=4, allow_nan=False)  # values are validated when read
+            f.write(_dumps(doc))  # values are validated when read
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
