@@ -417,7 +417,7 @@ def save_model(
                         align_threshold=0,
                         max_shard_size_bytes=shard_bytes,
                         callback=written,
-                        max_workers=SAVE_WORKERS if _computed_bytes(model) * 2 > total else 1,
+                        max_workers=_workers(model, total, shard_bytes),
                     )
                 files = [path, *(path.parent / f for f in data_files)]
             else:
@@ -435,6 +435,14 @@ def save_model(
             onnx_ir_log.removeFilter(_oversized_tensor_note)
     _refuse_overwriting_inputs(model, files)
     return files
+
+
+def _workers(model: ir.Model, total: int, shard_bytes: int | None) -> int:
+    """:data:`SAVE_WORKERS` when most bytes are computed; one thread for kernel copies, and for
+    shards (written one after the other, so a failure names the first file that could not be written)."""
+    if shard_bytes is not None or _computed_bytes(model) * 2 <= total:
+        return 1
+    return SAVE_WORKERS
 
 
 def _computed_bytes(model: ir.Model) -> int:
