@@ -299,12 +299,12 @@ def convert(
         contextlib.ExitStack() as background,
         staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage,
     ):
+        # blockwise verification: blocks found, original sides computed in the background meanwhile
         ahead = None
-        if plan is not None and plan.mode == "blocks":
-            with timer.phase("find blocks (original sides computed during the save)"):
-                ahead = prepare_blocks(plan, verify_options, model_path, model, result.split, quantized_pair)
-                if ahead is not None:
-                    background.enter_context(ahead)
+        if plan is not None:
+            ahead = prepare_blocks(plan, verify_options, model_path, model, result.split, quantized_pair)
+            if ahead is not None:
+                background.enter_context(ahead)
         with timer.phase("save") as progress:
             staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
             _check_model(staged)

@@ -11,6 +11,7 @@ The result is one :class:`VerifyRecord`; a failed check raises
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -279,7 +280,7 @@ def verify_conversion(
     stage: Path,
     host_dir: Path,
     lowered_ops: Sequence[str] = (),
-    blocks: BlockCheck | None = None,
+    blocks: BlocksAhead | None = None,
 ) -> VerifyRecord:
     """Every check the plan and options ask for; raises ConversionFailed on the first that fails.
 
@@ -458,7 +459,7 @@ def _verify_float(
     whole_model_checks: bool,
     lowered_ops: Sequence[str] = (),
     quantized: Quantized | None = None,
-    ahead: BlockCheck | None = None,
+    ahead: BlocksAhead | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
     """Float verification in ``plan.mode``; sets ``record.float``. In ``blocks`` mode with
     ``quantized`` each block pair is also compared as QDQ (``record.qdq_*``, ``qdq_mode="blocks"``).
@@ -570,6 +571,34 @@ def _block_check(
     )
 
 
+class BlocksAhead:
+    """A :class:`BlockCheck` made and started in a background thread (see :func:`prepare_blocks`)."""
+
+    def __init__(self, make: Callable[[], BlockCheck]):
+        def build() -> BlockCheck:
+            check = make()
+            check.start()
+            return check
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mha2sha-blocks")
+        self._future = self._pool.submit(build)
+
+    def result(self) -> BlockCheck:
+        """The check (its failure, e.g. a block input that cannot be drawn, is raised here)."""
+        return self._future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._future.done() and self._future.exception() is None:
+            self._future.result().close()
+
+    def __enter__(self) -> BlocksAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def prepare_blocks(
     plan: VerifyPlan,
     options: VerifyOptions,
@@ -577,18 +606,16 @@ def prepare_blocks(
     converted: ir.Model,
     split: SplitRecord,
     quantized: Quantized | None,
-) -> BlockCheck | None:
-    """For a blockwise plan: find the blocks on the converted model still in memory and start
-    computing their original side in background threads, so that this CPU work overlaps the save.
-    Close it (a context manager) whatever happens; :func:`verify_conversion` checks the saved model
-    with it (blocks found again on that model)."""
+) -> BlocksAhead | None:
+    """For a blockwise plan: in a background thread, load the original again, find the blocks on the
+    converted model still in memory and start computing their original side (:meth:`BlockCheck.start`),
+    so that this CPU work overlaps the save. Close it (a context manager) whatever happens;
+    :func:`verify_conversion` checks the saved model with it (blocks found again on that model)."""
     if plan.mode != "blocks":
         return None
     if quantized is not None and (split.input_pieces or split.output_pieces):
         return None  # refused by verify_conversion
-    check = _block_check(options, plan, original, converted, split, quantized)
-    check.start()
-    return check
+    return BlocksAhead(lambda: _block_check(options, plan, original, converted, split, quantized))
 
 
 def _verify_blocks(
@@ -599,7 +626,7 @@ def _verify_blocks(
     split: SplitRecord,
     advance: Progress,
     quantized: Quantized | None,
-    ahead: BlockCheck | None = None,
+    ahead: BlocksAhead | None = None,
 ) -> None:
     """Each attention block of both saved models cut out and compared (blocks in parallel, one
     block per worker in memory); with ``quantized`` also each QDQ block pair."""
@@ -608,7 +635,7 @@ def _verify_blocks(
         with _block_check(options, record.plan, original, saved, split, quantized) as check:
             results: BlockResults = check.run(on_block=advance)
     else:
-        results = ahead.run(saved, on_block=advance)
+        results = ahead.result().run(saved, on_block=advance)
     record.float = results.float
     record.block_workers = results.workers
     if quantized is not None and results.qdq_lsb is not None:
