@@ -420,10 +420,11 @@ class QdqSide:
         assert side.proto is not None
         model = _with_weights(ir.serde.deserialize_model(side.proto), side)
         b = _Builder(model)
-        arrays = side.weight_arrays()
         for cname, plan, enc in plans:
             value = b.values[cname]
-            const = _const_array(side, cname, arrays) if plan.kind in ("weight", "int32", "fold") else None
+            # the structure only: every number becomes a graph input, so no weight is read here
+            # (a head's slice of a weight still in memory would map all of it)
+            const = _placeholder(side, cname) if plan.kind in ("weight", "int32", "fold") else None
             b.plans[cname] = plan
             _emit(b, cname, value, plan, plan_numbers(plan, cname, enc, const))
         b.finish()
@@ -460,6 +461,18 @@ class QdqSide:
         for name, (cname, role) in template.roles.items():
             out[name] = weights[cname] if role == "raw" else numbers[cname][role]
         return out
+
+
+def _placeholder(side: Side, cname: str) -> np.ndarray:
+    """Zeros of the shape and dtype of constant ``cname`` (numbers whose values do not matter)."""
+    value = side.weights[int(cname[1:])] if cname in _weight_names(side) else side.consts[cname]
+    tensor = value.const_value
+    assert tensor is not None
+    return np.zeros(tuple(tensor.shape.numpy()), tensor.dtype.numpy())
+
+
+def _weight_names(side: Side) -> set[str]:
+    return {f"w{k}" for k in range(len(side.weights))}
 
 
 def _const_array(side: Side, cname: str, weights: Mapping[str, np.ndarray]) -> np.ndarray:
