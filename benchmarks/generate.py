@@ -108,6 +108,7 @@ def model_dir_name(
     style: str,
     dtype: str,
     layers: int | None,
+    lora_rank: int | None = None,
     *,
     part: bool = False,
     ar: int = DEFAULT_AR,
@@ -117,11 +118,16 @@ def model_dir_name(
     cut += "-part" if part else ""
     cut += f"-ar{ar}" if ar != DEFAULT_AR else ""
     cut += f"-cl{context}" if context != DEFAULT_CONTEXT else ""
-    return f"{shape}{cut}-{style}-{dtype}"
+    lora = f"-lora{lora_rank}" if lora_rank else ""
+    return f"{shape}{cut}-{style}-{dtype}{lora}"
 
 
 def parse_dir_name(name: str) -> dict:
     """``model_dir_name``'s inverse: generate() keyword arguments (shape, style, dtype, ...)."""
+    kw: dict = {}
+    base, sep, rank = name.rpartition("-lora")
+    if sep and rank.isdigit():
+        name, kw["lora_rank"] = base, int(rank)
     for style in sorted(STYLES, key=len, reverse=True):
         head, sep, dtype = name.rpartition(f"-{style}-")
         if sep and dtype in DTYPES:
@@ -129,7 +135,7 @@ def parse_dir_name(name: str) -> dict:
     else:
         raise ValueError(f"not a generated model name: {name}")
     tokens = head.split("-")
-    kw: dict = {"style": style, "dtype": dtype}
+    kw.update(style=style, dtype=dtype)
     while len(tokens) > 1:
         last = tokens[-1]
         if last == "part":
@@ -241,9 +247,18 @@ def _example_inputs(
 
 
 def export_meta(
-    shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype: str, part: bool = False
+    shape: LLMShape,
+    style: str,
+    layers: int,
+    ar: int,
+    context: int,
+    dtype: str,
+    lora_rank: int | None = None,
+    part: bool = False,
 ):
-    """Export the graph of a meta-device model: initializers carry shapes, no data.
+    """Export the graph of a meta-device model: initializers carry shapes, no data. With
+    ``lora_rank`` the model carries an unmerged peft LoRA of that rank (alpha = 2 * rank) on
+    q/k/v/o_proj, whose A and B keep their parameter names as initializers.
 
     Returns (ir.Model, {buffer name: real numpy value}).
     """
@@ -258,6 +273,16 @@ def export_meta(
     config = _config(shape, layers)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch_dtype).eval()
+        if lora_rank:
+            import warnings
+
+            from peft import LoraConfig, get_peft_model
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            lora = LoraConfig(target_modules=targets, r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hf = get_peft_model(hf, lora).base_model.model.to(torch_dtype).eval()
     if part and style == "hf":
         raise ValueError("--part is a prepared-style graph")
     module = (
@@ -396,6 +421,7 @@ def generate(
     context: int = DEFAULT_CONTEXT,
     seed: int = 0,
     workers: int = 2,
+    lora_rank: int | None = None,
     part: bool = False,
 ) -> Path:
     """Write ``out_dir/<model_dir_name>/model.onnx`` + ``model.data``; returns the .onnx path."""
@@ -408,11 +434,12 @@ def generate(
     n_layers = shape.layers if layers is None else layers
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, not {style!r}")
-    folder = Path(out_dir) / model_dir_name(shape_name, style, dtype, layers, part=part, ar=ar, context=context)
+    name = model_dir_name(shape_name, style, dtype, layers, lora_rank, part=part, ar=ar, context=context)
+    folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     t0 = time.perf_counter()
-    model, buffers = export_meta(shape, style, n_layers, ar, context, dtype, part)
+    model, buffers = export_meta(shape, style, n_layers, ar, context, dtype, lora_rank, part)
     t_export = time.perf_counter() - t0
 
     graph = model.graph
@@ -457,6 +484,7 @@ def generate(
         "context": context,
         "part": part,
         "seed": seed,
+        "lora_rank": lora_rank,
         "weight_bytes": weight_bytes,
         "largest_tensor_mb": round(
             max(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
@@ -483,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="context length CL (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads drawing/writing weights")
+    p.add_argument("--lora-rank", type=int, help="an unmerged peft LoRA of this rank on q/k/v/o_proj")
     args = p.parse_args(argv)
     path = generate(
         args.shape,
@@ -494,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context,
         seed=args.seed,
         workers=args.workers,
+        lora_rank=args.lora_rank,
         part=args.part,
     )
     print(path)

@@ -171,6 +171,7 @@ def bench_model(
     variant: str = "current",
     cache: str = "cold",
     quantized: bool = False,
+    build_ar: str | None = None,
 ) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
     model = folder / "model.onnx"
@@ -206,6 +207,8 @@ def bench_model(
             row["encodings_mb"] = round(encodings.stat().st_size / 1e6, 1)
             args = ["convert", str(model), "-o", str(out), "--encodings", str(encodings), "--target", "htp"]
             prepare_cache()
+        if build_ar:
+            args = ["build-ar", str(model), "--ar", build_ar, "-o", str(out), "--no-verify"]
         cmd = [sys.executable, str(HERE / "variants.py"), variant, *args]
         hwm = work / "hwm.txt"
         conv = measure(cmd, log=work / "convert.log", env={**os.environ, "MHA2SHA_BENCH_HWM": str(hwm)})
@@ -215,6 +218,12 @@ def bench_model(
         row["convert"] = conv
         if conv["exit"] != 0:
             row["convert"]["log_tail"] = (work / "convert.log").read_text()[-2000:]
+        elif build_ar:
+            report = json.loads((out / "model.ar.report.json").read_text())
+            row["phases"] = {p["name"]: [round(p["seconds"], 2), round(p["peak_rss_mb"])] for p in report["phases"]}
+            row["build_ar"] = {"ars": build_ar, "variants": [v["path"].rsplit("/", 1)[-1] for v in report["variants"]],
+                               "shared_gb": round(report["shared_bytes"] / 1e9, 2)}  # fmt: skip
+            row["output_gb"] = round(folder_bytes(out) / 1e9, 2)
         else:
             report = json.loads((out / "model.report.json").read_text())
             row["phases"] = {
@@ -427,6 +436,8 @@ def write_table() -> str:
         "| load s | prepare s | split s | save s | verify blocks | verify full | cache |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    ar_rows = [r for r in rows if r.get("build_ar")]
+    rows = [r for r in rows if not r.get("build_ar")]
     for r in rows:
         c = r.get("convert", {})
         exit_note = "" if c.get("exit") == 0 else f" (exit {c.get('exit')})"
@@ -437,6 +448,29 @@ def write_table() -> str:
             f"{_phase(r, 'load')} | {_phase(r, 'prepare')} | {_phase(r, 'split')} | {_phase(r, 'save')} | "
             f"{_verify_cell(r, 'blocks')} | {_verify_cell(r, 'full')} | {r.get('cache', '?')} |"
         )
+    if ar_rows:
+        lines += [
+            "",
+            "## mha2sha build-ar",
+            "",
+            "`mha2sha build-ar model.onnx --ar N,M -o out --no-verify` + `sync`: one graph per AR, the weights",
+            "written once into one shared `.data` (kernel copy), measured like convert above. Rewrite = trace",
+            "and rewrite of every variant (graph only); save = the shared weights file + the graphs.",
+            "",
+            "| model | code | --ar | weights GB | cp s | build-ar s | x cp | peak RSS MB | peak anon MB "
+            "| rewrite s | save s | output GB | cache |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in ar_rows:
+            c = r.get("convert", {})
+            rewrite = sum(sec for key, (sec, _) in r.get("phases", {}).items() if "rewrite" in key)
+            exit_note = "" if c.get("exit") == 0 else f" (exit {c.get('exit')})"
+            lines.append(
+                f"| {r['model']} | {r['tag']} | {r['build_ar']['ars']} | {r['weight_gb']} | {r['cp']['seconds']:.1f} | "
+                f"{c.get('seconds', 0):.1f}{exit_note} | {r.get('ratio_vs_cp', '-')} | {c.get('peak_rss_mb', '-')} | "
+                f"{c.get('peak_anon_mb', '-')} | {rewrite:.1f} | {_phase(r, 'save')} | {r.get('output_gb', '-')} | "
+                f"{r.get('cache', '?')} |"
+            )
     text = "\n".join(lines) + "\n"
     RESULTS_MD.write_text(text)
     return text
@@ -464,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", help="label of this code version in the table (default: the variant)")
     p.add_argument("--cache", choices=["cold", "warm"], default="cold", help="page cache before each run")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md")
+    p.add_argument(
+        "--build-ar",
+        metavar="N[,M]",
+        help="measure `mha2sha build-ar --ar N[,M] --no-verify` (one shared weights file) instead of convert",
+    )
     p.add_argument(
         "--quantized",
         action="store_true",
@@ -495,10 +534,12 @@ def main(argv: list[str] | None = None) -> int:
                 folder,
                 verify=args.verify,
                 keep_output=args.keep_output,
-                tag=(args.tag or args.variant) + ("+q" if args.quantized else ""),
+                tag=(args.tag or args.variant) + ("+q" if args.quantized else "")
+                + (f"+ar{args.build_ar}" if args.build_ar else ""),
                 variant=args.variant,
                 cache=args.cache,
                 quantized=args.quantized,
+                build_ar=args.build_ar,
             )
             _save_row(row)
             print(json.dumps(row, indent=1), flush=True)
@@ -518,6 +559,8 @@ def _generate(name: str, base: Path) -> None:
             cmd += [flag, str(kw[key])]
     if kw.get("part"):
         cmd.append("--part")
+    if kw.get("lora_rank"):
+        cmd += ["--lora-rank", str(kw["lora_rank"])]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 

@@ -20,9 +20,17 @@ class UserError(Exception):
 
 
 class ConversionFailed(Exception):
-    """The conversion ran but its result is not acceptable (verification failed). Exit code 1."""
+    """The conversion ran but its result is not acceptable (verification failed). Exit code 1.
+
+    ``record``: what the failed stage found up to the failure (e.g. the verify stage's record), so
+    the job can keep a report of where it failed.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, record: object = None):
+        super().__init__(message)
+        self.record = record
 
 
 class InternalError(Exception):

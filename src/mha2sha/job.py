@@ -1,6 +1,7 @@
 """The conversion job: the stages in order, each returning a record, nothing else.
 
-    load -> lower -> prepare -> split -> encodings -> layout -> save -> verify -> report
+    load -> lower -> prepare -> [lora_alpha input] -> split (plan, describe, emit) -> encodings -> layout
+         -> [adapters] -> save -> verify -> report
 
 A stage is a pass or a function of its own module (``io/``, ``lower/``, ``split/``,
 ``encodings/``, ``layout/``, ``verify/``, ``report/``); this module only decides which run and in
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -22,17 +24,38 @@ from typing import Any, TypeGuard
 import onnx
 import onnx_ir as ir
 
+from mha2sha.adapters import (
+    AdapterSet,
+    AdaptersRecord,
+    adapter_scale,
+    alpha_encoding,
+    alpha_encodings,
+    find_lora,
+    fit_adapters,
+    load_adapters,
+    lora_alpha_to_input,
+    plan_adapters,
+    read_adapter_list,
+    save_adapters,
+)
+from mha2sha.analyze import ModelFacts, StructureRecord, describe_attention
+from mha2sha.analyze.facts import input_infos, model_facts
+from mha2sha.analyze.record import InputInfo
 from mha2sha.encodings import (
     CoverageReport,
+    EncodingSet,
+    OutputFacts,
     RequantRecord,
     channel_axes,
     load_encodings,
+    output_facts,
     propagate,
     requantize,
     save_encodings,
 )
 from mha2sha.encodings.remap import remap_encodings
-from mha2sha.errors import InternalError, UserError
+from mha2sha.errors import ConversionFailed, InternalError, UserError
+from mha2sha.graph import name_of
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.io.names import tensor_names
 from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
@@ -40,11 +63,13 @@ from mha2sha.io.save import save_model, staging_dir
 from mha2sha.io.shapes import ShapeRoles, check_shapes, resolve_input_shapes
 from mha2sha.layout import LayoutRecord, apply_htp_layout, split_o_proj_per_head
 from mha2sha.lower import LowerRecord, lower_fused_ops
+from mha2sha.report.html import conversion_html
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import report_json
 from mha2sha.split.record import BlockReport, SplitRecord
 from mha2sha.split.split_heads import SplitHeadsPass
-from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck
+from mha2sha.verify.adapters import verify_adapters
+from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, check_soc
 from mha2sha.verify.plan import (
     FULL_VERIFY_MAX_BYTES,
     VERIFY_MODES,
@@ -62,9 +87,13 @@ from mha2sha.verify.qdq import DEFAULT_MAX_LSB
 from mha2sha.verify.qdq_local import LocalCheck, origins
 from mha2sha.verify.runner import DEFAULT_RTOL, Verification
 
-__all__ = ["NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
+__all__ = ["FAILED_REPORT_SUFFIX", "NAME_MAP_FILE", "ConvertOptions", "ConversionResult", "convert"]
+
+logger = logging.getLogger(__name__)
 
 NAME_MAP_FILE = "mha_to_sha_names.json"
+#: ``<name>.failed.report.json``: the report a run whose verification failed leaves (nothing else).
+FAILED_REPORT_SUFFIX = ".failed.report.json"
 
 
 def _is_verify_mode(mode: str) -> TypeGuard[VerifyMode]:
@@ -97,6 +126,8 @@ class ConvertOptions:
     verify_htp: bool = False  # also compare MHA-QDQ and SHA-QDQ on the HTP emulator (onnxruntime-qnn)
     soc: str = DEFAULT_SOC
     shard_bytes: int | None = None  # external data in files of at most this many bytes (--shard-size)
+    lora_adaptor_list: str | None = None  # YAML list of LoRA adapters to split like the graph
+    lora_alpha_from_input: bool = False  # the LoRA scale becomes the graph input lora_alpha
 
     def __post_init__(self) -> None:
         if self.verify is True or self.verify is False:
@@ -111,6 +142,11 @@ class ConvertOptions:
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
         if not (math.isfinite(self.max_lsb) and self.max_lsb >= 0):
             raise UserError(f"--max-lsb must be a number >= 0, not {self.max_lsb}")
+        if self.lora_alpha_from_input and not self.lora_adaptor_list:
+            raise UserError(
+                "--lora-alpha-from-input needs --lora-adaptor-list: the adapters name the graph's LoRA tensors"
+            )
+        self.soc = check_soc(self.soc)
         if not self.split_heads and (not self.htp_layout or self.optimize_o_proj):
             raise UserError(
                 "--no-split runs only the layout passes: add --replace-linear-with-conv or --target htp"
@@ -143,10 +179,18 @@ class ConversionResult:
     lowering: LowerRecord | None = None
     layout: LayoutRecord | None = None
     coverage: CoverageReport | None = None
+    adapters: AdaptersRecord | None = None
     requant: RequantRecord | None = None
     verify: VerifyRecord | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     timer: PhaseTimer | None = None
+    # for the HTML report: the attention blocks as planned (before the split emitted), the inputs
+    # (declared and used), the graph's facts before the split and as written
+    structure: StructureRecord | None = None
+    inputs: list[InputInfo] = dataclasses.field(default_factory=list)
+    outputs: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    facts_before: ModelFacts | None = None
+    facts_after: ModelFacts | None = None
 
     # -- shortcuts into the records -------------------------------------------------------------
     @property
@@ -200,13 +244,34 @@ class ConversionResult:
         return self.verify.htp if self.verify else None
 
     def to_json(self) -> dict[str, Any]:
-        return report_json(
+        report = report_json(
             lowering=self.lowering,
             split=self.split,
             layout=self.layout,
             coverage=self.coverage,
+            adapters=self.adapters,
             verify=self.verify,
             phases=self.timer.records if self.timer else [],
+        )
+        if self.structure is not None:
+            report["attention"] = self.structure.to_dict(sketches=False)
+        return report
+
+    def to_html(self, name: str, model_path: str, files: list[str]) -> str:
+        return conversion_html(
+            name=name,
+            model_path=model_path,
+            structure=self.structure,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            facts_before=self.facts_before,
+            facts_after=self.facts_after,
+            lowering=self.lowering,
+            layout=self.layout,
+            coverage=self.coverage,
+            verify=self.verify,
+            phases=self.timer.records if self.timer else [],
+            files=files,
         )
 
 
@@ -220,9 +285,10 @@ def convert(
 ) -> ConversionResult:
     """Split every multi-head attention of ``model_path`` and write the result to ``out_dir``.
 
-    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json`` and
-    ``<name>.report.json`` (+ ``<name>.encodings``, input lists). Nothing is written when the input
-    is bad or verification fails.
+    Writes ``<name>.onnx`` (+ ``.data`` for large models), ``mha_to_sha_names.json``,
+    ``<name>.report.json`` and ``<name>.report.html`` (+ ``<name>.encodings``, input lists, adapters).
+    Nothing is written when the input is bad; when verification fails only
+    ``<name>.failed.report.json`` (what was checked, and where it failed) is.
     """
     options = options or ConvertOptions()
     timer = timer or PhaseTimer()
@@ -238,24 +304,42 @@ def convert(
     with timer.phase("load"):
         model = load_model(model_path)
         shapes = resolve_input_shapes(model, options.input_shapes, options.shape_roles)
+        inputs, outputs = input_infos(model, shapes), [(name_of(v), _shape_text(v.shape)) for v in model.graph.outputs]
         fix_input_shapes(model, shapes)
         require_static_inputs(model)
         check_shapes(model)
         verify_options = dataclasses.replace(options.verify_options, input_shapes=shapes)
         plan = plan_verification(model, verify_options, encodings=options.encodings is not None)
         encodings = load_encodings(options.encodings, model=model) if options.encodings else None
+        adapter_set = _load_adapters(options, model)
     with timer.phase("lower fused ops"):
         result_lowering = lower_fused_ops(model)
     with timer.phase("prepare (fold shapes, infer)"):
         prepare_for_split(model)
         if plan is not None:
             require_memory(plan, model)
-        before = _EncodingsContext.of(model) if encodings is not None else None
+    alpha = None
+    if adapter_set is not None and options.lora_alpha_from_input:
+        with timer.phase("LoRA scale -> input lora_alpha"):
+            alpha = lora_alpha_to_input(model, find_lora(model, adapter_set.names))
+            if plan is not None:
+                plan.inputs.add_fixed(alpha.input, alpha.feed())
+    adapters = plan_adapters(adapter_set, alpha, encodings) if adapter_set is not None else None
+    adapter_results = adapters.adapters if adapters is not None else []
+    encoded = encodings is not None or any(a.mha_encodings is not None for a in adapter_results)
+    before = _EncodingsContext.of(model) if encoded else None
 
-    result = ConversionResult(model, SplitRecord(), lowering=result_lowering, timer=timer)
+    result = ConversionResult(model, SplitRecord(), lowering=result_lowering, adapters=adapters, timer=timer)
+    result.inputs, result.outputs = inputs, outputs
+    result.facts_before = model_facts(model)
     if options.split_heads:
         with timer.phase("split heads") as progress:
-            SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)(model)
+            split_pass = SplitHeadsPass(result.split, per_head_io=options.per_head_kv_io, progress=progress.to)
+            split_plan = split_pass.plan(model)
+            # what the report draws and lists, read from the graph before the split changes it
+            result.structure = describe_attention(model, split_plan, result_lowering)
+            result.structure.other_softmax = list(result.split.other_softmax)
+            split_pass.apply(model, split_plan)
             remove_unused_initializers(model)
         if not result.split_blocks and not options.force:
             return result
@@ -266,62 +350,148 @@ def convert(
             split_o_proj_per_head(model, result.layout, result.split)
             remove_unused_initializers(model)
     sha_encodings = None
-    if encodings is not None and before is not None:
-        with timer.phase("propagate encodings"):
-            # where one per-head tensor stands for originals with different encodings, requantise
-            # per head as the MHA model did (a full-range Slice per extra encoding)
-            result.requant = requantize(model, result.split, encodings)
-            sha_encodings, result.coverage = propagate(
-                encodings,
+    mha_encodings = encodings  # the quantized reference of the base graph
+    if before is not None:
+        facts: OutputFacts | None = None  # of the model once requantize() changed it
+
+        def propagated(es: EncodingSet, only: set[str] | None = None) -> tuple[EncodingSet, CoverageReport]:
+            return propagate(
+                es,
                 result.split,
                 model,
                 channel_axes_map=before.axes,
                 strict=options.strict_encodings,
                 original_names=before.names,
+                only=only,
+                facts=facts,
             )
+
+        with timer.phase("propagate encodings"):
+            sha_source = encodings
+            if encodings is not None and alpha is not None:
+                enc, alpha.encoding_source = alpha_encoding(encodings, alpha, alpha.value)
+                sha_source = alpha_encodings(encodings, alpha, enc)
+            if sha_source is not None:
+                # where one per-head tensor stands for originals with different encodings, requantise
+                # per head as the MHA model did (a full-range Slice per extra encoding)
+                result.requant = requantize(model, result.split, sha_source)
+            facts = output_facts(model)
+            if sha_source is not None:
+                sha_encodings, result.coverage = propagated(sha_source)
+            for adapter in adapter_results:  # only its own encodings: the others are the base graph's
+                if adapter.mha_encodings is not None:
+                    adapter.encodings, adapter.coverage = propagated(adapter.mha_encodings, adapter.scope)
     if options.htp_layout:
         with timer.phase("HTP layout (Linear -> Conv 1x1)"):
-            quantized = set(sha_encodings.activations) if sha_encodings is not None else ()
+            every = [sha_encodings, *(a.encodings for a in adapter_results)]
+            quantized = {n for es in every if es is not None for n in es.activations}
             keep = set(result.requant.tensors) if result.requant is not None else set()
             apply_htp_layout(model, result.layout, quantized=quantized, keep=keep)
             remove_unused_initializers(model)
+            assert result.layout is not None  # made above for the layout passes
             if sha_encodings is not None:
-                assert result.layout is not None  # made above for the layout passes
                 sha_encodings = remap_encodings(sha_encodings, result.layout, model)
+            for adapter in adapter_results:
+                if adapter.encodings is not None:
+                    adapter.encodings = remap_encodings(adapter.encodings, result.layout, model)
+    if adapters is not None:
+        with timer.phase("split adapters"):
+            fit_adapters(adapters, result.split, result.layout, model)
 
+    result.facts_after = model_facts(model)
     report_file = f"{name}.report.json"
+    html_file = f"{name}.report.html"
+    failed_report = out_dir / f"{name}{FAILED_REPORT_SUFFIX}"
+    replaces = _previous_outputs(out_dir / report_file)
+    if failed_report.is_file():  # an earlier run's failure report goes when this run's set comes
+        replaces.append(failed_report.name)
     quantized_pair = (
-        Quantized(encodings, sha_encodings, origins(result.split, result.layout))
-        if encodings is not None and sha_encodings is not None
+        Quantized(mha_encodings, sha_encodings, origins(result.split, result.layout))
+        if mha_encodings is not None and sha_encodings is not None
         else None
     )
-    with (
-        contextlib.ExitStack() as background,
-        staging_dir(out_dir, replaces=_previous_outputs(out_dir / report_file)) as stage,
-    ):
-        # blockwise verification: blocks found, original sides computed in the background meanwhile
-        ahead = None
-        if plan is not None:
-            ahead = prepare_blocks(plan, verify_options, model_path, model, result.split, quantized_pair)
-            if ahead is not None:
-                background.enter_context(ahead)
-        with timer.phase("save") as progress:
-            staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
-            _check_model(staged)
-            (stage / NAME_MAP_FILE).write_text(json.dumps(result.split.name_map(), indent=1))
-            if sha_encodings is not None:
-                version = options.encodings_version or sha_encodings.version
-                save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
-        if plan is not None:
-            result.verify = verify_conversion(
-                plan, verify_options, model_path, staged, result.split, quantized_pair,
-                timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered], ahead,
-            )  # fmt: skip
-        outputs = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        outputs.append(report_file)
-        (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": outputs}, indent=1))
-        result.files = [out_dir / f for f in outputs]
+    try:
+        with contextlib.ExitStack() as background, staging_dir(out_dir, replaces=replaces) as stage:
+            # blockwise verification: blocks found, original sides computed in the background meanwhile
+            ahead = None
+            if plan is not None:
+                ahead = prepare_blocks(plan, verify_options, model_path, model, result.split, quantized_pair)
+                if ahead is not None:
+                    background.enter_context(ahead)
+            with timer.phase("save") as progress:
+                staged = save_model(model, stage / out_model.name, options.shard_bytes, progress.to)[0]
+                _check_model(staged)
+                (stage / NAME_MAP_FILE).write_text(json.dumps(result.split.name_map(), indent=1))
+                if sha_encodings is not None:
+                    version = options.encodings_version or sha_encodings.version
+                    save_encodings(sha_encodings, stage / f"{name}.encodings", version, model=model)
+                if adapters is not None:
+                    save_adapters(adapters, stage, out_model.name, options.encodings_version, model=model)
+            if plan is not None:
+                result.verify = verify_conversion(
+                    plan, verify_options, model_path, staged, result.split, quantized_pair,
+                    timer.phase, stage, out_dir, [name for name, _, _ in result_lowering.lowered], ahead,
+                )  # fmt: skip
+                if adapters is not None:
+                    result.verify.adapters = verify_adapters(
+                        adapters, model_path, staged, result.split, result.layout, sha_encodings,
+                        inputs=plan.inputs, mode=plan.mode, whole_model_runs=plan.whole_model_runs,
+                        rtol=options.rtol, max_lsb=options.max_lsb, seed=options.seed,
+                        input_shapes=verify_options.input_shapes, phase=timer.phase,
+                    )  # fmt: skip
+            files = (p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+            written = sorted([report_file, html_file, *files])
+            (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
+            (stage / html_file).write_text(result.to_html(name, str(model_path), written), encoding="utf-8")
+            result.files = [out_dir / f for f in written]
+    except ConversionFailed as failed:  # verification failed: the model is not written, the report is
+        if not isinstance(failed.record, VerifyRecord):
+            raise
+        result.verify = failed.record
+        _write_failed_report(failed_report, {**result.to_json(), "failure": str(failed), "outputs": []})
+        raise ConversionFailed(
+            f"{failed}; the model was not written (report of the failed check: {failed_report})",
+            record=failed.record,
+        ) from None
     return result
+
+
+def _write_failed_report(path: Path, report: dict[str, Any]) -> None:
+    """The report of a run whose verification failed, beside where the model would have gone: the
+    only file such a run leaves (written whole or not at all; a later successful run removes it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:  # the failure itself is what the user needs to hear about
+        logger.warning("could not write %s: %s", path, e.strerror or e)
+
+
+def _load_adapters(options: ConvertOptions, model: ir.Model) -> AdapterSet | None:
+    """The adapters of ``--lora-adaptor-list``, read and checked against the base graph (or None)."""
+    if not options.lora_adaptor_list:
+        return None
+    entries = read_adapter_list(options.lora_adaptor_list)
+    if not options.lora_alpha_from_input:
+        given = next((e for e in entries if e.alpha is not None or e.scale is not None), None)
+        if given is not None:
+            raise UserError(
+                f"adapter {given.name!r} gives an alpha, which only --lora-alpha-from-input uses: without it "
+                "the graph's LoRA scale is fixed (fold alpha / r / the graph's scale into B, or add the flag)"
+            )
+    adapter_set = load_adapters(entries, model)
+    if options.lora_alpha_from_input:
+        for adapter in adapter_set.adapters:
+            adapter_scale(adapter, adapter_set.lora)  # refuse a scale that cannot be fed now
+    return adapter_set
+
+
+def _shape_text(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def _previous_outputs(report: Path) -> list[str]:

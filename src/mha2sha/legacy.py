@@ -16,6 +16,8 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from mha2sha.arcl.build import BuildArOptions, convert_and_build_ar
+from mha2sha.commands.build_ar import run_convert_with_ar
 from mha2sha.commands.convert import run_conversion
 from mha2sha.commands.guard import console, run_guarded
 from mha2sha.commands.options import (
@@ -25,6 +27,7 @@ from mha2sha.commands.options import (
     add_conversion_options,
     options_from_flags,
 )
+from mha2sha.io.load import load_model
 from mha2sha.job import convert
 
 __all__ = ["MHA2SHAConverter", "main"]
@@ -50,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     for dest in LEGACY_LATER:
         parser.add_argument("--" + dest.replace("_", "-"), nargs="?", const=True, default=None, help="not available yet")
+    parser.add_argument(
+        "--build-ar",
+        metavar="N[,M]",
+        help="then rewrite the converted graph for N tokens per step (ARN; one graph per AR, shared "
+        "weights), proven by the token loop: writes <name>_ar<N>_cl<CL>.onnx",
+    )
     for dest in LEGACY_LAYOUT:
         if dest != "replace_linear_with_conv":  # a modern flag too
             parser.add_argument("--" + dest.replace("_", "-"), action="store_true", help="same as --target htp")
@@ -58,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def action(timer: Any) -> int:
         options = options_from_flags(vars(args))
+        if args.build_ar is not None:
+            ar_options = BuildArOptions(verify="none" if options.verify == "none" else "auto")
+            return run_convert_with_ar(
+                args.exported_model_path, args.sha_export_path, args.model_name, options, args.build_ar, None,
+                ar_options, console, timer,
+            )  # fmt: skip
         return run_conversion(
             args.exported_model_path, args.sha_export_path, args.model_name, options, console, timer
         )
@@ -98,6 +113,22 @@ class MHA2SHAConverter:
         return self._convert(Path(self.model_or_path))
 
     def _convert(self, path: Path) -> tuple[ir.Model, bool | None]:
-        result = convert(path, self.sha_export_path, name=self.model_name, options=options_from_flags(self.flags))
+        flags = {k: v for k, v in self.flags.items() if k != "build_ar"}
+        options = options_from_flags(flags)
+        if self.flags.get("build_ar") not in (None, False):
+            # the original tool's ARN build: the converted graph for AR N (first of N,M), proven
+            ars = str(self.flags["build_ar"])
+            ar_options = BuildArOptions(verify="none" if options.verify == "none" else "auto")
+            result, record = convert_and_build_ar(
+                path, self.sha_export_path, ars, None, name=self.model_name, convert_options=options,
+                options=ar_options,
+            )  # fmt: skip
+            if record is None:
+                return result.model, False
+            status = None if record.verify_mode in ("none", "skipped") else record.ok
+            if status is not None and result.verification is not None:
+                status = status and result.verification.ok
+            return load_model(record.variants[0].path), status
+        result = convert(path, self.sha_export_path, name=self.model_name, options=options)
         status = None if result.verification is None else result.verification.ok
         return result.model, status

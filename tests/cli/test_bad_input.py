@@ -191,7 +191,8 @@ def test_unsupported_attention_is_left_untouched_and_reported(tmp_path):
 
 
 def test_fused_attention_is_reported_not_ignored(tmp_path):
-    node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4)
+    """A fused attention op the lowering stage does not know is a block left multi-head, exit 1."""
+    node = helper.make_node("PackedAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=4)
     io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 6, 32]) for x in "qkv"]
     graph = helper.make_graph(
         [node], "fused", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 32])]
@@ -201,4 +202,4 @@ def test_fused_attention_is_reported_not_ignored(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=opsets), src)
     proc = run("convert", str(src), "-o", str(tmp_path / "out"))
     assert proc.returncode == 1
-    assert "fused com.microsoft.MultiHeadAttention op" in proc.stdout
+    assert "fused com.microsoft.PackedAttention op" in proc.stdout

@@ -91,7 +91,7 @@ def test_rerun_replaces_outputs_as_a_set(tmp_path, model, encodings) -> None:
     assert (out / "attn.encodings").exists()
     (out / "notes.txt").write_text("mine")
     assert run("convert", str(model), "-o", str(out)).returncode == 0
-    assert listing(out) == ["attn.onnx", "attn.report.json", "mha_to_sha_names.json", "notes.txt"]
+    assert listing(out) == ["attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json", "notes.txt"]
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
@@ -136,7 +136,7 @@ def test_concurrent_runs_into_one_folder(tmp_path, model) -> None:
     procs = [subprocess.Popen([*CLI, "convert", str(model), "-o", str(out)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for _ in range(3)]  # fmt: skip
     assert all(p.wait(timeout=180) == 0 for p in procs)
-    assert listing(out) == ["attn.onnx", "attn.report.json", "mha_to_sha_names.json"]
+    assert listing(out) == ["attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json"]
     assert onnx.load(out / "attn.onnx") is not None
 
 
@@ -225,6 +225,22 @@ def test_encodings_top_level_array(tmp_path, model) -> None:
 
 def test_verify_htp_without_encodings(tmp_path, model) -> None:
     one_line(run("convert", str(model), "-o", str(tmp_path / "o"), "--verify-htp"), 2, "--encodings")
+
+
+def test_verify_htp_with_no_verify(tmp_path, model, encodings) -> None:
+    args = ["convert", str(model), "-o", str(tmp_path / "o"), "--encodings", str(encodings), "--verify-htp"]
+    one_line(run(*args, "--no-verify"), 2, "--no-verify")
+
+
+@pytest.mark.parametrize("soc", ["SM9999", "foo", "8650"])
+def test_bad_soc(tmp_path, model, encodings, soc) -> None:
+    """A SoC the HTP backend does not know is one line listing the ones it does, before any work
+    (a name it does not know it would otherwise ignore, running as its default target)."""
+    args = ["convert", str(model), "-o", str(tmp_path / "o"), "--encodings", str(encodings), "--verify-htp"]
+    if soc.isdigit():  # numeric ids are the backend's to judge: only with onnxruntime-qnn
+        pytest.importorskip("onnxruntime_qnn")
+    line = one_line(run(*args, "--soc", soc), 2, f"--soc '{soc}'", "SM8650", "SM8750")
+    assert "Traceback" not in line and listing(tmp_path / "o") == []
 
 
 def test_external_data_outside_the_model_folder(tmp_path, model) -> None:

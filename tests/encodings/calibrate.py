@@ -27,9 +27,21 @@ def calibrate_all(
     bits: int = 8,
     *,
     per_channel: bool = False,
+    mask_floor: float | None = None,
+    data_movement_inherits: bool = False,
 ) -> dict:
     """A 1.0.0 encodings dict: uint``bits`` asymmetric per-tensor activations, int8 symmetric weights
-    (per output channel for MatMul / Gemm / Conv weights with ``per_channel``)."""
+    (per output channel for MatMul / Gemm / Conv weights with ``per_channel``).
+
+    ``mask_floor``: values below it (an additive mask's ``finfo.min``, as lowered fused attention
+    writes it) count as ``mask_floor`` in the ranges, so masked scores saturate there instead of
+    stretching the grid until every real score rounds to 0 (at -100, exp(-100 - max) is 0 in float32
+    for any max >= -3).
+
+    ``data_movement_inherits``: outputs of data movement (Reshape, Transpose, Slice, Split, ...) take
+    their input's encoding, as AIMET's configs do (no output quantizer there), instead of their own
+    min/max (which makes every Slice and Split a requantization).
+    """
     model = onnx.load(str(model_path))
     axes = _weight_axes(model) if per_channel else {}
     names = [o for n in model.graph.node for o in n.output if o]
@@ -46,8 +58,16 @@ def calibrate_all(
         tensors = dict(zip(names, outs, strict=True)) | {k: np.asarray(v) for k, v in feed.items()}
         for name, array in tensors.items():
             if np.issubdtype(array.dtype, np.floating) and array.size:
+                if mask_floor is not None:
+                    array = np.maximum(array, mask_floor)
                 lo[name] = min(lo.get(name, 0.0), float(array.min()))
                 hi[name] = max(hi.get(name, 0.0), float(array.max()))
+    if data_movement_inherits:
+        for node in model.graph.node:
+            if node.op_type in _DATA_MOVEMENT and node.input and node.input[0] in lo:
+                for out in node.output:
+                    if out in lo:
+                        lo[out], hi[out] = lo[node.input[0]], hi[node.input[0]]
     activations = []
     levels = 2**bits - 1
     for name in lo:
@@ -105,6 +125,9 @@ def calibrate_all(
         "param_encodings": params,
         "quantizer_args": {},
     }
+
+
+_DATA_MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split", "Expand", "Tile"}
 
 
 def _weight_axes(model: onnx.ModelProto) -> dict[str, int]:

@@ -31,6 +31,7 @@ import pytest
 
 from mha2sha import cli
 from mha2sha.api import ConvertOptions, convert
+from mha2sha.commands import guard
 from mha2sha.errors import UserError
 from mha2sha.io.load import load_model
 from mha2sha.io.save import parse_size, save_model
@@ -206,7 +207,7 @@ def _run_cli_with_save_hook(monkeypatch, capsys, action, *args: str) -> tuple[in
                 action()
             return super().phase(name, total)
 
-    monkeypatch.setattr(cli, "PhaseTimer", SaveHook)
+    monkeypatch.setattr(guard, "PhaseTimer", SaveHook)
     code = cli.main(list(args))
     return code, capsys.readouterr().err
 
@@ -313,7 +314,8 @@ def test_sharded_convert_matches_unsharded(tmp_path, external_model, shard_bytes
         np.testing.assert_array_equal(got, want)
     # the input kept its weights in an external file: so does the output, unsharded in one file
     assert sorted(whole.files) == [
-        tmp_path / "whole" / n for n in ("attn.data", "attn.onnx", "attn.report.json", "mha_to_sha_names.json")
+        tmp_path / "whole" / n
+        for n in ("attn.data", "attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json")
     ]
 
 

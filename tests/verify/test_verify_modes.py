@@ -209,7 +209,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, 
     """Sizes whose activations exceed the machine's memory are bad input, not an OOM kill."""
     import mha2sha.verify.plan as plan
 
-    monkeypatch.setattr(plan, "_available_ram", lambda: 4096)  # bytes: every activation is too big
+    monkeypatch.setattr(plan, "available_ram", lambda: 4096)  # bytes: every activation is too big
     model = zoo.build("llama_gqa_step", "torchscript")
     with pytest.raises(UserError, match="more memory than this machine has"):
         convert(model, tmp_path / "out", options=ConvertOptions())

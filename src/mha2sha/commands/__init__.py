@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mha2sha.commands import convert, verify
+from mha2sha.commands import analyze, build_ar, convert, verify
 
 #: ``mha2sha <name>``: each module has ``add_parser(subparsers)``, which sets ``run``.
-COMMANDS = (convert, verify)
+COMMANDS = (analyze, convert, verify, build_ar)
 
 __all__ = ["COMMANDS"]

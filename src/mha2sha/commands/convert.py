@@ -7,13 +7,15 @@ import dataclasses
 
 from rich.console import Console
 
+from mha2sha.commands.build_ar import add_ar_options, options_from_args, run_convert_with_ar
 from mha2sha.commands.options import add_conversion_options, options_from_flags
+from mha2sha.errors import UserError
 from mha2sha.job import ConversionResult, ConvertOptions, convert
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.summary import print_conversion
 from mha2sha.verify.plan import VERIFY_MODES
 
-__all__ = ["add_parser", "run", "run_conversion"]
+__all__ = ["add_parser", "print_result", "run", "run_conversion"]
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
 
@@ -43,11 +45,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="save the weights in external files of at most SIZE each (e.g. 2GB, 500MB, 1073741824)",
     )
     add_conversion_options(p)
+    add_ar_options(p, required=False)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
     options = options_from_flags(vars(args))
+    if args.ar is not None or args.cl is not None:
+        if args.ar is None:
+            raise UserError("--cl needs --ar (the tokens per step of each graph to build)")
+        ar_options = dataclasses.replace(
+            options_from_args(args), verify="none" if options.verify == "none" else "auto"
+        )
+        return run_convert_with_ar(
+            args.model, args.output, args.name, options, args.ar, args.cl, ar_options, console, timer
+        )
     return run_conversion(args.model, args.output, args.name, options, console, timer)
 
 
@@ -56,10 +68,13 @@ def run_conversion(
 ) -> int:
     """Convert, print every record, and say by the exit code whether the result is complete."""
     result = convert(model, out, name=name, options=options, timer=timer)
-    return _print_result(console, result, options.allow_partial, timer)
+    return print_result(console, result, options.allow_partial, timer)
 
 
-def _print_result(console: Console, result: ConversionResult, allow_partial: bool, timer: PhaseTimer) -> int:
+def print_result(
+    console: Console, result: ConversionResult, allow_partial: bool, timer: PhaseTimer | None
+) -> int:
+    """Print a conversion's records (and the time table unless ``timer`` is None); the exit code."""
     if not result.blocks and not result.files:
         console.print("No attention found (no Softmax feeding a MatMul with V); nothing written.")
         return 0
@@ -70,11 +85,16 @@ def _print_result(console: Console, result: ConversionResult, allow_partial: boo
         layout=result.layout,
         coverage=result.coverage,
         verify=result.verify,
+        adapters=result.adapters,
     )
     if result.files:
-        written = ", ".join(str(f) for f in result.files if f.parent.name not in ("goldens", "inputs"))
-        console.print(f"Wrote {written}")
-        console.print(timer.table())
+        root = min(result.files, key=lambda f: len(f.parts)).parent  # the output folder
+        folders = {f.relative_to(root).parts[0] for f in result.files if f.parent != root}
+        shown = [str(f) for f in result.files if f.parent == root]
+        shown += [f"{root / d}/ ({sum(f.is_relative_to(root / d) for f in result.files)} files)" for d in sorted(folders)]
+        console.print(f"Wrote {', '.join(shown)}")
+        if timer is not None:
+            console.print(timer.table())
     elif not result.split_blocks:
         console.print("No multi-head attention was split; nothing written (use --force to write anyway).")
     unsupported = result.unsupported_blocks

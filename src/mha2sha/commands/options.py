@@ -26,7 +26,9 @@ __all__ = [
     "LEGACY_LATER",
     "LEGACY_LAYOUT",
     "add_conversion_options",
+    "add_shape_options",
     "options_from_flags",
+    "shape_roles_from_flags",
 ]
 
 #: Flags of the original tool that the automatic split makes unnecessary: accepted, no effect.
@@ -37,13 +39,38 @@ LEGACY_HINTS = (
 #: Flags of the original tool for conv-based graphs: the HTP layout covers them.
 LEGACY_LAYOUT = ("mha_conv", "nchw_aligned", "replace_linear_with_conv")
 #: Flags of the original tool that later releases implement; until then they are refused clearly.
-LEGACY_LATER = ("build_ar", "lora_adaptor_list")
+#: (``--build-ar N`` and ``--lora-adaptor-list Y`` are implemented: none is left.)
+LEGACY_LATER: tuple[str, ...] = ()
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)}
 
 
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+def add_shape_options(parser: argparse.ArgumentParser) -> None:
+    """``--input-shape`` and the role sizes (``--seq-len``, ``--past-len``, ...) of dynamic dims."""
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape"
+    )
+    for role, flag, what in (
+        ("seq", "--seq-len", "new tokens per step (sequence_length dims)"),
+        ("past", "--past-len", "cached tokens (past_sequence_length dims; total = past + seq)"),
+        ("batch", "--batch-size", "batch (batch_size dims; default: suggested 1)"),
+        ("encoder_seq", "--encoder-seq-len", "encoder_sequence_length dims (cross-attention)"),
+    ):
+        parser.add_argument(flag, dest=f"{role}_len" if role != "batch" else "batch_size", type=int,
+                            metavar="N", help=f"size of dynamic dims: {what}")  # fmt: skip
+
+
+def shape_roles_from_flags(flags: Mapping[str, Any]) -> ShapeRoles:
+    return ShapeRoles(
+        batch=flags.get("batch_size"),
+        seq=flags.get("seq_len"),
+        past=flags.get("past_len"),
+        encoder_seq=flags.get("encoder_seq_len"),
+    )
 
 
 def add_conversion_options(parser: argparse.ArgumentParser) -> None:
@@ -62,17 +89,7 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimize-o-proj", action="store_true", help="per-head o_proj slices summed (measured slower; off in htp)"
     )
-    parser.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", help="fix a dynamic input shape"
-    )
-    for role, flag, what in (
-        ("seq", "--seq-len", "new tokens per step (sequence_length dims)"),
-        ("past", "--past-len", "cached tokens (past_sequence_length dims; total = past + seq)"),
-        ("batch", "--batch-size", "batch (batch_size dims; default: suggested 1)"),
-        ("encoder_seq", "--encoder-seq-len", "encoder_sequence_length dims (cross-attention)"),
-    ):
-        parser.add_argument(flag, dest=f"{role}_len" if role != "batch" else "batch_size", type=int,
-                            metavar="N", help=f"size of dynamic dims: {what}")  # fmt: skip
+    add_shape_options(parser)
     parser.add_argument("--inputs", metavar="NPZ", help="verify on these inputs (.npz keyed by input name)")
     parser.add_argument(
         "--allow-partial", action="store_true", help="exit 0 even if some attention blocks stay multi-head"
@@ -82,6 +99,16 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
         "--create-input-lists", action="store_true", help="write raw inputs, input_list.txt and goldens"
     )
     parser.add_argument("--encodings", metavar="FILE", help="AIMET .encodings of the model: propagated per head")
+    parser.add_argument(
+        "--lora-adaptor-list",
+        metavar="YAML",
+        help="LoRA adapters (safetensors + encodings) of the graph's LoRA tensors: each split like the graph",
+    )
+    parser.add_argument(
+        "--lora-alpha-from-input",
+        action="store_true",
+        help="the LoRA scale (alpha / r) becomes graph input lora_alpha, fed per adapter",
+    )
     parser.add_argument("--encodings-version", choices=list(VERSIONS), help="write this encodings version")
     parser.add_argument("--strict-encodings", action="store_true", help="any encodings coverage gap is an error")
     parser.add_argument(
@@ -116,7 +143,7 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
     later = [_flag(f) for f in LEGACY_LATER if flags.get(f) not in (None, False)]
     if later:
         raise UserError(
-            f"{', '.join(later)} not supported yet by this release (planned: AR change, LoRA adaptor lists)"
+            f"{', '.join(later)} not supported yet by this release"
         )
     verify = flags.get("verify", _DEFAULTS["verify"])
     if flags.get("no_verify") or flags.get("no_verification"):
@@ -124,12 +151,7 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
     shard = flags.get("shard_size")
     return ConvertOptions(
         input_shapes=parse_input_shapes(flags.get("input_shape") or []),
-        shape_roles=ShapeRoles(
-            batch=flags.get("batch_size"),
-            seq=flags.get("seq_len"),
-            past=flags.get("past_len"),
-            encoder_seq=flags.get("encoder_seq_len"),
-        ),
+        shape_roles=shape_roles_from_flags(flags),
         inputs=flags.get("inputs"),
         verify=verify,
         rtol=flags.get("rtol", _DEFAULTS["rtol"]),
@@ -147,4 +169,6 @@ def options_from_flags(flags: Mapping[str, Any]) -> ConvertOptions:
         max_lsb=flags.get("max_lsb", _DEFAULTS["max_lsb"]),
         soc=flags.get("soc", _DEFAULTS["soc"]),
         shard_bytes=parse_size(shard) if shard is not None else None,
+        lora_adaptor_list=flags.get("lora_adaptor_list"),
+        lora_alpha_from_input=bool(flags.get("lora_alpha_from_input", False)),
     )

@@ -1,4 +1,5 @@
-"""``mha2sha verify ORIGINAL CONVERTED``: prove an existing conversion (whole models or block by block)."""
+"""``mha2sha verify ORIGINAL CONVERTED``: prove an existing conversion (whole models or block by block),
+or two LLM step graphs of one model through the same token loop (an AR / CL variant)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import argparse
 import dataclasses
 
 from rich.console import Console
+from rich.table import Table
 
+from mha2sha.adapters.alpha import LORA_ALPHA, scale_of_input
 from mha2sha.errors import UserError
 from mha2sha.io.load import fix_input_shapes, load_model, require_static_inputs
 from mha2sha.report.progress import PhaseTimer
 from mha2sha.report.tables import verification_table
 from mha2sha.verify.blocks import infer_pieces, verify_blocks
-from mha2sha.verify.inputs import parse_input_shapes, plan_inputs
+from mha2sha.verify.inputs import ROPE_THETA, parse_input_shapes, plan_inputs
 from mha2sha.verify.plan import VERIFY_MODES, VerifyOptions
 from mha2sha.verify.runner import verify
 
@@ -27,9 +30,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("converted", help="the converted .onnx model")
     p.add_argument(
         "--verify",
-        choices=[m for m in VERIFY_MODES if m != "none"],
+        choices=[*(m for m in VERIFY_MODES if m != "none"), "loop"],
         default="blocks",
-        help="blocks (default): each attention block on its own, bounded memory; full: whole models",
+        help="blocks (default): each attention block on its own, bounded memory; full: whole models; "
+        "loop: LLM step graphs through the same token loop (any AR / CL each; chosen by itself when "
+        "the two graphs' input shapes differ)",
+    )
+    p.add_argument("--tokens", type=int, metavar="T", help="loop: prompt length (default: fits both graphs)")
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=ROPE_THETA,
+        help=f"loop: RoPE base of cos/sin inputs (default {ROPE_THETA:g})",
     )
     p.add_argument("--rtol", type=float, default=_DEFAULTS["rtol"], help="max relative error per output")
     p.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="seed of the generated inputs")
@@ -40,12 +52,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
+    if args.verify == "loop" or _io_shapes_differ(args.original, args.converted):
+        return _run_loop(args, console, timer)
     shapes = parse_input_shapes(args.input_shape)
     with timer.phase("load"):
         original = load_model(args.original)
         fix_input_shapes(original, shapes)
         require_static_inputs(original)
         inputs = plan_inputs(original, args.seed, npz=args.inputs)
+        alpha = scale_of_input(original, load_model(args.converted))  # --lora-alpha-from-input
+        if alpha is not None:
+            inputs.add_fixed(LORA_ALPHA, alpha)
     full = args.verify == "full"
     with timer.phase("verify (onnxruntime)" if full else "verify blocks (onnxruntime)") as advance:
         if full:
@@ -67,3 +84,35 @@ def run(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
     seconds = sum(r.seconds for r in timer.records)
     console.print(f"verify {args.verify}: {'PASS' if result.ok else 'FAIL'} in {seconds:.1f} s")
     return 0 if result.ok else 1
+
+
+def _io_shapes_differ(original: str, converted: str) -> bool:
+    """Another AR / CL of the same model: the same input names, other sizes (blocks cannot compare it)."""
+    a, b = load_model(original).graph.inputs, load_model(converted).graph.inputs
+    shapes = lambda vs: {v.name: tuple(v.shape or ()) for v in vs}  # noqa: E731
+    sa, sb = shapes(a), shapes(b)
+    return set(sa) == set(sb) and sa != sb
+
+
+def _run_loop(args: argparse.Namespace, console: Console, timer: PhaseTimer) -> int:
+    """Both step graphs through the same token loop: every token's logits and the final cache."""
+    from mha2sha.arcl.contract import compare_step_graphs
+
+    with timer.phase("verify: token loop (onnxruntime)"):
+        checks, tokens, (steps_a, steps_b) = compare_step_graphs(
+            args.original, args.converted, tokens=args.tokens, rtol=args.rtol, seed=args.seed,
+            rope_theta=args.rope_theta,
+        )  # fmt: skip
+    table = Table(
+        title=f"Token loop: {tokens} tokens, {steps_a} steps vs {steps_b} steps", title_justify="left"
+    )
+    for col in ("compared", "max rel err", "worst token", "result"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, f"{c.max_err:.3e}", "-" if c.worst_token is None else str(c.worst_token),
+                      "[green]PASS[/]" if c.ok else "[red]FAIL[/]")  # fmt: skip
+    console.print(table)
+    ok = all(c.ok for c in checks)
+    seconds = sum(r.seconds for r in timer.records)
+    console.print(f"verify loop: {'PASS' if ok else 'FAIL'} in {seconds:.1f} s")
+    return 0 if ok else 1

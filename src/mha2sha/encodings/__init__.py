@@ -11,7 +11,15 @@ from mha2sha.encodings.formats import (
     save_encodings,
 )
 from mha2sha.encodings.model import VERSIONS, Encoding, EncodingSet
-from mha2sha.encodings.propagate import CoverageReport, EncodingCoverageError, propagate, slice_encoding
+from mha2sha.encodings.propagate import (
+    CoverageReport,
+    EncodingCoverageError,
+    OutputFacts,
+    output_facts,
+    pad_encoding,
+    propagate,
+    slice_encoding,
+)
 from mha2sha.encodings.requant import RequantRecord, requantize
 
 __all__ = [
@@ -20,10 +28,13 @@ __all__ = [
     "Encoding",
     "EncodingCoverageError",
     "EncodingSet",
+    "OutputFacts",
     "channel_axes",
     "convert_encodings",
     "dump_encodings",
     "load_encodings",
+    "output_facts",
+    "pad_encoding",
     "parse_encodings",
     "propagate",
     "RequantRecord",

@@ -22,7 +22,15 @@ from mha2sha.errors import UserError
 from mha2sha.graph import is_onnx_domain, is_op, static_shape
 from mha2sha.io.names import graphs
 
-__all__ = ["ModelLike", "channel_axes", "initializer_names", "tensor_shapes", "resolve_axes", "as_ir_model"]
+__all__ = [
+    "ModelLike",
+    "as_ir_model",
+    "channel_axes",
+    "consumer_axes",
+    "initializer_names",
+    "resolve_axes",
+    "tensor_shapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +63,8 @@ def initializer_names(model: ModelLike) -> set[str]:
     return names
 
 
-def _consumer_axes(node: ir.Node, index: int, rank: int) -> AxisPair | None:
+def consumer_axes(node: ir.Node, index: int, rank: int) -> AxisPair | None:
+    """(output-channel axis, input-channel axis) of input ``index`` of ``node`` when it is a weight."""
     op = node.op_type
     if not is_onnx_domain(node.domain):
         return None
@@ -86,12 +95,12 @@ def channel_axes(model: ModelLike) -> dict[str, AxisPair]:
                 continue
             rank = len(shape)
             for consumer, idx in value.uses():
-                axes = _consumer_axes(consumer, idx, rank)
+                axes = consumer_axes(consumer, idx, rank)
                 if axes is None and consumer.op_type == "Transpose" and consumer.outputs[0].uses():
                     perm_attr = consumer.attributes.get("perm")
                     perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(rank))[::-1]
                     nxt, nidx = next(iter(consumer.outputs[0].uses()))
-                    inner = _consumer_axes(nxt, nidx, rank)
+                    inner = consumer_axes(nxt, nidx, rank)
                     if inner is not None:
                         axes = (perm[inner[0]], None if inner[1] is None else perm[inner[1]])
                 if axes is not None:

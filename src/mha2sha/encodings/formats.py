@@ -94,6 +94,9 @@ class _Ctx:
 # ------------------------------------------------------------------------------------------
 
 
+_NUMBER_TYPES = frozenset({int, float})  # exactly: a bool is not a number here
+
+
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -114,8 +117,9 @@ def _nums(ctx: _Ctx, where: str, v: Any, key: str) -> np.ndarray:
 
     def ok(x: Any) -> bool:
         if isinstance(x, list):
-            # flat lists of plain numbers first (per-channel scales: most of a file's values)
-            return all(type(y) is float or type(y) is int for y in x) or all(ok(y) for y in x)
+            if set(map(type, x)) <= _NUMBER_TYPES:  # the common flat list, checked at C speed
+                return True
+            return all(ok(y) for y in x)
         return _is_num(x)
 
     if not ok(v):
@@ -129,7 +133,10 @@ def _nums(ctx: _Ctx, where: str, v: Any, key: str) -> np.ndarray:
 
 def _all_ints(v: Any) -> bool:
     if isinstance(v, list):
-        return all(type(x) is int for x in v) or all(_all_ints(x) for x in v)
+        kinds = set(map(type, v))  # exactly int: a bool is not an int here
+        if kinds <= {int}:
+            return True
+        return kinds <= {int, list} and all(_all_ints(x) for x in v)
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -145,11 +152,13 @@ def _tolist(arr: np.ndarray, as_int: bool = False) -> Any:
 
 def _json_pairs(ctx: _Ctx) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise ctx.fail("JSON", f"duplicate key {k!r}")
-            out[k] = v
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise ctx.fail("JSON", f"duplicate key {k!r}")
+                seen.add(k)
         return out
 
     return hook
@@ -755,6 +764,27 @@ def _check_values(ctx: _Ctx, enc: Encoding) -> None:
         )
 
 
+def _is_quantizer_map(data: dict[str, Any]) -> bool:
+    """aimet-onnx's per-adapter LoRA file (``export_for_deployment``): ``{name: 1.0.0 entry}``, no sections."""
+    return (
+        bool(data)
+        and "version" not in data
+        and all(isinstance(v, dict) and "enc_type" in v for v in data.values())
+    )
+
+
+def _parse_quantizer_map(ctx: _Ctx, data: dict[str, Any], param_names: set[str] | None) -> EncodingSet:
+    """A quantizer map read as a 1.0.0 file: params are the model's initializers (or, without a
+    model, the per-channel / per-block / int32 entries, as for 2.x)."""
+    es = EncodingSet(version="1.0.0", style={"keys": ["version", "activation_encodings", "param_encodings"]})
+    for name, entry in data.items():
+        enc = _parse_100(ctx, {"name": name, **entry}, "encodings")
+        _check_values(ctx, enc)
+        is_param = name in param_names if param_names is not None else _heuristic_params(enc)
+        (es.params if is_param else es.activations)[name] = enc
+    return es
+
+
 def parse_encodings(data: Any, *, source: str = "<dict>", param_names: set[str] | None = None) -> EncodingSet:
     """Build an :class:`EncodingSet` from a loaded JSON document.
 
@@ -764,6 +794,8 @@ def parse_encodings(data: Any, *, source: str = "<dict>", param_names: set[str] 
     ctx = _Ctx(source)
     if not isinstance(data, dict):
         raise ctx.fail("top level", f"must be a JSON object, got {type(data).__name__}")
+    if _is_quantizer_map(data):
+        return _parse_quantizer_map(ctx, data, param_names)
     version = data.get("version")
     style: dict[str, Any] = {"keys": list(data)}
     if version is None:
@@ -893,9 +925,20 @@ def convert_encodings(
     return new
 
 
-def load_encodings(path: str | os.PathLike[str], *, model: ModelLike | None = None) -> EncodingSet:
+def load_encodings(
+    path: str | os.PathLike[str],
+    *,
+    model: ModelLike | None = None,
+    resolve: bool = True,
+    param_names: set[str] | None = None,
+) -> EncodingSet:
     """Read an AIMET encodings file. With ``model`` (onnx_ir.Model), 2.x entries are classified
-    by the model's initializers and channel axes are resolved for 0.6.1/1.0.0."""
+    by the model's initializers and channel axes are resolved for 0.6.1/1.0.0 (unless not
+    ``resolve``: the caller resolves them, e.g. against other shapes). ``param_names`` (the
+    model's initializer names, when the caller has them) classifies without a model.
+
+    Besides the versioned files, aimet-onnx's per-adapter LoRA export is read: a bare
+    ``{name: 1.0.0 entry}`` mapping (``export_for_deployment``), as a 1.0.0 file."""
     path = os.fspath(path)
     ctx = _Ctx(path)
     try:
@@ -909,18 +952,21 @@ def load_encodings(path: str | os.PathLike[str], *, model: ModelLike | None = No
         raise UserError(
             f"encodings {path}: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
-    param_names = None
-    if model is not None:
+    version = data.get("version", "") if isinstance(data, dict) else ""
+    flat = str(version).startswith("2.") or (isinstance(data, dict) and _is_quantizer_map(data))
+    if not flat:
+        param_names = None
+    elif param_names is None and model is not None:
         from mha2sha.encodings.axes import initializer_names
 
-        version = data.get("version", "") if isinstance(data, dict) else ""
-        param_names = initializer_names(model) if str(version).startswith("2.") else None
+        param_names = initializer_names(model)
     es = parse_encodings(data, source=path, param_names=param_names)
     if model is not None:
         from mha2sha.encodings.axes import resolve_axes
 
         _require_same_model(ctx, es, model)
-        resolve_axes(es, model=model)
+        if resolve:
+            resolve_axes(es, model=model)
     return es
 
 
@@ -941,29 +987,30 @@ def _require_same_model(ctx: _Ctx, es: EncodingSet, model: Any) -> None:
         )
 
 
-def _dumps(doc: Any) -> str:
-    """JSON with the top two levels indented and each encoding on one line.
+def _write_json(doc: Any, f: Any, depth: int = 0) -> None:
+    """``doc`` as indented JSON down to its sections' entries, each entry on one line.
 
-    ``json.dump(..., indent=4)`` runs Python's pure encoder (the C one takes no indent): 0.5 s for
-    a 7 MB file, 3 s for 40 MB. One line per encoding keeps the file readable and uses the C encoder.
+    The same document as ``json.dump(doc, f, indent=4)``, several times faster: Python's JSON encoder
+    only uses its C implementation without ``indent``, and an encodings file of a 1B model holds
+    millions of numbers. One entry per line also reads (and diffs) well.
     """
-
-    def one(value: Any) -> str:
-        return json.dumps(value, allow_nan=False)
-
-    if not isinstance(doc, dict):
-        return json.dumps(doc, indent=4, allow_nan=False)
-    parts = []
-    for key, value in doc.items():
-        if isinstance(value, list) and value:
-            body = ",\n".join(f"        {one(v)}" for v in value)
-            parts.append(f"    {one(key)}: [\n{body}\n    ]")
-        elif isinstance(value, dict) and value:
-            body = ",\n".join(f"        {one(k)}: {one(v)}" for k, v in value.items())
-            parts.append(f"    {one(key)}: {{\n{body}\n    }}")
-        else:
-            parts.append(f"    {one(key)}: {one(value)}")
-    return "{\n" + ",\n".join(parts) + "\n}"
+    pad = " " * 4 * (depth + 1)
+    if depth < 2 and isinstance(doc, dict) and doc:
+        f.write("{\n")
+        for i, (key, value) in enumerate(doc.items()):
+            f.write(f"{pad}{json.dumps(key)}: ")
+            _write_json(value, f, depth + 1)
+            f.write(",\n" if i < len(doc) - 1 else "\n")
+        f.write(" " * 4 * depth + "}")
+    elif depth < 2 and isinstance(doc, list) and doc:
+        f.write("[\n")
+        for i, value in enumerate(doc):
+            f.write(pad)
+            _write_json(value, f, depth + 1)
+            f.write(",\n" if i < len(doc) - 1 else "\n")
+        f.write(" " * 4 * depth + "]")
+    else:
+        f.write(json.dumps(doc, allow_nan=False))  # values are validated when read
 
 
 def save_encodings(
@@ -987,7 +1034,7 @@ def save_encodings(
     os.chmod(tmp, 0o666 & ~umask)  # like any file this tool writes (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_dumps(doc))  # values are validated when read
+            _write_json(doc, f)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -58,6 +58,9 @@ def dtype_bits(dtype: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
+_ARRAY_FIELDS = ("scale", "offset", "per_block_int_scale", "zero_point_shift", "min", "max")
+
+
 @dataclasses.dataclass(eq=False)
 class Encoding:
     """One tensor's quantization encoding (see the module docstring for the conventions).
@@ -161,9 +164,16 @@ class Encoding:
         return zp
 
     def renamed(self, name: str) -> Encoding:
-        """A deep copy under another tensor name (how per-head copies are made)."""
-        new = copy.deepcopy(self)
+        """A copy under another tensor name (how per-head copies are made): its own arrays and
+        ``extra`` / ``style`` dicts (their values are replaced, never changed in place, so shared)."""
+        new = copy.copy(self)
         new.name = name
+        for field in _ARRAY_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, np.ndarray):
+                setattr(new, field, value.copy())
+        new.extra = dict(self.extra)
+        new.style = dict(self.style)
         return new
 
     def with_axes(self, axis_map: dict[int, int], rank: int) -> Encoding:
@@ -256,6 +266,11 @@ class EncodingSet:
 
     def copy(self) -> EncodingSet:
         return copy.deepcopy(self)
+
+    def shallow(self) -> EncodingSet:
+        """A set of its own (sections, order) holding the same :class:`Encoding` objects."""
+        order = list(self.order) if self.order is not None else None
+        return EncodingSet(self.version, dict(self.activations), dict(self.params), self.extra, order, self.style)
 
 
 def copied_activation(value: ir.Value | None, encodings: EncodingSet) -> str | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +41,15 @@ from mha2sha.split.record import SplitRecord, TensorSplit
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-__all__ = ["CoverageReport", "propagate", "slice_encoding", "EncodingCoverageError"]
+__all__ = [
+    "CoverageReport",
+    "EncodingCoverageError",
+    "OutputFacts",
+    "output_facts",
+    "pad_encoding",
+    "propagate",
+    "slice_encoding",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +178,63 @@ def slice_encoding(
     return new
 
 
+def pad_encoding(enc: Encoding, shape: tuple[int, ...], axis: int, size: int, full: int) -> Encoding | str:
+    """The encoding of a tensor zero-padded along ``axis`` from ``size`` to ``full`` elements (a LoRA
+    weight of lower rank in a graph of higher rank), or the reason it cannot be expressed.
+
+    Per-tensor encodings are unchanged. Channels (or blocks) the padding adds repeat the last
+    existing one: they hold only zeros, which every AIMET grid represents exactly. An encoding that
+    already has ``full`` channels (made on the padded graph) is returned as it is.
+    """
+    if enc.enc_type == "PER_TENSOR" or not enc.has_scale:
+        return enc
+    rank = len(shape)
+    if enc.axis is None:
+        return "channel axis unknown"
+    new = enc.renamed(enc.name)
+    if enc.axis % rank == axis % rank:
+        if enc.enc_type == "PER_BLOCK" and new.scale.ndim == 1:  # flat 1.0.0 blocks: C is ours to find
+            new.resolve_blocks(full if new.scale.size % size else size)
+        channels = new.num_channels
+        if channels == full:
+            return enc
+        if channels != size:
+            return f"{channels} channels on axis {axis}, neither the adapter's rank {size} nor the graph's {full}"
+        extra = full - size
+
+        def grow(arr: np.ndarray | None) -> np.ndarray | None:
+            if arr is None or np.ndim(arr) == 0:
+                return arr
+            return np.concatenate([arr, np.repeat(arr[-1:], extra, axis=0)], axis=0)
+
+        new.scale, new.offset = grow(new.scale), grow(new.offset)  # type: ignore[assignment]
+        new.per_block_int_scale = grow(new.per_block_int_scale)
+        new.zero_point_shift = grow(new.zero_point_shift)
+        new.min, new.max = grow(new.min), grow(new.max)
+        extras = new.style.get("elem_extra")
+        if extras is not None and len(extras) == size:
+            new.style["elem_extra"] = list(extras) + [extras[-1]] * extra
+        return new
+    if enc.enc_type in ("PER_BLOCK", "LPBQ") and enc.block_axis is not None and enc.block_axis % rank == axis % rank:
+        bs = enc.block_size
+        if not bs or size % bs or full % bs:
+            return f"the rank {size} -> {full} padding is not a whole number of blocks of {bs}"
+        if enc.enc_type == "PER_BLOCK" and new.scale.ndim == 1:
+            new.resolve_blocks(shape[enc.axis])
+        blocks = full // bs - size // bs
+
+        def widen(arr: np.ndarray | None) -> np.ndarray | None:
+            if arr is None or np.ndim(arr) < 2:
+                return arr
+            return np.concatenate([arr, np.repeat(arr[:, -1:], blocks, axis=1)], axis=1)
+
+        if enc.enc_type == "PER_BLOCK":
+            new.scale, new.offset = widen(new.scale), widen(new.offset)  # type: ignore[assignment]
+        new.per_block_int_scale = widen(new.per_block_int_scale)
+        return new
+    return enc  # padded along an axis the encoding does not index: every channel is whole
+
+
 def _expected_shape(shape: tuple[int, ...], ranges: tuple[tuple[int, int, int], ...]) -> tuple[int, ...]:
     out = list(shape)
     for axis, start, stop in ranges:
@@ -225,6 +290,20 @@ def _encode_joins(
         report.joined[out.name] = sources[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputFacts:
+    """What propagation reads of the output model: tensor names, static shapes, weights' axes."""
+
+    names: set[str]
+    shapes: dict[str, tuple[int, ...]]
+    axes: dict[str, AxisPair]
+
+
+def output_facts(model: Any) -> OutputFacts:
+    model = as_ir_model(model)
+    return OutputFacts(tensor_names(model), tensor_shapes(model), channel_axes(model))
+
+
 def propagate(
     encodings: EncodingSet,
     record: SplitRecord,
@@ -234,8 +313,15 @@ def propagate(
     channel_axes_map: Mapping[str, int | AxisPair] | None = None,
     strict: bool = False,
     original_names: set[str] | None = None,
+    only: Collection[str] | None = None,
+    facts: OutputFacts | None = None,
 ) -> tuple[EncodingSet, CoverageReport]:
     """Encodings for the split ``model`` from the MHA ``encodings`` and the split's ``record``.
+
+    ``only`` propagates just those encodings (and the head joins that take theirs), the others
+    serving as context (what a removed data-movement tensor copied): a LoRA adapter's own encodings
+    over the base graph's. ``facts`` (:func:`output_facts` of ``model``) saves walking the output
+    model again when it is unchanged since the last call.
 
     ``model`` is the output (per-head) model. Channel axes of 0.6.1/1.0.0 per-channel weights
     come from ``channel_axes_map`` (computed by the caller on the original model, e.g. with
@@ -246,8 +332,8 @@ def propagate(
     dropped encoding raises :class:`EncodingCoverageError` (a UserError).
     """
     out_model = as_ir_model(model)
-    out_names = tensor_names(out_model)
-    out_shapes = tensor_shapes(out_model)
+    facts = facts or output_facts(out_model)
+    out_names, out_shapes, piece_axes = facts.names, facts.shapes, facts.axes
     orig_model = as_ir_model(original) if original is not None else None
     orig_names = tensor_names(orig_model) if orig_model is not None else original_names
 
@@ -256,9 +342,9 @@ def propagate(
         axes.update(channel_axes(orig_model))
     for n, a in (channel_axes_map or {}).items():
         axes[n] = a if isinstance(a, tuple) else (a, None)
-    piece_axes = channel_axes(out_model)
 
-    src = encodings.copy()
+    # the entries are copied as they are changed (resolve), not up front: ``only`` touches a few
+    src = encodings.shallow()
     report = CoverageReport()
     result = EncodingSet(version=src.version, extra=src.extra, style=src.style)
     new_order: list[str] = []
@@ -303,9 +389,11 @@ def propagate(
             )
             enc.axis = None
 
-    for name in src.names():
+    wanted = set(only) if only is not None else None
+    for name in src.names() if wanted is None else [n for n in src.names() if n in wanted]:
         enc = src.get(name)
         assert enc is not None
+        enc = enc.renamed(name)  # a copy: resolve() below fills its axes
         kind = src.kind_of(name)
         target = result.params if kind == "param" else result.activations
         if orig_names is not None and name not in orig_names:
@@ -374,7 +462,7 @@ def propagate(
 
     _encode_joins(out_model, record, result, new_order, report)
     for name in record.tensors:
-        if name not in src:
+        if name not in src and only is None:
             report.unencoded_splits.append(name)
     if src.order is not None:
         result.order = new_order

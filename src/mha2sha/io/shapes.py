@@ -25,7 +25,7 @@ from onnx_ir.passes.common import _c_api_utils
 from mha2sha.errors import UserError
 from mha2sha.graph import name_of
 
-__all__ = ["ShapeRoles", "check_shapes", "resolve_input_shapes"]
+__all__ = ["ShapeRoles", "ShapeSuggestion", "check_shapes", "resolve_input_shapes", "suggest_input_shapes"]
 
 #: Dim names (lower case, non-alphanumerics as "_") and the role whose size they take.
 _ROLE_NAMES = {
@@ -174,11 +174,26 @@ def _roles_in(name: str) -> set[str]:
     return {r for r in roles if r in _FLAGS}
 
 
-def _missing_message(
-    model: ir.Model, missing: list[ir.Value], explicit: Mapping[str, tuple[int, ...]], roles: ShapeRoles
-) -> str:
-    """Every dynamic input, and one consistent command line: roles where the names tell them,
-    ``--input-shape`` for the rest."""
+@dataclasses.dataclass(frozen=True)
+class ShapeSuggestion:
+    """A consistent set of static shapes for a model's dynamic inputs, and the flags that give it.
+
+    ``flags`` is one command line (roles where the dim names tell them, typical sizes for roles not
+    given, ``--input-shape`` for dims whose name says nothing, shown as 1); ``shapes`` are the
+    static shapes those flags give; ``unknown`` lists the dims no name explained (``input[axis]
+    name``): their size is a placeholder the user must check.
+    """
+
+    dynamic: list[tuple[str, str]]  # (input, declared shape with dim names)
+    flags: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    unknown: list[str]
+
+
+def suggest_input_shapes(
+    model: ir.Model, explicit: Mapping[str, tuple[int, ...]], roles: ShapeRoles
+) -> ShapeSuggestion:
+    """Static shapes for every dynamic input not in ``explicit`` (see :class:`ShapeSuggestion`)."""
     dynamic = [v for v in _dynamic_inputs(model) if v.name not in explicit]
     needed: set[str] = set()
     for value in dynamic:
@@ -189,15 +204,33 @@ def _missing_message(
         **{role: roles.size(role) if roles.size(role) is not None else _SUGGESTED[role] for role in _FLAGS}
     )
     flags = [f"{_FLAGS[role]} {suggested.size(role)}" for role in _FLAGS if role in needed]
-    for value in missing:
+    shapes: dict[str, tuple[int, ...]] = {}
+    unknown: list[str] = []
+    for value in dynamic:
         dims = [_dim_size(d, suggested, {}) for d in (value.shape or ())]
         if value.shape is None or any(d is None for d in dims):
             shown = ",".join(str(d) if d is not None else "1" for d in dims) or "1"
             flags.append(f"--input-shape {value.name}={shown}")
-    listing = ", ".join(f"{v.name} {_fmt(v.shape)}" for v in dynamic)
+            for axis, (dim, size) in enumerate(zip(value.shape or (), dims, strict=False)):
+                if size is None:
+                    unknown.append(f"{value.name}[{axis}] {getattr(dim, 'value', None) or '?'}")
+            if value.shape is None:
+                unknown.append(f"{value.name} (no shape declared)")
+        shapes[name_of(value)] = tuple(d if d is not None else 1 for d in dims) if value.shape is not None else (1,)
+    listing = [(name_of(v), _fmt(v.shape)) for v in dynamic]
+    return ShapeSuggestion(listing, flags, shapes, unknown)
+
+
+def _missing_message(
+    model: ir.Model, missing: list[ir.Value], explicit: Mapping[str, tuple[int, ...]], roles: ShapeRoles
+) -> str:
+    """Every dynamic input, and one consistent command line: roles where the names tell them,
+    ``--input-shape`` for the rest."""
+    suggestion = suggest_input_shapes(model, explicit, roles)
+    listing = ", ".join(f"{name} {shape}" for name, shape in suggestion.dynamic)
     return (
-        f"the split needs static shapes; {len(dynamic)} input(s) are dynamic: {listing}. "
-        f"Fix them in one run with: {' '.join(flags)}"
+        f"the split needs static shapes; {len(suggestion.dynamic)} input(s) are dynamic: {listing}. "
+        f"Fix them in one run with: {' '.join(suggestion.flags)}"
     )
 
 

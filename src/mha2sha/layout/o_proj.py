@@ -9,9 +9,11 @@ Two equivalent forms exist for HTP:
     by a balanced tree of ``Add``.
 
 Rules applied:
-1. Find a ``Concat`` on the last axis whose result reaches exactly one ``MatMul`` (constant
-   2-D weight) or ``Gemm`` (``transA=0``, constant ``B``) as its first input, directly or through
-   Reshapes that keep the last axis (``[1,S,C] -> [S,C]`` before a Gemm).
+1. Find a ``Concat`` on the last axis whose every consumer is a ``MatMul`` (constant 2-D weight)
+   or ``Gemm`` (``transA=0``, constant ``B``) reading it as its first input, directly or through
+   Reshapes that keep the last axis (``[1,S,C] -> [S,C]`` before a Gemm). Several consumers
+   happen with an unmerged LoRA on ``o_proj``: its A reads the same heads, so A is cut by the
+   same rows (each head's ``[D, r]`` rows, summed) and the Concat goes away.
 2. Replace it by one projection per concat input on the matching weight rows (lazy slices of the
    memory-mapped weight, named ``<W>.h<k>``; Gemm keeps ``transB``/``alpha``, and only head 0
    carries ``C``/``beta``) and a balanced Add tree whose last output keeps the projection's name.
@@ -93,7 +95,7 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        plans = [p for p in (self._plan(n) for n in list(graph)) if p is not None]
+        plans = [p for n in list(graph) for p in self._plans(n)]
         if not plans:
             return ir.passes.PassResult(model, modified=False)
         editor = Editor(graph)
@@ -110,44 +112,42 @@ class PerHeadOProjPass(ir.passes.InPlacePass):
     def _skip(self, node: ir.Node, reason: str) -> None:
         self.record.skipped.append(Skipped(node.name or node.outputs[0].name or "", node.op_type, reason))
 
-    def _plan(self, concat: ir.Node) -> _Plan | None:
+    def _plans(self, concat: ir.Node) -> list[_Plan]:
+        """One plan per consumer of the Concat; none unless every consumer is a projection (the
+        Concat only goes away when all of them take their rows per head)."""
         if not is_op(concat, "Concat") or len(concat.inputs) < 2:
-            return None
+            return []
         out = concat.outputs[0]
         shape = static_shape(out)
-        if shape is None or any(static_shape(v) is None for v in concat.inputs):
-            return None
+        if shape is None or any(static_shape(v) is None for v in concat.inputs) or out.is_graph_output():
+            return []
         axis = attr_int(concat, "axis", 0) % len(shape)
-        value, reshapes = out, []
-        while True:
-            uses = list(value.uses())
-            if len(uses) != 1 or value.is_graph_output():
-                return None
-            user, index = uses[0]
-            if (
-                user.op_type == "Reshape"
-                and index == 0
-                and (r_shape := static_shape(user.outputs[0])) is not None
+        plans = []
+        for user, index in list(out.uses()):
+            reshapes = []
+            while (
+                user.op_type == "Reshape" and index == 0 and (r_shape := static_shape(user.outputs[0])) is not None
             ):
-                if r_shape[-1] != shape[-1]:
-                    return None
-                reshapes.append(user)
                 value = user.outputs[0]
-                continue
-            break
-        if not is_op(user, "MatMul", "Gemm") or index != 0:
-            return None
-        if axis != len(shape) - 1:
-            self._skip(user, f"its input is a Concat on axis {axis}, not the contracted last axis")
-            return None
-        w = user.inputs[1]
-        if w is None or w.const_value is None or w.is_graph_input() or len(static_shape(w) or ()) != 2:
-            self._skip(user, "weight is not a constant [in, out] matrix")
-            return None
-        if user.op_type == "Gemm" and attr_int(user, "transA", 0):
-            self._skip(user, "Gemm transA=1")
-            return None
-        return _Plan(concat, reshapes, user)
+                uses = list(value.uses())
+                if r_shape[-1] != shape[-1] or len(uses) != 1 or value.is_graph_output():
+                    return []
+                reshapes.append(user)
+                user, index = uses[0]
+            if not is_op(user, "MatMul", "Gemm") or index != 0:
+                return []
+            if axis != len(shape) - 1:
+                self._skip(user, f"its input is a Concat on axis {axis}, not the contracted last axis")
+                return []
+            w = user.inputs[1]
+            if w is None or w.const_value is None or w.is_graph_input() or len(static_shape(w) or ()) != 2:
+                self._skip(user, "weight is not a constant [in, out] matrix")
+                return []
+            if user.op_type == "Gemm" and attr_int(user, "transA", 0):
+                self._skip(user, "Gemm transA=1")
+                return []
+            plans.append(_Plan(concat, reshapes, user))
+        return plans
 
     def _rewrite(self, graph: ir.Graph, editor: Editor, plan: _Plan) -> None:
         proj, concat = plan.proj, plan.concat

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from mha2sha.layout.rank import HighRankTensor
 
 __all__ = ["LayoutRecord", "Skipped", "WeightRemap"]
@@ -32,6 +34,15 @@ class WeightRemap:
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
     axis_map: tuple[int | None, ...]
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (of ``old_shape``) in the new layout: what the weight under ``new_name`` holds."""
+        if tuple(array.shape) != self.old_shape:
+            raise ValueError(f"expected shape {list(self.old_shape)}, got {list(array.shape)}")
+        kept = [i for i, a in enumerate(self.axis_map) if a is not None]
+        squeezed = array.reshape([self.old_shape[i] for i in kept])  # dropped axes are unit axes
+        order = sorted(range(len(kept)), key=lambda j: self.axis_map[kept[j]])  # type: ignore[arg-type,return-value]
+        return np.ascontiguousarray(squeezed.transpose(order).reshape(self.new_shape))
 
     @property
     def channel_axis(self) -> tuple[int, int]:

@@ -18,6 +18,8 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
+from mha2sha.graph import is_onnx_domain
+
 __all__ = ["Inference"]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class Inference:
         return array
 
     def __call__(self, node: ir.Node) -> None:
-        if node.domain not in ("", "ai.onnx"):
+        if not is_onnx_domain(node.domain):
             return
         if not all(_known(o) for o in node.outputs):
             self._infer_types(node)

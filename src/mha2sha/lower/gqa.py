@@ -21,6 +21,13 @@ Rules:
   key set in another order. KV heads are repeated for the query heads (``repeat_kv``).
 - ``present`` is gathered from the same Concat into the kernel's layout (``GatherElements`` +
   ``Where``); with no past input it is the new keys/values themselves.
+- Known positions: when the graph fixes ``ps`` -- ``seqlens_k`` a constant, or batch 1 with a static
+  ``total_sequence_length`` (genai's ``Shape(attention_mask)[1]``; the op defines the total as the
+  batch's longest ``seqlens_k + 1``, so one row has ``seqlens_k = total - 1``) -- nothing above is
+  computed at run time: RoPE positions and the bias are constants, and ``present`` is slices of the
+  Concat (plus zero rows), i.e. ``Concat(past, new)`` itself for a full cache (``ps = P``, present
+  length ``P + S``). No int64 index math, ``GatherElements`` or ``Where`` is left for HTP; the mask
+  input is then not read (a batch-1 mask with zeros contradicts the op's definition of the total).
 - ``softcap``, ``scale``, ``smooth_softmax`` (a zero-logit sink) and ``head_sink`` (per-head sink
   logits) as in :func:`~mha2sha.lower._sdpa.attend`.
 - The present length is the kernel's ``max(P, total_sequence_length)`` when the total is static
@@ -122,15 +129,30 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     present_len = past if sliding else _present_length(node, b, past, seq)
     if sliding and any(d not in (None, past) for d in _declared_lengths(node)):
         raise Refused(f"a sliding-window cache's present must be as long as its past ({past})")
-    ps = _past_lengths(b, seqlens_k, seq) if past else None
+    window = attr_int(node, "local_window_size", -1)
+    known = _known_past_lengths(node, b, seqlens_k, batch, seq, past, sliding) if past else None
+    ps = positions = None
     # resident rows of the cache before and after the step (the eviction layout with a window cache)
     resident = resident_after = None
-    if ps is not None:
+    rows: tuple[np.ndarray, np.ndarray] | None = None  # (resident, resident_after) known from the graph
+    if known is not None:  # every position is a constant: no index math in the graph
+        b.notes.append(
+            f"new entries at {known.tolist()} known from the graph (seqlens_k not read): RoPE positions, mask and"
+            " present layout are constants"
+        )
+        after = known + seq
+        rows = (
+            (_window_rows(known, past, window), _window_rows(after, past, window))
+            if sliding
+            else (known, after)
+        )
+        positions = b.const((known.reshape(-1, 1) + np.arange(seq)).astype(np.int64), "positions")
+    elif past:
+        ps = _past_lengths(b, seqlens_k, seq)
         if sliding:
-            window = attr_int(node, "local_window_size", -1)
             resident = _window_resident(b, ps, past, window, "resident_before")
-            after = b.op("Add", [ps, b.i64([seq], "seq_len")], "total_lengths")
-            resident_after = _window_resident(b, after, past, window, "resident_after")
+            after_v = b.op("Add", [ps, b.i64([seq], "seq_len")], "total_lengths")
+            resident_after = _window_resident(b, after_v, past, window, "resident_after")
         else:
             resident = ps
             resident_after = b.op("Add", [ps, b.i64([seq], "seq_len")], "present_end")
@@ -138,14 +160,20 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
     if attr_int(node, "do_rotary", 0):
         if cos_cache is None or sin_cache is None:
             raise Refused("do_rotary needs cos_cache and sin_cache")
-        q, k = _rope(b, node, q, k, cos_cache, sin_cache, ps, batch, seq, size)
+        steps = b.const(np.arange(seq, dtype=np.int64).reshape(1, seq), "token_offsets")
+        if positions is None:
+            positions = steps if ps is None else b.op("Add", [ps, steps], "positions")
+        q, k = _rope(b, node, q, k, cos_cache, sin_cache, positions, size)
 
     if past:
         k_all = b.op("Concat", [past_k, k], "key_cache", axis=2)
         v_all = b.op("Concat", [past_v, v], "value_cache", axis=2)
     else:
         k_all, v_all = k, v
-    bias = _bias(b, node, resident, batch, seq, past, like=q)
+    if rows is not None:
+        bias = _known_bias(b, node, rows[0], batch, seq, past, like=q)
+    else:
+        bias = _bias(b, node, resident, batch, seq, past, like=q)
     sink = None
     if head_sink is not None:
         sink = b.reshape(head_sink, [1, heads, 1, 1], "head_sink_1h11")
@@ -167,7 +195,15 @@ def lower_group_query_attention(node: ir.Node, b: Builder) -> list[ir.Value | No
         sink_dims=(batch, heads, seq, size),
     )
     y = heads_last(b, att.output, "output")
-    if past:
+    present = None
+    if rows is not None:
+        present = _known_present(b, k_all, v_all, *rows, batch, kv_heads, past, seq, size, present_len)
+        if present is None:  # batch rows laid out differently: the general gather, on constant rows
+            resident = b.const(rows[0].reshape(-1, 1), "resident_rows")
+            resident_after = b.const(rows[1].reshape(-1, 1), "present_end_rows")
+    if present is not None:
+        present_k, present_v = present
+    elif past:
         present_k, present_v = _present(
             b, k_all, v_all, resident, resident_after, batch, kv_heads, past, seq, size, present_len
         )
@@ -214,6 +250,37 @@ def _present_length(node: ir.Node, b: Builder, past: int, seq: int) -> int:
     return declared.pop() if declared else past + seq
 
 
+def _known_past_lengths(
+    node: ir.Node, b: Builder, seqlens_k: ir.Value, batch: int, seq: int, past: int, sliding: bool
+) -> np.ndarray | None:
+    """``ps_b`` ``[B]`` when the graph fixes it, else None (it is then computed in the graph).
+
+    Known when ``seqlens_k`` is a constant, or with batch 1 and a static ``total_sequence_length``
+    (genai: ``Shape(attention_mask)[1]``): the op defines the total as the batch's longest
+    ``seqlens_k + 1``, so with one row ``seqlens_k[0] = total - 1`` and ``ps = total - S``. (A batch-1
+    mask with zeros contradicts that definition; the kernel would then write the new entries
+    earlier.) Without a window cache ``ps`` must lie within the past buffer.
+    """
+    lens = b.ctx.infer.data(seqlens_k)
+    if lens is None and batch == 1:
+        total = b.ctx.infer.data(input_at(node, 6))
+        if total is not None and np.size(total) == 1:
+            lens = np.asarray(total, np.int64).reshape(1) - 1
+    if lens is None or np.size(lens) != batch:
+        return None
+    ps = np.maximum(np.asarray(lens, np.int64).reshape(batch) + 1 - seq, 0)
+    if not sliding and (ps > past).any():
+        return None  # beyond the buffer: the kernel's clipped gather decides
+    return ps
+
+
+def _window_rows(total: np.ndarray, capacity: int, window: int) -> np.ndarray:
+    """:func:`_window_resident` on known totals."""
+    g = capacity - window + 1
+    evicted = total - g * -(-(total - capacity) // g)
+    return np.where(total <= capacity, total, evicted)
+
+
 def _past_lengths(b: Builder, seqlens_k: ir.Value, seq: int) -> ir.Value:
     """``ps_b = max(seqlens_k[b] + 1 - S, 0)`` as int64 ``[B, 1]``: where the new tokens go."""
     lens = b.cast(seqlens_k, ir.DataType.INT64, "seqlens_k_i64")
@@ -229,17 +296,14 @@ def _rope(
     k: ir.Value,
     cos_cache: ir.Value,
     sin_cache: ir.Value,
-    ps: ir.Value | None,
-    batch: int,
-    seq: int,
+    positions: ir.Value,
     size: int,
 ) -> tuple[ir.Value, ir.Value]:
+    """Q and K rotated by the cos/sin rows at ``positions`` ``[B or 1, S]``."""
     half = (dims(cos_cache) or [None])[-1]
     if half is None:
         raise Refused("the width of cos_cache is unknown")
     interleaved = attr_int(node, "rotary_interleaved", 0) == 1
-    steps = b.const(np.arange(seq, dtype=np.int64).reshape(1, seq), "token_offsets")
-    positions = steps if ps is None else b.op("Add", [ps, steps], "positions")
     cos = b.unsqueeze(gather_rows(b, cos_cache, positions, interleaved, "cos"), [1], "cos_b1sr")
     sin = b.unsqueeze(gather_rows(b, sin_cache, positions, interleaved, "sin"), [1], "sin_b1sr")
     rope = functools.partial(rotate, rotary_dim=2 * half, head_size=size, interleaved=interleaved)
@@ -252,25 +316,11 @@ def _bias(
     """Additive bias over ``Concat(past, new)`` admitting the kernel's keys: past row ``j`` (absolute
     position ``T - S - R + j`` with ``R`` resident rows) iff ``j < R`` and in the window, new token
     ``t`` iff ``t <= s`` and in the window (``R = ps`` without a window cache)."""
-    causal = attr_int(node, "causal", 1) == 1
     window = attr_int(node, "local_window_size", -1)
     s_idx = np.arange(seq).reshape(seq, 1)
-    t_idx = np.arange(seq).reshape(1, seq)
-    new_keep = np.ones((seq, seq), bool)
-    if causal:
-        new_keep &= t_idx <= s_idx
-    if window > 0:
-        new_keep &= t_idx > s_idx - window
+    new_keep = _new_keep(node, seq)
     if not past:
-        if new_keep.all():
-            return None
-        dtype = b.dtype.numpy() if b.dtype is not None else np.float32
-        table = np.where(new_keep, 0, np.finfo(dtype).min).astype(dtype).reshape(1, 1, seq, seq)
-        return (
-            b.const(table, "causal_bias")
-            if b.dtype is not None
-            else b.op("CastLike", [b.const(table, "causal_bias_f32"), like], "causal_bias")
-        )
+        return _constant_bias(b, new_keep.reshape(1, 1, seq, seq), like)
     assert resident is not None
     ps4 = b.reshape(resident, [-1, 1, 1, 1], "resident_b111")
     j = b.const(np.arange(past, dtype=np.int64).reshape(1, 1, 1, past), "past_positions")
@@ -288,6 +338,103 @@ def _bias(
     keep = b.op("Concat", [past_keep, new_table], "key_keep", axis=-1, dtype=ir.DataType.BOOL)
     zero = b.scalar(0.0, "mask_zero", like=like)
     return b.op("Where", [keep, zero, b.lowest("mask_lowest", like=like)], "attn_bias")
+
+
+def _new_keep(node: ir.Node, seq: int) -> np.ndarray:
+    """``[S, S]``: new token ``t`` is visible to query ``s`` (causal, local window)."""
+    s_idx = np.arange(seq).reshape(seq, 1)
+    t_idx = np.arange(seq).reshape(1, seq)
+    keep = np.ones((seq, seq), bool)
+    if attr_int(node, "causal", 1) == 1:
+        keep &= t_idx <= s_idx
+    window = attr_int(node, "local_window_size", -1)
+    if window > 0:
+        keep &= t_idx > s_idx - window
+    return keep
+
+
+def _constant_bias(b: Builder, keep: np.ndarray, like: ir.Value) -> ir.Value | None:
+    """The additive bias of a known key set: 0 where kept, the lowest float elsewhere (None: all kept)."""
+    if keep.all():
+        return None
+    dtype = b.dtype.numpy() if b.dtype is not None else np.float32
+    table = np.where(keep, 0, np.finfo(dtype).min).astype(dtype)
+    return (
+        b.const(table, "causal_bias")
+        if b.dtype is not None
+        else b.op("CastLike", [b.const(table, "causal_bias_f32"), like], "causal_bias")
+    )
+
+
+def _known_bias(
+    b: Builder, node: ir.Node, resident: np.ndarray, batch: int, seq: int, past: int, like: ir.Value
+) -> ir.Value | None:
+    """:func:`_bias` with the resident rows known: the same key set as a constant table."""
+    window = attr_int(node, "local_window_size", -1)
+    s_idx = np.arange(seq).reshape(1, 1, seq, 1)
+    j = np.arange(past).reshape(1, 1, 1, past)
+    r = resident.reshape(-1, 1, 1, 1)
+    past_keep = j < r
+    if window > 0:
+        past_keep = past_keep & (j > r + s_idx - window)
+    keep = np.concatenate(
+        [
+            np.broadcast_to(past_keep, (batch, 1, seq, past)),
+            np.broadcast_to(_new_keep(node, seq), (batch, 1, seq, seq)),
+        ],
+        axis=-1,
+    )
+    if (keep == keep[:1]).all():
+        keep = keep[:1]
+    return _constant_bias(b, keep, like)
+
+
+def _known_present(
+    b: Builder,
+    k_all: ir.Value,
+    v_all: ir.Value,
+    resident: np.ndarray,
+    resident_after: np.ndarray,
+    batch: int,
+    kv_heads: int,
+    past: int,
+    seq: int,
+    size: int,
+    length: int,
+) -> tuple[ir.Value, ir.Value] | None:
+    """:func:`_present` with the rows known: slices of ``Concat(past, new)`` and zero rows, joined;
+    ``Concat(past, new)`` itself when that is the layout (a full cache: ``R = P``, ``L = P + S``).
+    None when the batch rows differ (the gather is needed then)."""
+    r = np.arange(length).reshape(1, length)
+    first_new = resident_after.reshape(-1, 1) - seq
+    offset = r - first_new
+    index = np.clip(
+        np.where(r < first_new, offset + resident.reshape(-1, 1), offset + past), 0, past + seq - 1
+    )
+    valid = r < resident_after.reshape(-1, 1)  # a prefix of the rows
+    if not ((index == index[:1]).all() and (valid == valid[:1]).all()):
+        return None
+    used = int(valid[0].sum())
+    runs: list[list[int]] = []  # [start, stop) of consecutive cache rows
+    for i in index[0, :used].tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    if used == length == past + seq and runs == [[0, past + seq]]:
+        return k_all, v_all
+    outs = []
+    for cache, name in ((k_all, "present_key"), (v_all, "present_value")):
+        pieces = [b.slice(cache, [start], [stop], [2], f"{name}_rows_{start}_{stop}") for start, stop in runs]
+        if used < length:
+            zeros = np.zeros((batch, kv_heads, length - used, size), np.float32)
+            pieces.append(
+                b.const(zeros.astype(b.dtype.numpy()), f"{name}_empty_rows")
+                if b.dtype is not None
+                else b.op("CastLike", [b.const(zeros, f"{name}_empty_rows_f32"), cache], f"{name}_empty_rows")
+            )
+        outs.append(pieces[0] if len(pieces) == 1 else b.op("Concat", pieces, name, axis=2))
+    return outs[0], outs[1]
 
 
 def _present(

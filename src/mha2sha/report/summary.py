@@ -8,11 +8,13 @@ from typing import Any
 
 from rich.console import Console
 
+from mha2sha.adapters.record import AdaptersRecord
 from mha2sha.encodings.propagate import CoverageReport
 from mha2sha.layout.record import LayoutRecord
 from mha2sha.lower import LowerRecord
 from mha2sha.report.progress import PhaseRecord
 from mha2sha.report.tables import (
+    adapters_table,
     blocks_json,
     blocks_table,
     coverage_table,
@@ -38,6 +40,7 @@ def report_json(
     coverage: CoverageReport | None,
     verify: VerifyRecord | None,
     phases: Sequence[PhaseRecord],
+    adapters: AdaptersRecord | None = None,
 ) -> dict[str, Any]:
     checks = verify.to_dict() if verify is not None else {}
     return {
@@ -52,6 +55,8 @@ def report_json(
         "htp": checks.get("htp"),
         "layout": layout.to_dict() if layout else None,
         "verification": checks.get("verification"),
+        "adapters": adapters.to_dict() if adapters else None,
+        "adapters_verification": checks.get("adapters"),
     }
 
 
@@ -63,6 +68,7 @@ def print_conversion(
     layout: LayoutRecord | None,
     coverage: CoverageReport | None,
     verify: VerifyRecord | None,
+    adapters: AdaptersRecord | None = None,
 ) -> None:
     """Every record of a finished conversion, as tables and one-line findings."""
     if lowering is not None and (lowering.lowered or lowering.refused):
@@ -76,6 +82,8 @@ def print_conversion(
     if coverage is not None:
         console.print(coverage_table(coverage))
     if verify is None:
+        if adapters is not None:
+            console.print(adapters_table(adapters, []))
         return
     v, plan = verify.float, verify.plan
     if v is not None:
@@ -107,3 +115,5 @@ def print_conversion(
         )
     if verify.htp is not None:
         console.print(htp_summary(verify.htp))
+    if adapters is not None:
+        console.print(adapters_table(adapters, verify.adapters))

@@ -9,17 +9,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from mha2sha.adapters.record import AdaptersRecord
 from mha2sha.encodings.propagate import CoverageReport
 from mha2sha.layout.record import LayoutRecord
 from mha2sha.lower import LowerRecord
 from mha2sha.split.record import BlockReport
+from mha2sha.verify.adapters import AdapterCheck
 from mha2sha.verify.htp import HtpCheck
 from mha2sha.verify.runner import Verification
 
 __all__ = [
+    "adapters_table",
     "blocks_json",
     "blocks_table",
     "coverage_table",
@@ -140,7 +144,8 @@ def coverage_table(report: CoverageReport, examples: int = 3) -> Table:
 
 
 def htp_summary(check: HtpCheck) -> str:
-    """Two lines: does SHA run on HTP alone, and how far MHA and SHA are apart there."""
+    """Does SHA run on HTP alone, how far MHA and SHA are apart there, and (when they differ) the
+    first tensor where they part and whose that is."""
 
     def support(runs: bool, unsupported: list[tuple[str, str]]) -> str:
         if runs:
@@ -148,14 +153,20 @@ def htp_summary(check: HtpCheck) -> str:
         ops = sorted({op for _, op in unsupported})
         return f"[yellow]needs CPU fallback[/] ({len(unsupported)} unsupported nodes: {', '.join(ops) or 'see log'})"
 
-    worst = max(check.max_lsb.values(), default=0.0)
-    agreement = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
+    name, worst = check.worst
+    agreement = "bit-exact" if worst == 0 else f"max {worst:g} LSB ('{name}')"
     mode = " (informational: unsupported nodes ran on the CPU)" if check.cpu_fallback_used else ""
-    return (
+    lines = [
         f"HTP emulator {check.soc}: SHA {support(check.sha_on_htp_only, check.sha_unsupported)}; "
-        f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}\n"
-        f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}"
-    )
+        f"MHA {support(check.mha_on_htp_only, check.mha_unsupported)}",
+        f"HTP emulator {check.soc}: MHA vs SHA {agreement}{mode}",
+    ]
+    d = check.divergence
+    if d is not None and d.tensor:
+        lines.append(f"HTP emulator {check.soc}: {escape(d.explain())}")
+    elif d is not None:
+        lines.append(f"HTP emulator {check.soc}: where MHA and SHA part is unknown ({escape(d.note)})")
+    return "\n".join(lines)
 
 
 def lowering_summary(record: LowerRecord) -> str:
@@ -188,3 +199,40 @@ def layout_summary(record: LayoutRecord) -> str:
         names = ", ".join(t.name for t in record.high_rank[:3])
         lines.append(f"[yellow]{len(record.high_rank)} tensor(s) of rank > 4 remain[/]: {names}")
     return "\n".join(lines)
+
+
+def _padding(padded: dict[str, tuple[int, int]]) -> str:
+    pairs = sorted(set(padded.values()))
+    return ", ".join(f"{a} -> {b}" for a, b in pairs) + f" ({len(padded)} tensors)" if pairs else "-"
+
+
+def adapters_table(record: AdaptersRecord, checks: Sequence[AdapterCheck]) -> Table:
+    """One row per LoRA adapter: what was fitted (rank padding, zero-filled branches, lora_alpha) and
+    what verification proved for it (float, quantized)."""
+    by_name = {c.name: c for c in checks}
+    alpha = record.alpha
+    title = f"LoRA adapters: {len(record.lora_tensors)} graph tensors -> {len(record.sha_tensors)} SHA tensors"
+    if alpha is not None:
+        title += f"; scale is input '{alpha.input}' ({len(alpha.sites)} branches)"
+    t = Table(title=title, title_justify="left")
+    for column in ("adapter", "rank padded (zeros)", "zero-filled", "lora_alpha", "float", "quantized"):
+        t.add_column(column)
+    for r in record.adapters:
+        check = by_name.get(r.name)
+        if check is None:
+            float_cell, quant = "not verified", "-"
+        else:
+            float_cell = (
+                f"[green]ok[/] {check.float.max_rel_err:.1e}" if check.float.ok else f"[red]FAIL[/] {check.float.max_rel_err:.1e}"
+            )
+            if check.max_lsb is None:
+                quant = check.note or "-"
+            elif check.qdq_local is not None:
+                worst = check.qdq_local.worst
+                quant = f"[green]ok[/] {check.max_lsb:g} LSB at outputs, {worst.lsb if worst else 0:g} per tensor"
+            else:
+                quant = "[green]ok[/] " + ("bit-exact" if check.max_lsb == 0 else f"{check.max_lsb:g} LSB")
+        scale = "-" if r.scale is None else f"{r.scale:g} ({r.scale_source})"
+        zero = str(len(r.zero_filled)) if r.zero_filled else "-"
+        t.add_row(r.name, _padding(r.padded), zero, scale, float_cell, quant)
+    return t

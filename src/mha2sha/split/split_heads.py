@@ -24,7 +24,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from mha2sha.find.anchors import AttentionCore, find_attention_cores
+from mha2sha.find.anchors import AttentionCore, RefusedCore, find_attention_cores
 from mha2sha.graph import DATA_MOVEMENT_OPS, name_of
 from mha2sha.graph import static_shape as shape_or_none
 from mha2sha.io.names import tensor_names
@@ -34,19 +34,34 @@ from mha2sha.split.rules import Unsplittable, forward_spec, rule_of, static_shap
 from mha2sha.split.spec import HeadSpec, head_spec_of_output, is_full_cover, piece_key
 from mha2sha.split.walk import CACHE_CONCAT_REASON, Region, Step, walk_back
 
-__all__ = ["SplitHeadsPass"]
+__all__ = ["PlannedBlock", "SplitHeadsPass", "SplitPlan"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _Block:
+class PlannedBlock:
+    """One attention block the split will rewrite: its core, the per-head region the walk found
+    (from ``start``, the tensor joined again before the output projection, back to weights, graph
+    inputs and shared tensors), the head cut of ``start`` and the block's report."""
+
     core: AttentionCore
     region: Region
     start: ir.Value
     start_spec: HeadSpec
     heads: int
     report: BlockReport
+
+
+@dataclasses.dataclass
+class SplitPlan:
+    """What the split would do, decided before anything is emitted (the graph is untouched):
+    the blocks it will rewrite and every attention core found (split or not)."""
+
+    blocks: list[PlannedBlock]
+    cores: list[AttentionCore]
+    reports: list[BlockReport]  # one per core, in the same order (split, unsupported, single-head)
+    refused: list[RefusedCore]  # attention the split cannot anchor (fused ops, subgraphs)
 
 
 def _push_forward(value: ir.Value, spec: HeadSpec) -> tuple[ir.Value, HeadSpec]:
@@ -137,7 +152,7 @@ def _model_heads(region: Region, pieces: int) -> int:
     return max(counts, default=pieces) or pieces
 
 
-def _describe(block: _Block) -> None:
+def _describe(block: PlannedBlock) -> None:
     report, region = block.report, block.region
     report.heads = _model_heads(region, block.heads)
     report.head_dim = static_shape(block.core.output)[-1]
@@ -167,14 +182,25 @@ class SplitHeadsPass(ir.passes.InPlacePass):
         self.progress = progress or (lambda done, total: None)  # (blocks done, blocks in all)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        anchors = find_attention_cores(graph)
+        return self.apply(model, self.plan(model))
+
+    def plan(self, model: ir.Model) -> SplitPlan:
+        """Find every attention block and walk it (steps 1-4): the record's block reports are
+        filled, the graph is not changed. :meth:`apply` emits the plan."""
+        anchors = find_attention_cores(model.graph)
         self.record.other_softmax = [n.name or n.outputs[0].name or "Softmax" for n in anchors.others]
         for refused in anchors.refused:
             self.record.blocks.append(BlockReport(refused.name, "unsupported", reason=refused.reason))
             logger.warning("attention %s left as multi-head: %s", refused.name, refused.reason)
+        first = len(self.record.blocks)
         blocks = [b for b in (self._plan(core) for core in anchors.cores) if b is not None]
-        done, total = len(anchors.cores) - len(blocks), len(anchors.cores)
+        return SplitPlan(blocks, anchors.cores, self.record.blocks[first:], anchors.refused)
+
+    def apply(self, model: ir.Model, plan: SplitPlan) -> ir.passes.PassResult:
+        """Emit a plan made by :meth:`plan` on this model (steps 5-6)."""
+        graph = model.graph
+        blocks = plan.blocks
+        done, total = len(plan.cores) - len(blocks), len(plan.cores)
         self.progress(done, total)  # cores left alone are done already
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
@@ -204,7 +230,7 @@ class SplitHeadsPass(ir.passes.InPlacePass):
                 self.record.copied_by.setdefault(source, []).append(name)
         return ir.passes.PassResult(model, modified=True)
 
-    def _plan(self, core: AttentionCore) -> _Block | None:
+    def _plan(self, core: AttentionCore) -> PlannedBlock | None:
         report = BlockReport(core.name, "single-head")
         self.record.blocks.append(report)
         shape = shape_or_none(core.output)
@@ -230,11 +256,11 @@ class SplitHeadsPass(ir.passes.InPlacePass):
             logger.warning("attention %s left as multi-head: %s", core.name, problem)
             return None
         report.status = "split"
-        block = _Block(core, region, start, start_spec, heads, report)
+        block = PlannedBlock(core, region, start, start_spec, heads, report)
         _describe(block)
         return block
 
-    def _join_escaping_values(self, graph: ir.Graph, blocks: list[_Block], emitter: Emitter) -> None:
+    def _join_escaping_values(self, graph: ir.Graph, blocks: list[PlannedBlock], emitter: Emitter) -> None:
         """Tensors still used whole (o_proj input, present KV outputs) become a Concat of pieces;
         with per-head I/O, cut graph outputs become one output per head instead."""
         region_nodes: set[ir.Node] = set()

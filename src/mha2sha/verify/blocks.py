@@ -90,6 +90,8 @@ __all__ = [
     "BlockResults",
     "check_blocks",
     "CHEAP_CONE_BYTES",
+    "cone_of",
+    "run_sub_model",
     "LOW_PRECISION_EPS",
     "find_blocks",
     "infer_pieces",
@@ -620,8 +622,10 @@ class _Context:
         output_pieces: Mapping[str, tuple[int, Sequence[str]]],
         quantized: BlockQuantized | None,
         threads: int,
+        inputs: Mapping[str, np.ndarray],
     ):
         self.original = original
+        self.inputs = inputs
         self.o_values = values_by_name(original.graph)
         self.use_converted(converted)
         self.rtol = rtol
@@ -666,7 +670,9 @@ def _original_side(ctx: _Context, block: Block, feeds: Mapping[str, np.ndarray])
     return side, o_cone
 
 
-def _converted_side(ctx: _Context, block: Block, feeds: Mapping[str, np.ndarray]) -> tuple[Side, _Cone]:
+def _converted_side(ctx: _Context, block: Block, feeds: dict[str, np.ndarray]) -> tuple[Side, _Cone]:
+    """The converted block; inputs only the converted model has (e.g. --lora-alpha-from-input's
+    lora_alpha) are added to ``feeds`` from the verification inputs."""
     c_names = [p for n in block.outputs for p in (ctx.output_pieces[n][1] if n in ctx.output_pieces else [n])]
     missing = [n for n in c_names if n not in ctx.c_values]
     if missing:
@@ -674,6 +680,7 @@ def _converted_side(ctx: _Context, block: Block, feeds: Mapping[str, np.ndarray]
     c_out = [ctx.c_values[n] for n in c_names]
     pieces = {p for n in block.inputs if n in ctx.input_pieces for p in ctx.input_pieces[n][1]}
     c_cone = _cone(c_out, _named_in(set(block.inputs) | pieces))
+    feeds.update({n: ctx.inputs[n] for n in c_cone.inputs if n not in feeds and n in ctx.inputs})
     absent = [n for n in c_cone.inputs if n not in feeds]
     if absent:
         raise UserError(
@@ -707,16 +714,16 @@ def _joined(
     return got
 
 
-def _check_float(ctx: _Context, block: Block, ref: _Reference, c_side: Side) -> list[OutputCheck]:
+def _check_float(ctx: _Context, block: Block, ref: _Reference, c_side: Side, c_feeds) -> list[OutputCheck]:
     """fp16/bf16 outputs beyond rtol are re-checked in fp32 (see the module docstring)."""
-    candidate = _joined(ctx, _run_side(ctx, block, c_side, ref.feeds, fp32=False, ours=True), ref.outputs)
+    candidate = _joined(ctx, _run_side(ctx, block, c_side, c_feeds, fp32=False, ours=True), ref.outputs)
     check = compare_outputs(ref.outputs, candidate, ctx.rtol)
     low = {name: _LOW_DTYPES[a.dtype.name] for name, a in ref.outputs.items() if a.dtype.name in _LOW_DTYPES}
     retry = [r for r in check.rows if not r.ok and r.name in low and math.isfinite(r.max_rel_err)]
     if not retry:
         return list(check.rows)
     reference32 = _run_side(ctx, block, ref.side, ref.feeds, fp32=True, ours=False)
-    candidate32 = _joined(ctx, _run_side(ctx, block, c_side, ref.feeds, fp32=True, ours=True), reference32)
+    candidate32 = _joined(ctx, _run_side(ctx, block, c_side, c_feeds, fp32=True, ours=True), reference32)
     fp32 = {r.name: r for r in compare_outputs(reference32, candidate32, ctx.rtol).rows}
     rows = []
     for r in check.rows:
@@ -756,14 +763,13 @@ def _block_encodings(es: EncodingSet, names: Iterable[str]) -> EncodingSet:
 
 
 def _check_quantized(
-    ctx: _Context, block: Block, ref: _Reference, c_side: Side, c_cone: _Cone
+    ctx: _Context, block: Block, ref: _Reference, c_side: Side, c_cone: _Cone, feeds: dict[str, np.ndarray]
 ) -> tuple[dict[str, builtins.float], LocalCheck | None, str | None]:
     """The QDQ block pair on the same feeds, in LSBs of each output's encoding; when an output is
     off by more than ``max_lsb``, every quantized tensor of the block given the MHA block's quantized
     values (:func:`~mha2sha.verify.qdq_local.compare_quantized_tensors`), as the whole-model check."""
     q = ctx.quantized
     assert q is not None and ctx.q_converted is not None and ref.qdq is not None
-    feeds = ref.feeds
     got = _run_qdq(ctx, ctx.q_converted, c_side, feeds, f"converted QDQ block {block.name}", True)
     got = _joined(ctx, got, ref.qdq)
     lsb = {}
@@ -865,7 +871,7 @@ class BlockCheck:
         self.rtol = rtol
         self.ctx = _Context(
             original, converted, rtol, optimization, input_pieces, output_pieces, quantized,
-            threads=max(1, cpus // self.workers),
+            threads=max(1, cpus // self.workers), inputs=inputs,
         )  # fmt: skip
         self._feeds = _Feeds(original, converted, self.blocks, inputs, seed, optimization)
         self._refs = [_Lazy() for _ in self.blocks]
@@ -914,7 +920,7 @@ class BlockCheck:
         if ref is None:
             return
         ctx, block = self.ctx, self.blocks[index]
-        side, _ = _converted_side(ctx, block, ref.feeds)
+        side, _ = _converted_side(ctx, block, dict(ref.feeds))
         with self._bytes_lock:
             if side.key in self._warmed:
                 return
@@ -955,15 +961,16 @@ class BlockCheck:
         ctx, block = self.ctx, self.blocks[index]
         ref = self._refs[index].get(lambda: self._reference(index))
         with ctx.cpu("block graphs"):
-            c_side, c_cone = _converted_side(ctx, block, ref.feeds)
+            c_feeds = dict(ref.feeds)
+            c_side, c_cone = _converted_side(ctx, block, c_feeds)
         with ctx.cpu("float runs"):
             rows = [
                 dataclasses.replace(r, name=f"{block.name}/{r.name}")
-                for r in _check_float(ctx, block, ref, c_side)
+                for r in _check_float(ctx, block, ref, c_side, c_feeds)
             ]
         result = _BlockResult(rows)
         if ctx.quantized is not None and all(r.ok for r in rows):
-            result.qdq, result.local, result.failure = _check_quantized(ctx, block, ref, c_side, c_cone)
+            result.qdq, result.local, result.failure = _check_quantized(ctx, block, ref, c_side, c_cone, c_feeds)
         self._refs[index].value = None  # its outputs are no longer needed
         return result
 
@@ -1048,6 +1055,24 @@ def check_blocks(
         output_pieces=output_pieces, optimization=optimization, workers=workers, quantized=quantized,
     ) as check:  # fmt: skip
         return check.run(on_block=on_block)
+
+
+def cone_of(outputs: Sequence[ir.Value], stop: Callable[[ir.Value], bool] = lambda v: False) -> _Cone:
+    """The nodes computing ``outputs`` back to graph inputs, constants or ``stop``: ``.nodes``
+    (ids), ``.inputs`` (values to feed), ``.initializers``, ``.weight_bytes()``."""
+    return _cone(outputs, stop)
+
+
+def run_sub_model(
+    model: ir.Model,
+    cone: _Cone,
+    feeds: Mapping[str, np.ndarray],
+    outputs: Sequence[ir.Value],
+    optimization: Optimization = "basic",
+) -> dict[str, np.ndarray]:
+    """Run the nodes of ``cone`` (from :func:`cone_of`) on ``feeds`` with onnxruntime's CPU provider."""
+    proto = _sub_model(model, cone, feeds, outputs)
+    return _run(proto, feeds, optimization, "a part of the model")
 
 
 def verify_blocks(

@@ -19,16 +19,66 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from mha2sha.errors import UserError
 from mha2sha.verify.qdq import max_steps
 
-__all__ = ["HtpRun", "HtpCheck", "htp_available", "run_on_htp", "compare_on_htp", "DEFAULT_SOC"]
+__all__ = [
+    "DEFAULT_SOC",
+    "HTP_SOCS",
+    "HtpCheck",
+    "HtpRun",
+    "check_soc",
+    "compare_on_htp",
+    "htp_available",
+    "require_htp",
+    "run_on_htp",
+]
 
 DEFAULT_SOC = "SM8650"
+#: The chip names onnxruntime-qnn 2.7's ``soc_model`` option maps to an HTP (probed: any other name is
+#: ignored with a warning and the backend runs as its default target). Numeric QNN SoC ids are
+#: passed through; the backend refuses an unknown one when the session is made.
+HTP_SOCS = (
+    "SC8380XP", "SC8480XP", "SM7675", "SM8325", "SM8350", "SM8450", "SM8475", "SM8550", "SM8635",
+    "SM8650", "SM8750", "SM8850", "SM8975",
+)  # fmt: skip
 _UNSUPPORTED = re.compile(r"\{ name: ([^,]+), type: (\w+) \}")
+_BAD_SOC = ("Unrecognized soc_model", "Invalid soc_model", "QNN_DEVICE_ERROR_INVALID_CONFIG")
+
+
+def _bad_soc(soc: str, why: str = "") -> UserError:
+    return UserError(
+        f"--soc {soc!r} is not an HTP SoC the HTP backend knows{why}: use one of {', '.join(HTP_SOCS)}"
+        " (or a numeric QNN SoC id)"
+    )
+
+
+def check_soc(soc: str, *, probe: bool = False) -> str:
+    """The SoC as ``soc_model`` takes it (chip names upper case); a bad one is a one-line UserError.
+
+    A numeric id is the backend's to judge: with ``probe`` a one-op model is run on it (a second or
+    two), so a bad id is refused before the conversion rather than after it.
+    """
+    name = str(soc).strip()
+    if name.upper() in HTP_SOCS:
+        return name.upper()
+    if not name.isdigit():
+        raise _bad_soc(name)
+    if probe:
+        with tempfile.TemporaryDirectory(prefix="mha2sha-soc-") as tmp:
+            value = ir.Value(name="x", shape=ir.Shape([1, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+            add = ir.Node("", "Add", [value, value], name="add")
+            add.outputs[0].name, add.outputs[0].shape = "y", ir.Shape([1, 4])
+            add.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            graph = ir.Graph([value], [add.outputs[0]], nodes=[add], opset_imports={"": 17})
+            ir.save(ir.Model(graph, ir_version=8), Path(tmp) / "probe.onnx")
+            run_on_htp(Path(tmp) / "probe.onnx", {"x": np.zeros((1, 4), np.float32)}, name)
+    return name
 
 
 @dataclasses.dataclass
@@ -49,6 +99,12 @@ def htp_available() -> bool:
     return True
 
 
+def require_htp() -> None:
+    """--verify-htp needs onnxruntime-qnn: refuse at load time, before any heavy work."""
+    if not htp_available():
+        raise UserError("--verify-htp needs onnxruntime-qnn: pip install 'mha2sha[htp]'")
+
+
 def run_on_htp(
     model_path: str | os.PathLike,
     inputs: Mapping[str, np.ndarray],
@@ -57,8 +113,7 @@ def run_on_htp(
     cpu_fallback: bool = False,
 ) -> HtpRun:
     """Run ``model_path`` (a QDQ model) on the HTP emulator (CPU fallback disabled by default)."""
-    if not htp_available():
-        raise UserError("--verify-htp needs onnxruntime-qnn: pip install 'mha2sha[htp]'")
+    require_htp()
     with tempfile.TemporaryDirectory(prefix="mha2sha-htp-") as tmp:
         feeds, result = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         # numpy's stub checks **arrays against savez's own keyword allow_pickle: bool as well
@@ -71,6 +126,8 @@ def run_on_htp(
             timeout=3600,
         )
         unsupported = sorted(set(_UNSUPPORTED.findall(proc.stderr)))
+        if any(marker in proc.stderr for marker in _BAD_SOC):
+            raise _bad_soc(soc, " (the backend refused it)")
         if proc.returncode != 0 or not result.exists():
             lines = [ln for ln in proc.stderr.splitlines() if "FAIL" in ln or "Error" in ln or "error" in ln]
             return HtpRun(False, {}, unsupported, (lines[-1] if lines else proc.stderr.strip()[-300:]))
@@ -117,9 +174,24 @@ class HtpCheck:
     cpu_fallback_used: bool  # the comparison needed CPU fallback (some node unsupported)
     max_lsb: dict[str, float]  # per output, in LSBs of the output's encoding (abs diff if none)
     error: str = ""
+    ok: bool | None = None  # within --max-lsb (None: not decided by HTP, CPU fallback was needed)
+    # where MHA and SHA part when the outputs differ (verify.htp_local.HtpDivergence)
+    divergence: Any = None
+    # the outputs of both runs (MHA, SHA), kept for the divergence search; not in the report
+    outputs: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        return max(self.max_lsb.items(), key=lambda kv: kv[1], default=("", 0.0))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, outputs=None, divergence=None))
+        d.pop("outputs")
+        d.pop("divergence")
+        d["first_divergence"] = self.divergence.to_dict() if self.divergence is not None else None
+        return d
 
 
 def compare_on_htp(
@@ -144,4 +216,7 @@ def compare_on_htp(
     if sha_run.ran and mha_run.ran:
         for name, ref in mha_run.outputs.items():
             diffs[name] = max_steps(ref, sha_run.outputs[name], lsb.get(name))
-    return HtpCheck(soc, sha.ran, sha.unsupported, mha.ran, mha.unsupported, fallback, diffs, error)
+    outputs = (mha_run.outputs, sha_run.outputs) if sha_run.ran and mha_run.ran else None
+    return HtpCheck(
+        soc, sha.ran, sha.unsupported, mha.ran, mha.unsupported, fallback, diffs, error, outputs=outputs
+    )

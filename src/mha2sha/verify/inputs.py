@@ -529,15 +529,24 @@ class ModelInputs(Mapping[str, np.ndarray]):
         self._provided = frozenset(provided)
         #: inputs made here although the user gave an .npz (it does not have them)
         self.generated = [n for n in self._specs if n not in self._provided] if npz is not None else []
+        #: inputs of the converted model that the original does not take, with their one value
+        #: (``--lora-alpha-from-input``'s ``lora_alpha``: the graph's own scale); see :meth:`add_fixed`
+        self.fixed: dict[str, np.ndarray] = {}
+
+    def add_fixed(self, name: str, value: np.ndarray) -> None:
+        """Feed ``value`` as input ``name`` (a model that does not take it ignores it)."""
+        self.fixed[name] = np.ascontiguousarray(value)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.fixed:
+            return self.fixed[name]
         spec = self._specs[name]
         if self._npz is not None and name in self._provided:
             return _read_npz(self._npz, name, spec.dtype, spec.shape)
         return np.ascontiguousarray(_generate(spec, self._lengths, self._seed))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        return name in self._specs or name in self.fixed
 
     def generic(self, name: str) -> bool:
         """``name`` is generated as plain normal(0, 1) values (a KV cache, features): any other
@@ -555,10 +564,10 @@ class ModelInputs(Mapping[str, np.ndarray]):
         )
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
+        return iter([*self._specs, *(n for n in self.fixed if n not in self._specs)])
 
     def __len__(self) -> int:
-        return len(self._specs)
+        return len(self._specs) + sum(n not in self._specs for n in self.fixed)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -567,7 +576,8 @@ class ModelInputs(Mapping[str, np.ndarray]):
     @property
     def nbytes(self) -> int:
         """Bytes of all inputs together (what ``dict(self)`` holds)."""
-        return sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in self._specs.values())
+        planned = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in self._specs.values())
+        return planned + sum(v.nbytes for n, v in self.fixed.items() if n not in self._specs)
 
 
 def plan_inputs(

@@ -32,8 +32,10 @@ from mha2sha.io.prepare import infer_shapes
 from mha2sha.io.save import save_model
 from mha2sha.lower import lower_fused_ops
 from mha2sha.split.record import SplitRecord
+from mha2sha.verify.adapters import AdapterCheck
 from mha2sha.verify.blocks import BlockCheck, BlockQuantized, BlockResults, low_precision_bound
-from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, compare_on_htp
+from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, check_soc, compare_on_htp, require_htp
+from mha2sha.verify.htp_local import locate_divergence
 from mha2sha.verify.input_lists import write_input_lists
 from mha2sha.verify.inputs import ModelInputs, plan_inputs
 from mha2sha.verify.lowered import prove_through_lowering
@@ -42,12 +44,11 @@ from mha2sha.verify.qdq_local import LocalCheck, Origin, compare_quantized_tenso
 from mha2sha.verify.runner import (
     DEFAULT_RTOL,
     Verification,
-    compare_outputs,
     estimate_ort_bytes,
     estimate_qdq_bytes,
     run_model,
-    verify,
 )
+from mha2sha.verify.split_io import per_head_feeds, per_head_outputs, verify_whole
 
 __all__ = [
     "FULL_VERIFY_MAX_BYTES",
@@ -145,6 +146,7 @@ class VerifyRecord:
     qdq_failure: str | None = None  # blockwise: the first block pair off by more than --max-lsb
     htp: HtpCheck | None = None
     input_lists: list[Path] = dataclasses.field(default_factory=list)
+    adapters: list[AdapterCheck] = dataclasses.field(default_factory=list)  # one per LoRA adapter
     block_workers: int = 0  # threads that verified blocks (0: no blockwise run)
 
     def proven(self) -> str:
@@ -180,6 +182,7 @@ class VerifyRecord:
                 else None
             ),
             "htp": self.htp.to_dict() if self.htp else None,
+            "adapters": [a.to_dict() for a in self.adapters] or None,
         }
 
 
@@ -187,7 +190,8 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
+    """Bytes of memory available now (MemAvailable), what a whole-model run may use."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -209,17 +213,23 @@ def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: boo
     ``--create-input-lists`` and ``--verify-htp`` need whole-model runs (the goldens are the whole
     original model's outputs; the HTP emulator runs whole QDQ models): when those do not fit they
     are refused here, before any heavy work, rather than silently skipped (``--verify full``
-    forces them). ``--verify-htp`` compares quantized models, so it needs ``--encodings``.
+    forces them). ``--verify-htp`` compares quantized models, so it needs ``--encodings`` (and
+    verification, and onnxruntime-qnn, and a SoC the backend knows: checked here, not after the split).
     """
     if options.verify_htp and not encodings:
         raise UserError("--verify-htp compares the quantized models: add --encodings")
+    if options.verify_htp and options.mode == "none":
+        raise UserError("--verify-htp is a verification: drop --no-verify (or --verify-htp)")
+    if options.verify_htp:
+        require_htp()
+        check_soc(options.soc, probe=True)
     if options.mode == "none":
         return None
     inputs = plan_inputs(model, options.seed, npz=options.inputs)
     estimate, low = estimate_ort_bytes(model, inputs.nbytes)
     if encodings:  # the whole-model quantized check holds the QDQ models too
         estimate = max(estimate, estimate_qdq_bytes(model, inputs.nbytes))
-    limit = min(options.full_verify_max_bytes, _available_ram() // 4)
+    limit = min(options.full_verify_max_bytes, available_ram() // 4)
     fits: Literal["full", "blocks"] = "full" if estimate <= limit else "blocks"
     mode = fits if options.mode == "auto" else options.mode
     plan = VerifyPlan(options.mode, mode, inputs, estimate, limit, low, quantized=encodings)
@@ -251,7 +261,7 @@ def require_memory(plan: VerifyPlan, model: ir.Model) -> None:
             if size > largest:
                 largest, name = size, value.name or ""
     need = largest * 3 + plan.inputs.nbytes  # a tensor, its consumer's output, the feeds
-    available = _available_ram()
+    available = available_ram()
     if need > available:
         raise UserError(
             f"verification would need more memory than this machine has: tensor '{name}' alone is "
@@ -292,6 +302,30 @@ def verify_conversion(
     ``lowered_ops`` names the fused ops the lowering stage rewrote (see :mod:`.lowered`).
     """
     record = VerifyRecord(plan)
+    try:
+        _verify_all(
+            record, options, original, converted, split, quantized, phase, stage, host_dir, lowered_ops, blocks
+        )
+    except ConversionFailed as failed:
+        failed.record = record  # what was proven up to the failure: the job keeps it as a report
+        raise
+    return record
+
+
+def _verify_all(
+    record: VerifyRecord,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    quantized: Quantized | None,
+    phase: Phase,
+    stage: Path,
+    host_dir: Path,
+    lowered_ops: Sequence[str],
+    blocks: BlocksAhead | None,
+) -> None:
+    plan = record.plan
     if quantized is not None and (split.input_pieces or split.output_pieces):
         raise UserError("quantized verification with --per-head-kv-io is not supported yet; add --no-verify")
     inputs, golden = _verify_float(
@@ -315,14 +349,13 @@ def verify_conversion(
         goldens = per_head_outputs(golden, split)
         order = [v.name for v in load_model(converted).graph.inputs if v.name in feeds]
         record.input_lists = write_input_lists(stage, feeds, goldens, order, host_dir=host_dir)
-    return record
 
 
 def _report_blocks_quantized(record: VerifyRecord, max_lsb: float) -> None:
     """The blockwise quantized check ran with the float one: fail on the first block off, say when
     some blocks were decided tensor by tensor (their outputs differed by float summation order)."""
     if record.qdq_failure is not None:
-        raise ConversionFailed(f"{record.qdq_failure}; nothing was written")
+        raise ConversionFailed(record.qdq_failure)
     local = record.qdq_local
     if local is None or record.qdq_lsb is None:
         return
@@ -356,11 +389,11 @@ def _verify_quantized(
         record.qdq_lsb = run_qdq_compare(original, quantized.original, converted, quantized.converted, inputs)
     if options.verify_htp:
         with phase(f"verify on HTP emulator ({options.soc})"):
-            record.htp = _verify_htp(original, converted, quantized, inputs, options.soc)
+            record.htp = _verify_htp(record, original, converted, quantized, inputs, options, phase)
         if record.htp.error:
             raise ConversionFailed(f"HTP verification could not run: {record.htp.error}")
     if record.htp is not None and not record.htp.cpu_fallback_used:
-        _require_within_lsb("HTP verification", record.htp.max_lsb, options.max_lsb)
+        _require_htp_within_lsb(record.htp, options.max_lsb)
     elif max(record.qdq_lsb.values(), default=0.0) > options.max_lsb:
         with phase("verify quantized tensor by tensor"):
             record.qdq_local = compare_quantized_tensors(
@@ -369,32 +402,6 @@ def _verify_quantized(
         _require_local_within_lsb(record.qdq_local, record.qdq_lsb, options.max_lsb)
 
 
-def per_head_feeds(inputs: Mapping[str, np.ndarray], split: SplitRecord) -> dict[str, np.ndarray]:
-    """The converted model's feeds: inputs that became per-head inputs are cut along the head axis."""
-    feeds = {k: v for k, v in inputs.items() if k not in split.input_pieces}
-    for name, (axis, names) in split.input_pieces.items():
-        feeds.update(zip(names, np.split(inputs[name], len(names), axis=axis), strict=True))
-    return feeds
-
-
-def per_head_outputs(outputs: Mapping[str, np.ndarray], split: SplitRecord) -> dict[str, np.ndarray]:
-    """Outputs named as the converted model names them (per-head outputs cut along the head axis)."""
-    result: dict[str, np.ndarray] = {}
-    for name, array in outputs.items():
-        if name in split.output_pieces:
-            axis, names = split.output_pieces[name]
-            result.update(zip(names, np.split(array, len(names), axis=axis), strict=True))
-        else:
-            result[name] = array
-    return result
-
-
-def _require_within_lsb(what: str, diffs: Mapping[str, float], max_lsb: float) -> None:
-    name, worst = max(diffs.items(), key=lambda kv: kv[1], default=("", 0.0))
-    if worst > max_lsb:
-        raise ConversionFailed(
-            f"{what} failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}); nothing was written"
-        )
 
 
 def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], max_lsb: float) -> None:
@@ -406,12 +413,12 @@ def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], m
         piece = f" (head piece of '{bad.origin}')" if bad.origin != bad.name else ""
         raise ConversionFailed(
             f"quantized verification failed: '{bad.name}'{piece} differs from the MHA model by {bad.lsb:.3g} LSB"
-            f" (> {max_lsb:g}) given the same quantized inputs; nothing was written"
+            f" (> {max_lsb:g}) given the same quantized inputs"
         )
     if not local.tensors:
         raise ConversionFailed(
             f"quantized verification failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}) and no"
-            " quantized tensor could be compared on its own; nothing was written (try --verify-htp)"
+            " quantized tensor could be compared on its own (try --verify-htp)"
         )
     logger.warning(
         "quantized outputs differ by up to %.3g LSB on onnxruntime CPU ('%s'), but each of the %d quantized"
@@ -422,9 +429,17 @@ def _require_local_within_lsb(local: LocalCheck, outputs: Mapping[str, float], m
 
 
 def _verify_htp(
-    original: Path, converted: Path, quantized: Quantized, inputs: Mapping[str, np.ndarray], soc: str
+    record: VerifyRecord,
+    original: Path,
+    converted: Path,
+    quantized: Quantized,
+    inputs: Mapping[str, np.ndarray],
+    options: VerifyOptions,
+    phase: Phase,
 ) -> HtpCheck:
-    """Both models as QDQ on the HTP emulator: unsupported nodes, and MHA vs SHA in LSBs."""
+    """Both models as QDQ on the HTP emulator: unsupported nodes, and MHA vs SHA in LSBs. When the
+    outputs differ (and no CPU fallback was needed), where they part and whose that is
+    (:mod:`.htp_local`; the tensor-by-tensor CPU check gives the verdict and is kept in the record)."""
     with tempfile.TemporaryDirectory(prefix="mha2sha-qdq-") as tmp:
         paths = []
         for tag, path, es in (("mha", original, quantized.original), ("sha", converted, quantized.converted)):
@@ -433,20 +448,36 @@ def _verify_htp(
             paths.append(target)
         shapes = {name_of(v): tuple(v.shape or ()) for v in ir.load(converted).graph.outputs}
         lsb = {name: output_lsb(quantized.original.get(name), shape) for name, shape in shapes.items()}
-        return compare_on_htp(paths[0], paths[1], inputs, lsb, soc)
+        check = compare_on_htp(paths[0], paths[1], inputs, lsb, options.soc)
+        if check.cpu_fallback_used or check.error or check.outputs is None:
+            return check
+        check.ok = check.worst[1] <= options.max_lsb
+        if check.worst[1] == 0:
+            return check
+        with phase("locate the HTP difference (tensor by tensor, HTP and CPU)"):
+            record.qdq_local = compare_quantized_tensors(
+                original, quantized.original, converted, quantized.converted, inputs, quantized.origins
+            )
+            check.divergence = locate_divergence(
+                paths[0], paths[1], quantized.original, quantized.converted, inputs, quantized.origins,
+                options.soc, outputs=check.outputs, cpu=record.qdq_local, max_lsb=options.max_lsb,
+            )  # fmt: skip
+        return check
 
 
-def _verify_whole(
-    original: Path, converted: Path, inputs: Mapping[str, np.ndarray], split: SplitRecord, rtol: float
-) -> Verification:
-    """Compare on the same data; per-head outputs are joined back before comparing."""
-    if not (split.input_pieces or split.output_pieces):
-        return verify(original, converted, inputs, rtol=rtol)
-    reference = run_model(original, inputs)
-    got = run_model(converted, per_head_feeds(inputs, split), ours=True)
-    for name, (axis, names) in split.output_pieces.items():
-        got[name] = np.concatenate([got.pop(n) for n in names], axis=axis)
-    return compare_outputs(reference, {k: got[k] for k in reference if k in got} | got, rtol)
+def _require_htp_within_lsb(check: HtpCheck, max_lsb: float) -> None:
+    """HTP ran both models alone: its outputs decide. A failure names the output, the first tensor
+    where MHA and SHA part on HTP, and whose the difference is (HTP's arithmetic or the conversion)."""
+    name, worst = check.worst
+    if worst <= max_lsb:
+        if worst > 0 and check.divergence is not None and check.divergence.tensor:
+            logger.info("HTP: outputs within %g LSB; %s", max_lsb, check.divergence.explain())
+        return
+    where = f"; {check.divergence.explain()}" if check.divergence is not None else ""
+    raise ConversionFailed(
+        f"HTP verification failed: output '{name}' differs by {worst:.3g} LSB (> {max_lsb:g}) on the HTP "
+        f"emulator ({check.soc}){where}"
+    )
 
 
 def _verify_float(
@@ -482,7 +513,7 @@ def _verify_float(
 
     with phase("verify (onnxruntime)"):
         inputs = dict(plan.inputs)
-        record.float = full = _verify_whole(original, converted, inputs, split, options.rtol)
+        record.float = full = verify_whole(original, converted, inputs, split, options.rtol)
     if not full.ok and lowered_ops and not (split.input_pieces or split.output_pieces):
         with phase("verify the split and each lowered op"):
             _verify_through_lowering(record, options, original, converted, inputs, lowered_ops)
@@ -674,4 +705,4 @@ def _failure_line(v: Verification, mode: str = "full") -> str:
         else "outputs differ"
     )
     what = "blockwise verification" if mode == "blocks" else "verification"
-    return f"{what} failed: {detail}; nothing was written"
+    return f"{what} failed: {detail}"

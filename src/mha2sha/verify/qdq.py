@@ -77,6 +77,29 @@ def _saturate(values: np.ndarray, lo: int, hi: int, dtype: type) -> np.ndarray:
     return np.clip(values.astype(np.float64), lo, hi).astype(dtype)
 
 
+#: Weights are quantized this many elements at a time (float32 and float64 temporaries of a whole
+#: 4096x4096 weight would be ~400 MB).
+_CHUNK = 1 << 22
+
+
+def _quantize_rows(
+    x: np.ndarray, s32: np.ndarray, z32: np.ndarray, lo: int, hi: int, dtype: type
+) -> np.ndarray:
+    """``saturate(rint(x / s) + z)`` in float32 (as ORT), computed in chunks of rows of axis 0:
+    the same values as one whole-array expression, with bounded temporaries."""
+    x = np.asarray(x)
+    if x.ndim == 0 or x.size <= _CHUNK:
+        return _saturate(np.rint(x.astype(np.float32) / s32) + z32, lo, hi, dtype)
+    out: np.ndarray = np.empty(x.shape, dtype)
+    rows = max(1, _CHUNK // max(1, x.size // x.shape[0]))
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
+        s = s32[start:stop] if s32.ndim == x.ndim and s32.shape[0] == x.shape[0] > 1 else s32
+        z = z32[start:stop] if z32.ndim == x.ndim and z32.shape[0] == x.shape[0] > 1 else z32
+        out[start:stop] = _saturate(np.rint(x[start:stop].astype(np.float32) / s) + z, lo, hi, dtype)
+    return out
+
+
 def _qrange(dtype: str) -> tuple[int, int]:
     bits = dtype_bits(dtype)
     assert bits is not None
@@ -490,11 +513,15 @@ def _inherit_through_copies(model: ir.Model, es: EncodingSet) -> None:
 
 
 def to_qdq_ir(
-    model: ModelLike, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None
+    model: ModelLike, encodings: EncodingSet, *, channel_axes: Mapping[str, int] | None = None, copy: bool = True
 ) -> ir.Model:
-    """A copy of ``model`` (onnx_ir.Model, ModelProto or path) with ``encodings`` applied as QDQ."""
+    """A copy of ``model`` (onnx_ir.Model, ModelProto or path) with ``encodings`` applied as QDQ
+    (``copy=False``: an ``ir.Model`` is changed in place, its lazy weights are read one by one)."""
     # never mutate the caller's model: an ir.Model is copied through its proto
-    model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else as_ir_model(model)
+    if isinstance(model, ir.Model):
+        model = ir.from_proto(ir.to_proto(model)) if copy else model
+    else:
+        model = as_ir_model(model)
     es = encodings.copy()
     resolve_axes(es, model=model, channel_axes=channel_axes)
     _inherit_through_copies(model, es)

@@ -17,8 +17,9 @@ weight) shows up as many LSB at the tensor where it happens, and that tensor is 
 
 Counterparts: the same name and shape in both models (unchanged tensors and re-joined heads),
 or a per-head piece of an MHA tensor (``origin`` maps the piece to the MHA name and its
-``(axis, start, stop)`` ranges). SHA tensors without a counterpart are not cut: their unit just
-extends to the next cut tensor.
+``(axis, start, stop)`` ranges); a projection output that ``--target htp`` made a Conv output
+``[B, C, 1, S]`` (same name) is compared with MHA's ``[B, S, C]`` transposed. SHA tensors without a
+counterpart are not cut: their unit just extends to the next cut tensor.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.encodings.model import EncodingSet
-from mha2sha.graph import name_of
+from mha2sha.graph import name_of, static_shape
 from mha2sha.io.names import values_by_name
 from mha2sha.io.prepare import infer_shapes
 from mha2sha.layout.record import LayoutRecord
 from mha2sha.split.record import SplitRecord
 from mha2sha.verify.qdq import max_steps, output_lsb, run_qdq_model, to_qdq_ir
 
-__all__ = ["Origin", "TensorDiff", "LocalCheck", "compare_quantized_tensors", "origins"]
+__all__ = ["Origin", "TensorDiff", "LocalCheck", "as_layout", "compare_quantized_tensors", "origins"]
 
 #: SHA tensor -> (MHA tensor, ((axis, start, stop), ...)); empty ranges: the whole tensor.
 Origin = Mapping[str, tuple[str, tuple[tuple[int, int, int], ...]]]
@@ -117,6 +118,16 @@ def _piece(array: np.ndarray, ranges: tuple[tuple[int, int, int], ...]) -> np.nd
     return array[tuple(index)]
 
 
+def as_layout(ref: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An MHA tensor in the layout of its SHA counterpart: as it is, or ``[B, S, C]`` as the HTP
+    layout's Conv output ``[B, C, 1, S]`` (``--target htp`` keeps the name); None when neither."""
+    if ref.shape == tuple(shape):
+        return ref
+    if ref.ndim == 3 and tuple(shape) == (ref.shape[0], ref.shape[2], 1, ref.shape[1]):
+        return ref.transpose(0, 2, 1)[:, :, None, :]
+    return None
+
+
 def _cut(model: ir.Model, value: ir.Value) -> ir.Value:
     """Make every node reading ``value`` read a new graph input instead; return that input."""
     ref = ir.Value(name=f"{value.name}{_REF_SUFFIX}", shape=value.shape, type=value.type)
@@ -158,27 +169,24 @@ def compare_quantized_tensors(
         dict(zip(sources, run_qdq_model(mha_q, inputs, exposed).values(), strict=True)) if sources else {}
     )
 
-    matched = [
-        (value, source, ranges)
-        for value, source, ranges in candidates
-        # same name in another layout (a Conv output [B, C, 1, S]) is not comparable
-        if value.shape is not None  # kept in candidates only with a shape
-        and tuple(value.shape) == _piece(reference[source], ranges).shape
-    ]
+    matched = []
+    for value, source, ranges in candidates:
+        shape = static_shape(value)
+        expected = as_layout(_piece(reference[source], ranges), shape) if shape is not None else None
+        if expected is not None:  # else the same name in a layout that is not comparable
+            matched.append((value, source, np.ascontiguousarray(expected)))
     if not matched:
         return LocalCheck([])
 
     feeds = dict(inputs)
-    for value, source, ranges in matched:
-        ref = _cut(sha_q, value)
-        feeds[name_of(ref)] = np.ascontiguousarray(_piece(reference[source], ranges))
+    for value, _, expected in matched:
+        feeds[name_of(_cut(sha_q, value))] = expected
     got = run_qdq_model(sha_q, feeds, _expose(sha_q, [v for v, _, _ in matched]))
 
     order = {id(o): i for i, node in enumerate(sha_q.graph) for o in node.outputs}
     diffs = []
-    for value, source, ranges in sorted(matched, key=lambda m: order.get(id(m[0]), -1)):
+    for value, source, expected in sorted(matched, key=lambda m: order.get(id(m[0]), -1)):
         name = name_of(value).removesuffix("_qdq")
-        expected = _piece(reference[source], ranges)
         unit = output_lsb(sha_encodings.get(name), expected.shape)
         diffs.append(TensorDiff(name, source, max_steps(got[name_of(value)], expected, unit)))
     return LocalCheck(diffs)

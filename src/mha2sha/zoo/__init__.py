@@ -13,7 +13,7 @@ exporters, including other opsets (``EXTRA_EXPORTERS``: TorchScript 20, dynamo 1
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -68,28 +68,44 @@ def _built(case: str) -> Built:
     return _case(case).builder()
 
 
-def build(case: str, exporter: str = "torchscript") -> Path:
-    """Path of the exported ONNX model for ``case``, exporting it on first use."""
+def build(case: str, exporter: str = "torchscript", *, ar: int | None = None, cl: int | None = None) -> Path:
+    """Path of the exported ONNX model for ``case``, exporting it on first use.
+
+    ``ar`` / ``cl`` export the same model with the same weights at another number of tokens per
+    step and context length (step and prefill cases; a prefill graph has CL = AR), e.g. to compare
+    an AR/CL rewrite of the default export with a re-export.
+    """
     entry = _case(case)
     if exporter not in ALL_EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {ALL_EXPORTERS}")
     if exporter not in entry.info.exporters:
         raise NotImplementedError(f"{case} does not export with {exporter}: {entry.info.notes}")
+    info, builder, label = entry.info, entry.builder, case
+    if ar is not None or cl is not None:
+        if entry.at is None:
+            raise NotImplementedError(f"{case} cannot be exported at another AR/CL")
+        ar = info.seq_len if ar is None else ar
+        cl = (info.seq_len + info.past_len if info.past_len else ar) if cl is None else cl
+        prefill = info.past_len == 0
+        if ar < 1 or (prefill and cl != ar) or (not prefill and cl <= ar):
+            raise ValueError(f"{case}: AR {ar} / CL {cl} out of range")
+        info = replace(info, seq_len=ar, past_len=cl - ar)
+        builder, label = (lambda: entry.at(ar, cl)), f"{case}_ar{ar}_cl{cl}"
 
     def produce(path: Path) -> dict:
         from .export import export
 
-        built = entry.builder()
+        built = builder()
         export(built, path, exporter)
         return {
-            "info": asdict(entry.info),
+            "info": asdict(info),
             "case": case,
             "exporter": exporter,
             "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in built.inputs.items()},
             "outputs": built.output_names,
         }
 
-    return cached_build(cache_key(case, exporter), produce)
+    return cached_build(cache_key(label, exporter), produce)
 
 
 _KEEP = ("mask", "position", "cos", "sin")  # structural inputs: redrawing them would make nonsense

@@ -340,6 +340,16 @@ def _step(spec: DecoderSpec, ar: int, past: int) -> Built:
     return Built(CausalLMStep(model, layers, spec.position_ids).eval(), inputs, outputs)
 
 
+def _step_at(spec: DecoderSpec, ar: int, cl: int) -> Built:
+    """The step case of ``spec`` with ``ar`` tokens per step and context length ``cl`` (same weights)."""
+    return _step(spec, ar, cl - ar)
+
+
+def _prefill_at(spec: DecoderSpec, ar: int, cl: int) -> Built:
+    """The prefill case of ``spec`` on ``ar`` tokens (a prefill graph's CL is its AR)."""
+    return _prefill(spec, ar)
+
+
 def _info(
     name: str,
     spec: DecoderSpec,
@@ -375,12 +385,14 @@ def cases() -> list[Case]:
             Case(
                 _info(f"{key}_prefill", spec, "prefill", PREFILL_LEN, 0),
                 functools.partial(_prefill, spec, PREFILL_LEN),
+                functools.partial(_prefill_at, spec),
             )
         )
         out.append(
             Case(
                 _info(f"{key}_step", spec, "step", STEP_AR, PAST_LEN),
                 functools.partial(_step, spec, STEP_AR, PAST_LEN),
+                functools.partial(_step_at, spec),
             )
         )
     llama = SPECS["llama"]
@@ -388,12 +400,14 @@ def cases() -> list[Case]:
         Case(
             _info("llama_decode_ar1", llama, "step", 1, PAST_LEN + 4, "single-token decode step (AR=1)"),
             lambda: _step(llama, 1, PAST_LEN + 4),
+            functools.partial(_step_at, llama),
         )
     )
     out.append(
         Case(
             _info("adv_llama_ar_eq_heads", llama, "step", 4, PAST_LEN, "adversarial: AR == heads == 4"),
             lambda: _step(llama, 4, PAST_LEN),
+            functools.partial(_step_at, llama),
         )
     )
     hd8 = replace(
@@ -410,6 +424,7 @@ def cases() -> list[Case]:
                 "adv_llama_hd_eq_heads", hd8, "step", STEP_AR, PAST_LEN, "adversarial: head_dim == heads == 8"
             ),
             lambda: _step(hd8, STEP_AR, PAST_LEN),
+            functools.partial(_step_at, hd8),
         )
     )
     return out

@@ -161,10 +161,11 @@ def _info(name: str, ar: int, extra: str) -> CaseInfo:
 def cases() -> list[Case]:
     """Prepared-style step with AR=3, the AR=1 decode variant, and repeat_kv through Tile."""
     return [
-        Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3)),
-        Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1)),
+        Case(_info("prepared_llama_gqa_step", 3, ""), lambda: build_prepared(3), build_prepared),
+        Case(_info("prepared_llama_gqa_ar1", 1, "; AR=1 decode"), lambda: build_prepared(1), build_prepared),
         Case(
             _info("prepared_llama_gqa_tile", 3, "; repeat_kv as Unsqueeze -> Tile (AIMET re-export)"),
             lambda: build_prepared(3, tile=True),
+            lambda ar, cl: build_prepared(ar, cl, tile=True),
         ),
     ]

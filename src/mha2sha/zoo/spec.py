@@ -77,3 +77,6 @@ class Case:
 
     info: CaseInfo
     builder: Callable[[], Built] = field(repr=False)
+    #: the same model and weights built for ``(ar, cl)`` tokens per step / context length (step and
+    #: prefill graphs; a prefill graph has CL = AR), for re-export comparisons of AR/CL rewrites
+    at: Callable[[int, int], Built] | None = field(default=None, repr=False)

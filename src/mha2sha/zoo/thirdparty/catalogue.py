@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mha2sha.graph import is_onnx_domain
+
 from .tools import TOOLS, VENVS, build_tool, listed_exports, manifest, output_key, outputs_root
 
 VOCAB = 256  # every corpus model's vocabulary (scripts/_tiny.py and the zoo)
@@ -234,7 +236,7 @@ def _features(path: Path) -> Features:
     def walk(graph) -> None:
         for node in graph.node:
             counts[
-                f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+                f"{node.domain}.{node.op_type}" if not is_onnx_domain(node.domain) else node.op_type
             ] += 1
             for attr in node.attribute:
                 if attr.HasField("g"):
