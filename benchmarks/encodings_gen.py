@@ -5,8 +5,8 @@ conversion with ``--encodings`` is the file's size and shape: one encoding per a
 scale per output channel of every projection. So the ranges are derived from how ``generate.py``
 draws the weights instead of from data:
 - every float activation (node output, graph input): uint16 asymmetric over [-16, 16];
-- every 2-D ``MatMul`` weight (``[in, out]``): int8 symmetric per output channel (last axis),
-  scale 4 / sqrt(in) / 127 (the weights are N(0, 1/in): 4 sigma);
+- every 2-D ``MatMul`` weight (``[in, out]``) and ``Conv`` weight (``[out, in, kh, kw]``): int8
+  symmetric per output channel, scale 4 / sqrt(fan in) / 127 (the weights are N(0, 1/fan in): 4 sigma);
 - the embedding table (``Gather`` data): int8 symmetric per tensor, 4 / 127 (N(0, 1)).
 
     python benchmarks/encodings_gen.py <model.onnx> [-o model.encodings]
@@ -62,20 +62,23 @@ def synthetic_encodings(model_path: str | Path) -> dict:
     seen: set[str] = set()
     for node in model.graph:
         activations += [_activation(v.name) for v in node.outputs if v.name and v.dtype in _FLOATS]
-        if node.op_type not in ("MatMul", "Gather") or len(node.inputs) < 2:
+        if node.op_type not in ("MatMul", "Gather", "Conv") or len(node.inputs) < 2:
             continue
-        weight = node.inputs[1] if node.op_type == "MatMul" else node.inputs[0]
+        weight = node.inputs[0] if node.op_type == "Gather" else node.inputs[1]
         if weight is None or not weight.is_initializer() or weight.name in seen:
             continue
         shape = weight.const_value.shape  # type: ignore[union-attr]
-        if len(shape) != 2 or weight.dtype not in _FLOATS:
+        if weight.dtype not in _FLOATS or len(shape) != (4 if node.op_type == "Conv" else 2):
             continue
         seen.add(weight.name)  # type: ignore[arg-type]
+        if node.op_type == "Gather":
+            params.append(_weight(weight.name, [4 / 127]))  # type: ignore[arg-type]
+            continue
         if node.op_type == "MatMul":
             fan_in, channels = shape[0], shape[1]
-            params.append(_weight(weight.name, [4 / math.sqrt(fan_in) / 127] * channels))  # type: ignore[arg-type]
         else:
-            params.append(_weight(weight.name, [4 / 127]))  # type: ignore[arg-type]
+            fan_in, channels = shape[1] * shape[2] * shape[3], shape[0]
+        params.append(_weight(weight.name, [4 / math.sqrt(fan_in) / 127] * channels))  # type: ignore[arg-type]
     return {
         "version": "1.0.0",
         "activation_encodings": activations,

@@ -22,10 +22,20 @@ Styles:
 - ``prepared``: Qualcomm-prepared step (the zoo's ``PreparedLlamaStep``): additive float mask
   ``[1,1,AR,CL]``, RoPE ``position_ids_cos/sin [1,1,AR,D/2]`` inputs, transposed key cache
   ``past_key_{l}_in [1,Hkv,D,CL-AR]``, only the new entries returned.
+- ``prepared-conv``: the same with every projection already a Conv 1x1 on ``[1, C, 1, AR]`` (BD1L, as
+  Qualcomm's HTP preparation writes them; mha2sha's own HTP layout passes applied to the MHA graph,
+  the transposed weights streamed like the others).
+
+``--part`` drops the embedding and the LM head, as prepared models split into parts are:
+``inputs_embeds [1, AR, hidden]`` in, the last layer's ``hidden_states`` out (with the KV outputs).
 
 Default step: AR = 128 tokens, CL = 1024 (Qualcomm AI Hub's Llama-v2-7B-Chat prompt processor).
 
     python benchmarks/generate.py llama2-7b -o /tmp/bench --dtype fp16 [--style hf] [--layers 2]
+    python benchmarks/generate.py qwen2.5-1.5b -o /tmp/bench --style prepared-conv --dtype fp32 --layers 5 --part --ar 32
+
+The folder is ``<shape>[-<N>l][-part][-ar<AR>][-cl<CL>]-<style>-<dtype>`` (AR/CL only when not the
+defaults 128 / 1024).
 """
 
 from __future__ import annotations
@@ -89,12 +99,58 @@ SHAPES: dict[str, LLMShape] = {
 
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 _EAGER_ELEMENTS = 1 << 20  # parameters up to this size are drawn eagerly (norms, biases)
+STYLES = ("hf", "prepared", "prepared-conv")
+DEFAULT_AR, DEFAULT_CONTEXT = 128, 1024
 
 
-def model_dir_name(shape: str, style: str, dtype: str, layers: int | None, lora_rank: int | None = None) -> str:
+def model_dir_name(
+    shape: str,
+    style: str,
+    dtype: str,
+    layers: int | None,
+    lora_rank: int | None = None,
+    *,
+    part: bool = False,
+    ar: int = DEFAULT_AR,
+    context: int = DEFAULT_CONTEXT,
+) -> str:
     cut = f"-{layers}l" if layers is not None else ""
+    cut += "-part" if part else ""
+    cut += f"-ar{ar}" if ar != DEFAULT_AR else ""
+    cut += f"-cl{context}" if context != DEFAULT_CONTEXT else ""
     lora = f"-lora{lora_rank}" if lora_rank else ""
     return f"{shape}{cut}-{style}-{dtype}{lora}"
+
+
+def parse_dir_name(name: str) -> dict:
+    """``model_dir_name``'s inverse: generate() keyword arguments (shape, style, dtype, ...)."""
+    kw: dict = {}
+    base, sep, rank = name.rpartition("-lora")
+    if sep and rank.isdigit():
+        name, kw["lora_rank"] = base, int(rank)
+    for style in sorted(STYLES, key=len, reverse=True):
+        head, sep, dtype = name.rpartition(f"-{style}-")
+        if sep and dtype in DTYPES:
+            break
+    else:
+        raise ValueError(f"not a generated model name: {name}")
+    tokens = head.split("-")
+    kw.update(style=style, dtype=dtype)
+    while len(tokens) > 1:
+        last = tokens[-1]
+        if last == "part":
+            kw["part"] = True
+        elif last.startswith("ar") and last[2:].isdigit():
+            kw["ar"] = int(last[2:])
+        elif last.startswith("cl") and last[2:].isdigit():
+            kw["context"] = int(last[2:])
+        elif last.endswith("l") and last[:-1].isdigit():
+            kw["layers"] = int(last[:-1])
+        else:
+            break
+        tokens.pop()
+    kw["shape_name"] = "-".join(tokens)
+    return kw
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -125,13 +181,53 @@ def _config(shape: LLMShape, layers: int):
     return config
 
 
-def _example_inputs(shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype):
+def _prepared_part(hf):
+    """``PreparedLlamaStep`` without embedding and LM head: hidden states in, hidden states out."""
+    import torch
+
+    from mha2sha.zoo.prepared import PreparedLlamaStep, rope_halves
+
+    class PreparedPart(PreparedLlamaStep):
+        def forward(self, inputs_embeds, attention_mask, position_ids_cos, position_ids_sin, *past):
+            h, ar = inputs_embeds, inputs_embeds.shape[1]
+            new_kv = []
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                q = attn.q_proj(x).view(1, ar, self.heads, self.head_dim).transpose(1, 2)
+                k = attn.k_proj(x).view(1, ar, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = attn.v_proj(x).view(1, ar, self.kv_heads, self.head_dim).transpose(1, 2)
+                q = rope_halves(q, position_ids_cos, position_ids_sin)
+                k_t = rope_halves(k, position_ids_cos, position_ids_sin).transpose(2, 3)  # [1, Hkv, D, AR]
+                keys = torch.cat([past[2 * i], k_t], dim=3)
+                values = torch.cat([past[2 * i + 1], v], dim=2)
+                rep = self.heads // self.kv_heads
+                scores = torch.matmul(q, self.repeat_kv(keys, rep)) * self.scale + attention_mask
+                probs = torch.softmax(scores, dim=-1)
+                ctx = torch.matmul(probs, self.repeat_kv(values, rep))
+                ctx = ctx.transpose(1, 2).reshape(1, ar, self.heads * self.head_dim)
+                h = h + attn.o_proj(ctx)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                new_kv += [k_t, v]
+            return (h, *new_kv)
+
+    module = PreparedPart(hf)
+    del module.embed, module.lm_head, module.norm
+    return module
+
+
+def _example_inputs(
+    shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype, part: bool = False
+):
     import torch
 
     past = context - ar
     d, hkv = shape.dim, shape.kv_heads
     inputs: dict[str, torch.Tensor] = {"input_ids": torch.zeros(1, ar, dtype=torch.int64)}
     outputs = ["logits"]
+    if part:
+        inputs = {"inputs_embeds": torch.zeros(1, ar, shape.hidden, dtype=dtype)}
+        outputs = ["hidden_states"]
     if style == "hf":
         inputs["attention_mask"] = torch.ones(1, context, dtype=torch.int64)
         inputs["position_ids"] = torch.arange(past, context)[None]
@@ -151,7 +247,14 @@ def _example_inputs(shape: LLMShape, style: str, layers: int, ar: int, context: 
 
 
 def export_meta(
-    shape: LLMShape, style: str, layers: int, ar: int, context: int, dtype: str, lora_rank: int | None = None
+    shape: LLMShape,
+    style: str,
+    layers: int,
+    ar: int,
+    context: int,
+    dtype: str,
+    lora_rank: int | None = None,
+    part: bool = False,
 ):
     """Export the graph of a meta-device model: initializers carry shapes, no data. With
     ``lora_rank`` the model carries an unmerged peft LoRA of that rank (alpha = 2 * rank) on
@@ -180,7 +283,15 @@ def export_meta(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 hf = get_peft_model(hf, lora).base_model.model.to(torch_dtype).eval()
-    module = CausalLMStep(hf, layers, True) if style == "hf" else PreparedLlamaStep(hf)
+    if part and style == "hf":
+        raise ValueError("--part is a prepared-style graph")
+    module = (
+        CausalLMStep(hf, layers, True)
+        if style == "hf"
+        else _prepared_part(hf)
+        if part
+        else PreparedLlamaStep(hf)
+    )
     module.eval()
     # Buffers (RoPE inv_freq) are not weights: compute their real values on the CPU.
     rotary = type(hf.model.rotary_emb)(config=config)
@@ -191,7 +302,7 @@ def export_meta(
         if real is None:
             raise RuntimeError(f"no real value for buffer {name}")
         buffers[name] = real.to(buf.dtype).numpy()
-    inputs, outputs = _example_inputs(shape, style, layers, ar, context, torch_dtype)
+    inputs, outputs = _example_inputs(shape, style, layers, ar, context, torch_dtype, part)
     meta_inputs = tuple(v.to("meta") for v in inputs.values())
     with torch.no_grad(), quiet_export():
         program = torch.onnx.export(
@@ -306,11 +417,12 @@ def generate(
     style: str = "hf",
     dtype: str = "fp16",
     layers: int | None = None,
-    ar: int = 128,
-    context: int = 1024,
+    ar: int = DEFAULT_AR,
+    context: int = DEFAULT_CONTEXT,
     seed: int = 0,
     workers: int = 2,
     lora_rank: int | None = None,
+    part: bool = False,
 ) -> Path:
     """Write ``out_dir/<model_dir_name>/model.onnx`` + ``model.data``; returns the .onnx path."""
     import onnxscript.optimizer
@@ -320,11 +432,14 @@ def generate(
 
     shape = SHAPES[shape_name]
     n_layers = shape.layers if layers is None else layers
-    folder = Path(out_dir) / model_dir_name(shape_name, style, dtype, layers, lora_rank)
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, not {style!r}")
+    name = model_dir_name(shape_name, style, dtype, layers, lora_rank, part=part, ar=ar, context=context)
+    folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     t0 = time.perf_counter()
-    model, buffers = export_meta(shape, style, n_layers, ar, context, dtype, lora_rank)
+    model, buffers = export_meta(shape, style, n_layers, ar, context, dtype, lora_rank, part)
     t_export = time.perf_counter() - t0
 
     graph = model.graph
@@ -347,6 +462,13 @@ def generate(
         onnxscript.optimizer.optimize_ir(model)
         onnxscript.rewriter.onnx_fusions.fuse(model)
     weight_bytes = _attach_random_weights(graph, params, seed)
+    if style == "prepared-conv":  # projections as Conv 1x1 on [1, C, 1, AR]; weights transposed lazily
+        from mha2sha.io.prepare import prepare_for_split, remove_unused_initializers
+        from mha2sha.layout import apply_htp_layout
+
+        prepare_for_split(model)
+        apply_htp_layout(model)
+        remove_unused_initializers(model)
     t_graph = time.perf_counter() - t0
 
     data = path.with_suffix(".data")
@@ -360,6 +482,7 @@ def generate(
         "layers": n_layers,
         "ar": ar,
         "context": context,
+        "part": part,
         "seed": seed,
         "lora_rank": lora_rank,
         "weight_bytes": weight_bytes,
@@ -380,11 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shape", choices=sorted(SHAPES))
     p.add_argument("-o", "--out", required=True, help="folder; the model goes to <out>/<name>/model.onnx")
-    p.add_argument("--style", choices=["hf", "prepared"], default="hf")
+    p.add_argument("--style", choices=STYLES, default="hf")
+    p.add_argument("--part", action="store_true", help="no embedding / LM head: hidden states in and out")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--layers", type=int, help="cut the model to this many layers (full width)")
-    p.add_argument("--ar", type=int, default=128, help="tokens per step (default 128)")
-    p.add_argument("--context", type=int, default=1024, help="context length CL (default 1024)")
+    p.add_argument("--ar", type=int, default=DEFAULT_AR, help="tokens per step (default 128)")
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="context length CL (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads drawing/writing weights")
     p.add_argument("--lora-rank", type=int, help="an unmerged peft LoRA of this rank on q/k/v/o_proj")
@@ -400,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         workers=args.workers,
         lora_rank=args.lora_rank,
+        part=args.part,
     )
     print(path)
     print((path.parent / "meta.json").read_text())

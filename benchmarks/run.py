@@ -1,5 +1,14 @@
 """Time and memory of ``mha2sha convert`` on full-size models against a ``cp`` of the same files.
 
+The default job -- what a user runs: verification on, encodings when they have them -- for every row
+of the table in benchmarks/RESULTS.md, with the ``cp`` reference next to each, in one command::
+
+    python benchmarks/run.py --dir /tmp/bench --suite default --generate --delete --max-load 1.2
+
+``--suite default`` = :data:`SUITE` (models generated on demand, deleted after their rows with
+``--delete``). Each row waits until the 1-minute load average is below ``--max-load`` (other jobs
+on the machine distort timings) and records the load it started at.
+
 For each model (a folder written by ``generate.py``: ``model.onnx`` + ``model.data`` + ``meta.json``):
 
 1. ``cp -r <model> <tmp> && sync`` with a cold page cache: the floor for any tool that reads every
@@ -15,6 +24,10 @@ For each model (a folder written by ``generate.py``: ``model.onnx`` + ``model.da
 ``--quantized`` measures the whole user job instead: ``mha2sha convert <model> --encodings
 <model>.encodings --target htp`` with verification on (``--verify auto``), encodings from
 ``encodings_gen.py`` (synthetic, written once beside the model, not timed); code column ``<tag>+q``.
+``--job "ARGS"`` (repeatable; ``{E}`` = the synthetic encodings) measures ``mha2sha convert <model>
+-o <out> ARGS`` as given, e.g. ``--job "" --job "--target htp" --job "--encodings {E}"``: the
+default-job rows. Their peak RSS is the whole process's (verification threads included), each phase
+with its own peak (``MHA2SHA_PHASE_PEAKS=1``).
 
 Cold cache = ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each measured command (needs root;
 without it the run is marked "warm" and cp goes first so both see the same cache state).
@@ -37,10 +50,23 @@ import time
 from pathlib import Path
 
 from encodings_gen import synthetic_encodings  # benchmarks/ is on sys.path when run as a script
+from generate import parse_dir_name
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
+
+#: The default-job table (issue 12): model folder -> jobs (extra ``convert`` arguments; ``{E}`` is
+#: the model's synthetic encodings). Prepared steps with the KV cache of a 4096-token context.
+SUITE: dict[str, list[str]] = {
+    # Qualcomm-prepared Qwen2.5-1.5B-shaped part (projections already Conv 1x1, fp32, AR 32): 5 full
+    # layers without embedding / LM head = 0.94 GB (28 layers with their MLPs would be 5.2 GB)
+    "qwen2.5-1.5b-5l-part-ar32-prepared-conv-fp32": ["--encodings {E}"],
+    "llama3.2-1b-cl4096-prepared-fp16": [""],
+    "qwen2.5-1.5b-cl4096-prepared-fp16": ["", "--encodings {E}"],
+    "llama2-7b-cl4096-prepared-fp16": ["", "--target htp", "--encodings {E}", "--encodings {E} --target htp"],
+    "llama3-8b-cl4096-prepared-fp16": ["", "--target htp", "--encodings {E}"],
+}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -97,7 +123,20 @@ def measure(cmd: list[str], *, env: dict[str, str] | None = None, log: Path | No
         "peak_rss_mb": round(usage.ru_maxrss / 1024),
         "peak_anon_mb": round(peaks["RssAnon"] / 1024),
         "peak_file_mb": round(peaks["RssFile"] / 1024),
+        "peak_polled_mb": round(peaks["VmRSS"] / 1024),
     }
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def wait_for_load(max_load: float | None, timeout: float = 1800) -> float:
+    """Sleep until the 1-minute load average is below ``max_load``; returns the load at the start."""
+    start = time.monotonic()
+    while max_load is not None and load1() >= max_load and time.monotonic() - start < timeout:
+        time.sleep(10)
+    return load1()
 
 
 def _warm(folder: Path) -> bool:
@@ -211,6 +250,77 @@ def bench_model(
     return row
 
 
+def _encodings_for(model: Path) -> Path:
+    encodings = model.with_suffix(".encodings")
+    if not encodings.exists():
+        encodings.write_text(json.dumps(synthetic_encodings(model)))
+    return encodings
+
+
+def bench_job(folder: Path, job: str, *, tag: str, max_load: float | None, cache: str = "cold") -> dict:
+    """``cp`` of the model folder, then ``mha2sha convert <model> -o <out> <job>`` (the default job:
+    verification on), both + ``sync`` from the same page-cache state."""
+    meta = json.loads((folder / "meta.json").read_text())
+    model = folder / "model.onnx"
+    extra = job.split()
+    if "{E}" in job:
+        encodings = _encodings_for(model)
+        extra = [str(encodings) if a == "{E}" else a for a in extra]
+    work = Path(tempfile.mkdtemp(prefix="mha2sha-bench-", dir=folder.parent))
+    row: dict = {
+        "model": folder.name,
+        "job": job.replace("{E}", "E") or "(default)",
+        "tag": tag,
+        "kind": "job",
+        **{k: meta.get(k) for k in ("shape", "style", "dtype", "layers", "ar", "context", "part")},
+        "weight_gb": round(meta["weight_bytes"] / 1e9, 2),
+    }
+    try:
+        prepare_cache = drop_caches if cache == "cold" else lambda: _warm(folder)
+        row["load_cp"] = wait_for_load(max_load)
+        row["cache"] = cache if prepare_cache() is not False else "warm"
+        cp = measure(["cp", "-r", str(folder), str(work / "copy")])
+        cp["seconds"] = round(cp["seconds"] + _sync_seconds(), 2)
+        row["cp"] = cp
+        shutil.rmtree(work / "copy")
+
+        out = work / "out"
+        row["load"] = wait_for_load(max_load)
+        prepare_cache()
+        cmd = [sys.executable, "-m", "mha2sha.cli", "convert", str(model), "-o", str(out), *extra]
+        env = {**os.environ, "MHA2SHA_PHASE_PEAKS": "1"}
+        conv = measure(cmd, log=work / "convert.log", env=env)
+        conv["seconds"] = round(conv["seconds"] + _sync_seconds(), 2)
+        row["load_after"] = load1()
+        row["convert"] = conv
+        if conv["exit"] != 0:
+            conv["log_tail"] = (work / "convert.log").read_text()[-2000:]
+        else:
+            report = json.loads((out / "model.report.json").read_text())
+            row["phases"] = {
+                p["name"]: [round(p["seconds"], 2), round(p.get("phase_peak_rss_mb") or p["peak_rss_mb"])]
+                for p in report["phases"]
+            }
+            # VmHWM restarts per phase (MHA2SHA_PHASE_PEAKS): the process peak is the timer's
+            conv["peak_rss_mb"] = max(
+                conv["peak_polled_mb"], round(max(p["peak_rss_mb"] for p in report["phases"]))
+            )
+            v = report.get("verification") or {}
+            row["verify"] = {
+                "mode": v.get("mode"),
+                "proven": v.get("proven"),
+                "ok": v.get("ok"),
+                "qdq_max_lsb": max((report.get("quantized_max_lsb") or {0: None}).values(), default=None),
+                "workers": v.get("block_workers"),
+                "notes": v.get("notes", []),
+            }
+            row["output_gb"] = round(folder_bytes(out) / 1e9, 2)
+        row["ratio_vs_cp"] = round(conv["seconds"] / max(cp["seconds"], 1e-9), 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
 # ----------------------------------------------------------------------------- table
 
 
@@ -218,9 +328,13 @@ def _load_results() -> list[dict]:
     return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
 
 
+def _key(row: dict) -> tuple:
+    return (row["model"], row["tag"], row.get("cache"), row.get("job"))
+
+
 def _save_row(row: dict) -> None:
-    key = (row["model"], row["tag"], row["cache"])
-    rows = [r for r in _load_results() if (r["model"], r["tag"], r.get("cache")) != key]
+    key = _key(row)
+    rows = [r for r in _load_results() if _key(r) != key]
     rows.append(row)
     RESULTS_JSON.write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -242,14 +356,70 @@ def _verify_cell(row: dict, mode: str) -> str:
     return f"{v['seconds']:.0f} / {v['peak_rss_mb']}" + ("" if v["exit"] == 0 else " FAIL")
 
 
+def _job_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "## The default job (verification on)",
+        "",
+        "`python benchmarks/run.py --dir D --suite default --generate --delete --max-load 1.2` (one",
+        "command: models generated, each row measured, models deleted). Prepared steps from",
+        "`benchmarks/generate.py` (AR 128, CL 4096 unless the name says otherwise, batch 1, one external",
+        "data file; `-part` = no embedding / LM head, `prepared-conv` = projections already Conv 1x1 on",
+        "`[1, C, 1, AR]`), synthetic AIMET 1.0.0 W8A16 encodings (`E`) from `benchmarks/encodings_gen.py`.",
+        "Job = `mha2sha convert M -o out <job>`: verification `auto` (block by block at these sizes: float,",
+        "and with `E` quantized (QDQ) block pairs), timed + `sync`, from a cold page cache (`drop_caches`);",
+        "`cp` = `cp -r` of the same model folder + `sync`, cold, right before. Peak RSS = the whole",
+        "process (verification runs in its threads), phases with the peak inside each (`s / MB`).",
+        "Load = 1-minute load average when the conversion started (rows wait for < 1.2); 2 cores, 24 GB.",
+        "",
+        "| model | weights GB | job | cp s | ours s | x cp | peak RSS MB | proven | load | phases (s / MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---|",
+    ]
+    short = {
+        "load": "load",
+        "prepare (fold shapes, infer)": "prepare",
+        "split heads": "split",
+        "propagate encodings": "encodings",
+        "HTP layout (Linear -> Conv 1x1)": "layout",
+        "find blocks (original sides computed during the save)": "find blocks",
+        "save": "save",
+        "verify blocks, float and QDQ (onnxruntime)": "verify",
+        "verify blocks (onnxruntime)": "verify",
+        "verify (onnxruntime)": "verify",
+    }
+    for r in sorted(rows, key=lambda r: (r["weight_gb"], r["model"], r["job"])):
+        c = r.get("convert", {})
+        exit_note = "" if c.get("exit") == 0 else f" (exit {c.get('exit')})"
+        phases = ", ".join(
+            f"{short.get(k, k)} {sec:.1f}/{mb}" for k, (sec, mb) in r.get("phases", {}).items() if sec >= 0.05
+        )
+        v = r.get("verify") or {}
+        proven = (v.get("proven") or "-").replace("quantized (QDQ)", "QDQ").replace("block by block", "blocks")
+        if v.get("qdq_max_lsb") is not None:
+            proven += f" ({v['qdq_max_lsb']:g} LSB)"
+        lines.append(
+            f"| {r['model']} | {r['weight_gb']} | `{r['job']}` | {r['cp']['seconds']:.1f} | "
+            f"{c.get('seconds', 0):.1f}{exit_note} | {r.get('ratio_vs_cp', '-')} | {c.get('peak_rss_mb', '-')} | "
+            f"{proven} | {r.get('load', '-')} | {phases} |"
+        )
+    return lines
+
+
 def write_table() -> str:
+    results = _load_results()
+    jobs = [r for r in results if r.get("kind") == "job"]
     rows = sorted(
-        _load_results(), key=lambda r: (r["tag"] != "current", r["weight_gb"], r["model"], r["cache"])
+        [r for r in results if r.get("kind") != "job"],
+        key=lambda r: (r["tag"] != "current", r["weight_gb"], r["model"], r["cache"]),
     )
     lines = [
         "# mha2sha convert: time and memory on full-size random-weight models",
         "",
         "Generated by `benchmarks/run.py` from `benchmarks/results.json` (do not edit by hand).",
+        "",
+        *_job_lines(jobs),
+        "",
+        "## Conversion alone (`--no-verify`), earlier code",
+        "",
         "Models from `benchmarks/generate.py` (AR 128, CL 1024, batch 1, eager attention, one external",
         "data file). `cp` = `cp -r` of the model folder + `sync`; convert = `mha2sha convert --no-verify`",
         "+ `sync` (includes interpreter start-up); both from the same page-cache state: cold =",
@@ -311,9 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="*", help="model folder names under --dir (e.g. llama2-7b-hf-fp16)")
     p.add_argument("--dir", required=True, help="folder holding generated models")
     p.add_argument(
-        "--generate", action="store_true", help="generate missing models (name = shape[-Nl]-style-dtype)"
+        "--generate", action="store_true", help="generate missing models (name: see generate.py)"
     )
     p.add_argument("--delete", action="store_true", help="delete each generated model after its run")
+    p.add_argument("--suite", choices=["default"], help="every row of the default-job table (SUITE)")
+    p.add_argument(
+        "--job",
+        action="append",
+        default=None,
+        help='measure "mha2sha convert M -o out JOB" (verification on; {E} = synthetic encodings)',
+    )
+    p.add_argument("--max-load", type=float, help="wait until the 1-minute load average is below this")
     p.add_argument("--verify", action="append", default=[], choices=["blocks", "full"])
     p.add_argument("--keep-output", action="store_true")
     p.add_argument("--variant", default="current", help="see variants.py (measure a change before making it)")
@@ -335,26 +513,36 @@ def main(argv: list[str] | None = None) -> int:
         print(write_table())
         return 0
     base = Path(args.dir)
-    for name in args.models:
+    plan: list[tuple[str, list[str] | None]] = [(m, args.job) for m in args.models]
+    if args.suite:
+        plan += [(m, jobs) for m, jobs in SUITE.items() if not args.models or m in args.models]
+        plan = [(m, j) for m, j in plan if j is not None]
+    for name, jobs in plan:
         folder = base / name
         if not (folder / "meta.json").exists():
             if not args.generate:
                 print(f"missing {folder}; pass --generate", file=sys.stderr)
                 return 2
             _generate(name, base)
-        row = bench_model(
-            folder,
-            verify=args.verify,
-            keep_output=args.keep_output,
-            tag=(args.tag or args.variant) + ("+q" if args.quantized else "")
-            + (f"+ar{args.build_ar}" if args.build_ar else ""),
-            variant=args.variant,
-            cache=args.cache,
-            quantized=args.quantized,
-            build_ar=args.build_ar,
-        )
-        _save_row(row)
-        print(json.dumps(row, indent=1), flush=True)
+        if jobs is not None:
+            for job in jobs:
+                row = bench_job(folder, job, tag=args.tag or "current", max_load=args.max_load, cache=args.cache)
+                _save_row(row)
+                print(json.dumps(row, indent=1), flush=True)
+        else:
+            row = bench_model(
+                folder,
+                verify=args.verify,
+                keep_output=args.keep_output,
+                tag=(args.tag or args.variant) + ("+q" if args.quantized else "")
+                + (f"+ar{args.build_ar}" if args.build_ar else ""),
+                variant=args.variant,
+                cache=args.cache,
+                quantized=args.quantized,
+                build_ar=args.build_ar,
+            )
+            _save_row(row)
+            print(json.dumps(row, indent=1), flush=True)
         if args.delete:
             shutil.rmtree(folder, ignore_errors=True)
     print(write_table())
@@ -362,25 +550,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(name: str, base: Path) -> None:
-    """``llama2-7b-hf-fp16`` / ``llama2-7b-2l-hf-fp32`` -> generate.py arguments."""
-    head, style, dtype = name.rsplit("-", 2)
-    layers = None
-    if head.rsplit("-", 1)[-1].endswith("l") and head.rsplit("-", 1)[-1][:-1].isdigit():
-        head, cut = head.rsplit("-", 1)
-        layers = int(cut[:-1])
-    cmd = [
-        sys.executable,
-        str(HERE / "generate.py"),
-        head,
-        "-o",
-        str(base),
-        "--style",
-        style,
-        "--dtype",
-        dtype,
-    ]
-    if layers is not None:
-        cmd += ["--layers", str(layers)]
+    """A model folder name (``llama2-7b-cl4096-prepared-fp16``, ...) -> generate.py arguments."""
+    kw = parse_dir_name(name)
+    cmd = [sys.executable, str(HERE / "generate.py"), kw["shape_name"], "-o", str(base)]
+    cmd += ["--style", kw["style"], "--dtype", kw["dtype"]]
+    for key, flag in (("layers", "--layers"), ("ar", "--ar"), ("context", "--context")):
+        if key in kw:
+            cmd += [flag, str(kw[key])]
+    if kw.get("part"):
+        cmd.append("--part")
+    if kw.get("lora_rank"):
+        cmd += ["--lora-rank", str(kw["lora_rank"])]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 

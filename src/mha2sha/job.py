@@ -11,6 +11,7 @@ file plus one step in :func:`convert`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -73,12 +74,14 @@ from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, check_soc
 from mha2sha.verify.plan import (
     FULL_VERIFY_MAX_BYTES,
     VERIFY_MODES,
+    BlocksAhead,
     Quantized,
     VerifyMode,
     VerifyOptions,
     VerifyPlan,
     VerifyRecord,
     plan_verification,
+    prepare_blocks,
     require_memory,
     verify_conversion,
 )
@@ -133,7 +136,9 @@ class ConvertOptions:
             self.verify = "auto" if self.verify else "none"
         mode = self.verify.lower() if isinstance(self.verify, str) else None
         if mode is None or not _is_verify_mode(mode):
-            raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}")
+            raise UserError(
+                f"verify must be one of {', '.join(VERIFY_MODES)} (or True/False), not {self.verify!r}"
+            )
         self.verify = mode
         if not (math.isfinite(self.rtol) and self.rtol > 0):
             raise UserError(f"--rtol must be a positive number, not {self.rtol}")
@@ -459,10 +464,17 @@ def _save_verify_report(job: _Job) -> None:
     if failed_report.is_file():  # an earlier run's failure report goes when this run's set comes
         replaces.append(failed_report.name)
     try:
-        with staging_dir(out_dir, replaces=replaces) as stage:
+        with contextlib.ExitStack() as background, staging_dir(out_dir, replaces=replaces) as stage:
+            # blockwise verification: blocks found, original sides computed in the background meanwhile
+            ahead = None
+            if job.plan is not None:
+                ahead = prepare_blocks(job.plan, job.verify_options, job.model_path, job.model, result.split,
+                                       _quantized(job))  # fmt: skip
+                if ahead is not None:
+                    background.enter_context(ahead)
             staged = _save(job, stage)
             if job.plan is not None:
-                _verify(job, job.plan, staged, stage)
+                _verify(job, job.plan, staged, stage, ahead)
             files = (p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
             written = sorted([report_file, html_file, *files])
             (stage / report_file).write_text(json.dumps({**result.to_json(), "outputs": written}, indent=1))
@@ -496,15 +508,20 @@ def _save(job: _Job, stage: Path) -> Path:
     return staged
 
 
-def _verify(job: _Job, plan: VerifyPlan, staged: Path, stage: Path) -> None:
+def _quantized(job: _Job) -> Quantized | None:
+    """The encodings pair the quantized proof compares, when the job has both sides."""
+    if job.encodings is None or job.sha_encodings is None:
+        return None
+    return Quantized(job.encodings, job.sha_encodings, origins(job.result.split, job.result.layout))
+
+
+def _verify(job: _Job, plan: VerifyPlan, staged: Path, stage: Path, ahead: BlocksAhead | None) -> None:
     """Every proof the plan holds: the base conversion, then each adapter's."""
     result, options = job.result, job.options
-    quantized = None
-    if job.encodings is not None and job.sha_encodings is not None:
-        quantized = Quantized(job.encodings, job.sha_encodings, origins(result.split, result.layout))
     lowered = [name for name, _, _ in result.lowering.lowered] if result.lowering else []
-    result.verify = verify_conversion(plan, job.verify_options, job.model_path, staged, result.split, quantized,
-                                      job.timer.phase, stage, job.out_dir, lowered)  # fmt: skip
+    result.verify = verify_conversion(plan, job.verify_options, job.model_path, staged, result.split,
+                                      _quantized(job), job.timer.phase, stage, job.out_dir, lowered,
+                                      ahead)  # fmt: skip
     if job.adapters is not None:
         result.verify.adapters = verify_adapters(
             job.adapters, job.model_path, staged, result.split, result.layout, job.sha_encodings,
@@ -562,7 +579,9 @@ def _previous_outputs(report: Path) -> list[str]:
         outputs = json.loads(report.read_text()).get("outputs", [])
     except (OSError, ValueError, AttributeError):
         return []
-    return [o for o in outputs if isinstance(o, str) and ".." not in Path(o).parts and not Path(o).is_absolute()]
+    return [
+        o for o in outputs if isinstance(o, str) and ".." not in Path(o).parts and not Path(o).is_absolute()
+    ]
 
 
 @dataclasses.dataclass

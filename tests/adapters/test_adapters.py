@@ -38,7 +38,7 @@ def sha_outputs(out: Path, adapter: str, inputs: dict[str, np.ndarray], split=No
     if entry.scale is not None:
         feeds["lora_alpha"] = np.asarray([entry.scale], np.float32)
     path = out.parent / f"{out.name}-{adapter}.onnx"
-    ir.save(model, path)
+    ir.save(model, path, external_data=f"{path.stem}.data")  # the output keeps its weights external
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     taken = {i.name for i in session.get_inputs()}

@@ -312,10 +312,34 @@ def test_sharded_convert_matches_unsharded(tmp_path, external_model, shard_bytes
         _outputs(model, {"x": x}), _outputs(tmp_path / "whole" / "attn.onnx", {"x": x}), strict=True
     ):
         np.testing.assert_array_equal(got, want)
-    assert whole.files == [
+    # the input kept its weights in an external file: so does the output, unsharded in one file
+    assert sorted(whole.files) == [
         tmp_path / "whole" / n
-        for n in ("attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json")
+        for n in ("attn.data", "attn.onnx", "attn.report.html", "attn.report.json", "mha_to_sha_names.json")
     ]
+
+
+def test_external_data_whenever_the_input_had_it(tmp_path, external_model):
+    """Never a whole-model protobuf in memory: an input with external data gives one external data
+    file, however small its weights."""
+    external = convert(external_model, tmp_path / "ext", options=ConvertOptions(verify=False))
+    assert {p.name for p in external.files} >= {"attn.onnx", "attn.data"}
+    assert {i["location"] for i in _external_info(tmp_path / "ext" / "attn.onnx").values()} == {"attn.data"}
+
+
+def test_embedded_up_to_the_embed_limit_external_above(tmp_path, small_model, monkeypatch):
+    """An embedded input stays embedded up to EMBED_LIMIT_BYTES of weights, not above."""
+    import mha2sha.io.save as save
+
+    embedded = convert(small_model, tmp_path / "emb", options=ConvertOptions(verify=False))
+    assert not [p for p in embedded.files if p.suffix == ".data"]
+    assert not _external_info(tmp_path / "emb" / "attn.onnx")
+
+    monkeypatch.setattr(save, "EMBED_LIMIT_BYTES", 64)  # the small model's weights exceed it
+    big = convert(small_model, tmp_path / "big", options=ConvertOptions(verify=True))
+    assert big.verification is not None and big.verification.ok
+    assert [p.name for p in big.files if p.suffix == ".data"] == ["attn.data"]
+    assert _external_info(tmp_path / "big" / "attn.onnx")
 
 
 def test_one_shard_is_named_like_the_unsharded_file(tmp_path, external_model):

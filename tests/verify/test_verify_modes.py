@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -149,28 +148,27 @@ def test_input_lists_with_blocks(source: Path, tmp_path: Path):
     assert not (tmp_path / "big").exists()
 
 
-def test_quantized_check_skipped_with_a_note_when_too_big(
-    source: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-):
+def test_quantized_check_runs_block_by_block_when_too_big(source: Path, tmp_path: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.encodings.calibrate import calibrate_all
 
     encodings = tmp_path / "model.encodings"
     encodings.write_text(json.dumps(calibrate_all(source, [make_inputs(load_model(source))])))
 
-    ran = convert(
-        source, tmp_path / "small", options=ConvertOptions(verify="blocks", encodings=str(encodings))
-    )
-    assert ran.verify_mode == "blocks" and ran.qdq_lsb is not None  # whole QDQ models fit: run
+    whole = convert(source, tmp_path / "small", options=ConvertOptions(encodings=str(encodings)))
+    assert whole.verify_mode == "full" and whole.verify.qdq_mode == "full" and whole.qdq_lsb is not None
 
     options = ConvertOptions(verify="auto", encodings=str(encodings), full_verify_max_bytes=0)
-    with caplog.at_level(logging.WARNING, logger="mha2sha.api"):
-        skipped = convert(source, tmp_path / "big", options=options)
-    assert skipped.verify_mode == "blocks" and skipped.verification.ok and skipped.qdq_lsb is None
-    warnings = [r.getMessage() for r in caplog.records if "QDQ" in r.getMessage()]
-    assert len(warnings) == 1 and "\n" not in warnings[0] and "skipped" in warnings[0]
-    notes = _report(skipped)["verification"]["notes"]
-    assert len(notes) == 1 and notes[0].startswith("quantized (QDQ) verification skipped")
+    blocks = convert(source, tmp_path / "big", options=options)
+    assert blocks.verify_mode == "blocks" and blocks.verification.ok
+    assert blocks.verify.qdq_mode == "blocks" and blocks.qdq_lsb is not None
+    names = set(blocks.qdq_lsb)
+    for block in blocks.split_blocks:  # one LSB number per block output
+        assert any(n.startswith(block.name + "/") for n in names), (block.name, names)
+    assert max(blocks.qdq_lsb.values()) <= 1
+    report = _report(blocks)["verification"]
+    assert report["notes"] == [] and report["proven"] == "float: block by block; quantized (QDQ): block by block"
+    assert _report(blocks)["quantized_mode"] == "blocks"
     assert (tmp_path / "big" / f"{source.stem}.encodings").exists()
 
 

@@ -759,7 +759,9 @@ def _check_values(ctx: _Ctx, enc: Encoding) -> None:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if dtype_is_signed(qdtype) else (0, 2**bits - 1)
     zp = np.asarray(enc.zero_point(qdtype), np.float64)
     if zp.size and (zp.min() < lo or zp.max() > hi):
-        raise ctx.fail(enc.name, f"offset / zero point {zp.reshape(-1)[0]:g} outside the {qdtype} grid [{lo}, {hi}]")
+        raise ctx.fail(
+            enc.name, f"offset / zero point {zp.reshape(-1)[0]:g} outside the {qdtype} grid [{lo}, {hi}]"
+        )
 
 
 def _is_quantizer_map(data: dict[str, Any]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import resource
 import sys
 import time
@@ -30,6 +31,16 @@ def _peak_rss_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / (1024 * 1024)
 
 
+def _reset_peak_rss() -> bool:
+    """Restart this process's VmHWM (Linux ``clear_refs`` 5); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class Advance:
     """Moves a phase's bar: ``advance(n)`` by n steps, ``advance.to(done, total)`` to a position."""
 
@@ -49,7 +60,8 @@ class Advance:
 class PhaseRecord:
     name: str
     seconds: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the process's peak so far
+    phase_peak_rss_mb: float | None = None  # the peak during this phase (MHA2SHA_PHASE_PEAKS=1)
 
 
 class PhaseTimer:
@@ -58,6 +70,10 @@ class PhaseTimer:
     def __init__(self, show: bool = False):
         self.records: list[PhaseRecord] = []
         self.current: str | None = None  # the phase running now (named in internal-error messages)
+        # Per-phase peaks restart the kernel's VmHWM at each phase, so whoever reads VmHWM at exit
+        # sees only the last phase's: on request only (benchmarks/run.py), never by default.
+        self._phase_peaks = os.environ.get("MHA2SHA_PHASE_PEAKS") == "1"
+        self._peak = 0.0
         console = Console(stderr=True)
         self._bar = (
             Progress(
@@ -77,6 +93,10 @@ class PhaseTimer:
         """Time ``name``; the yielded :class:`Advance` moves its bar (e.g. one step per block)."""
         start = time.perf_counter()
         outer, self.current = self.current, name
+        reset = self._phase_peaks and outer is None
+        if reset:
+            self._peak = max(self._peak, _peak_rss_mb())
+            reset = _reset_peak_rss()
         task = None
         if self._bar is not None:
             if not self._bar.live.is_started:
@@ -91,7 +111,11 @@ class PhaseTimer:
         finally:
             if task is not None and self._bar is not None:
                 self._bar.remove_task(task)
-            self.records.append(PhaseRecord(name, time.perf_counter() - start, _peak_rss_mb()))
+            peak = _peak_rss_mb()
+            self._peak = max(self._peak, peak)
+            self.records.append(
+                PhaseRecord(name, time.perf_counter() - start, self._peak, peak if reset else None)
+            )
 
     def close(self) -> None:
         if self._bar is not None and self._bar.live.is_started:
@@ -101,9 +125,11 @@ class PhaseTimer:
         table = Table(title="Time and memory", title_justify="left")
         table.add_column("phase")
         table.add_column("seconds", justify="right")
-        table.add_column("peak RSS (MB)", justify="right")
+        per_phase = any(r.phase_peak_rss_mb is not None for r in self.records)
+        table.add_column("peak RSS in phase (MB)" if per_phase else "peak RSS (MB)", justify="right")
         for r in self.records:
-            table.add_row(r.name, f"{r.seconds:.2f}", f"{r.peak_rss_mb:.0f}")
+            peak = r.phase_peak_rss_mb if r.phase_peak_rss_mb is not None else r.peak_rss_mb
+            table.add_row(r.name, f"{r.seconds:.2f}", f"{peak:.0f}")
         table.add_row(
             "total",
             f"{sum(r.seconds for r in self.records):.2f}",

@@ -50,6 +50,7 @@ def report_json(
         "phases": [dataclasses.asdict(r) for r in phases],
         "encodings_coverage": coverage.to_dict() if coverage else None,
         "quantized_max_lsb": checks.get("quantized_max_lsb"),
+        "quantized_mode": checks.get("quantized_mode"),
         "quantized_tensor_by_tensor": checks.get("quantized_tensor_by_tensor"),
         "htp": checks.get("htp"),
         "layout": layout.to_dict() if layout else None,
@@ -94,13 +95,16 @@ def print_conversion(
         else:
             console.print(verification_table(v, plan.mode))
     console.print(f"Verify mode: {plan.mode} ({plan.reason()})")
+    console.print(f"Proven: {verify.proven()}")
     for note in plan.notes:
         console.print(f"[yellow]Note:[/] {note}")
     if verify.qdq_lsb is not None:
         worst = max(verify.qdq_lsb.values(), default=0.0)
         verdict = "bit-exact" if worst == 0 else f"max {worst:g} LSB"
+        what = "block outputs" if verify.qdq_mode == "blocks" else "outputs"
+        how = ", block by block" if verify.qdq_mode == "blocks" else ""
         console.print(
-            f"Quantized (QDQ, onnxruntime CPU) MHA vs SHA: [green]{verdict}[/] over {len(verify.qdq_lsb)} outputs"
+            f"Quantized (QDQ, onnxruntime CPU{how}) MHA vs SHA: [green]{verdict}[/] over {len(verify.qdq_lsb)} {what}"
         )
     if verify.qdq_local is not None:
         local = verify.qdq_local

@@ -45,27 +45,36 @@ Command line: ``mha2sha verify original.onnx converted.onnx [--verify blocks|ful
 
 from __future__ import annotations
 
+import builtins
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
 import tempfile
+import threading
+import time
 import zlib
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from mha2sha.encodings.model import EncodingSet
 from mha2sha.errors import InternalError, UserError
 from mha2sha.find.anchors import find_attention_cores
 from mha2sha.graph import FUSED_ATTENTION_OPS, name_of
 from mha2sha.io.names import values_by_name
 from mha2sha.io.prepare import infer_shapes
+from mha2sha.verify.block_graphs import QdqSide, Sessions, Side, canonical_side, run_session, upcast
+from mha2sha.verify.qdq import max_steps, output_lsb
+from mha2sha.verify.qdq_local import LocalCheck, Origin, compare_quantized_tensors
 from mha2sha.verify.runner import (
     Optimization,
+    OutputCheck,
     Verification,
     compare_outputs,
     from_ort,
@@ -76,6 +85,10 @@ from mha2sha.verify.runner import (
 
 __all__ = [
     "Block",
+    "BlockCheck",
+    "BlockQuantized",
+    "BlockResults",
+    "check_blocks",
     "CHEAP_CONE_BYTES",
     "cone_of",
     "run_sub_model",
@@ -98,6 +111,7 @@ _PROTO_LIMIT = (2 << 30) - (64 << 20)  # protobuf's 2 GB, with room for the grap
 #: head).
 LOW_PRECISION_EPS = 8
 _LOW_EPS: dict[int, float] = {onnx.TensorProto.FLOAT16: 2.0**-10, onnx.TensorProto.BFLOAT16: 2.0**-7}
+_LOW_DTYPES = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 
 def low_precision_bound(dtype: ir.DataType) -> float:
@@ -300,7 +314,9 @@ def _tensor_proto(name: str, tensor: ir.TensorProtocol) -> onnx.TensorProto:
     return proto
 
 
-def _value_info(name: str, dtype: ir.DataType | None, shape: Sequence[int] | None) -> onnx.ValueInfoProto:
+def _value_info(
+    name: str, dtype: ir.DataType | None, shape: Sequence[int | None] | None
+) -> onnx.ValueInfoProto:
     elem = dtype.value if dtype is not None else onnx.TensorProto.UNDEFINED
     return onnx.helper.make_tensor_value_info(name, elem, None if shape is None else list(shape))
 
@@ -334,7 +350,21 @@ def _sub_model(
     for name, v in cone.initializers.items():
         assert v.const_value is not None  # _cone takes initializers and constants only
         inits.append(_tensor_proto(name, v.const_value))
-    proto_graph = onnx.helper.make_graph(nodes, f"{graph.name or 'graph'}_block", inputs, outs, inits)
+    known = {o.name for o in outs} | set(cone.inputs)
+    infos = [
+        _value_info(
+            name_of(o),
+            o.dtype,
+            None if o.shape is None else [d if isinstance(d, int) else None for d in o.shape],
+        )
+        for n in graph
+        if id(n) in cone.nodes
+        for o in n.outputs
+        if o.name and o.dtype is not None and o.name not in known
+    ]
+    proto_graph = onnx.helper.make_graph(
+        nodes, f"{graph.name or 'graph'}_block", inputs, outs, inits, value_info=infos
+    )
     proto = onnx.helper.make_model(
         proto_graph,
         opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
@@ -372,92 +402,6 @@ def _is_low(elem_type: int) -> bool:
     return elem_type in _LOW_EPS
 
 
-def _upcast_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    array = onnx.numpy_helper.to_array(tensor).astype(np.float32)
-    return onnx.numpy_helper.from_array(array, tensor.name)
-
-
-def _upcast(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model computing in fp32: fp16/bf16 weights, I/O, Casts and constants upcast."""
-    graph = proto.graph
-    nodes = []
-    for node in graph.node:
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        for attr in new.attribute:
-            if attr.name == "to" and node.op_type == "Cast" and _is_low(attr.i):
-                attr.i = onnx.TensorProto.FLOAT
-            elif attr.type == onnx.AttributeProto.TENSOR and _is_low(attr.t.data_type):
-                attr.t.CopyFrom(_upcast_tensor(attr.t))
-        nodes.append(new)
-    inits = [_upcast_tensor(t) if _is_low(t.data_type) else t for t in graph.initializer]
-
-    def io(values):
-        out = []
-        for v in values:
-            w = onnx.ValueInfoProto()
-            w.CopyFrom(v)
-            if _is_low(w.type.tensor_type.elem_type):
-                w.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-            out.append(w)
-        return out
-
-    new_graph = onnx.helper.make_graph(nodes, graph.name, io(graph.input), io(graph.output), inits)
-    model = onnx.helper.make_model(new_graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
-    model.functions.extend(proto.functions)
-    return model
-
-
-def _upcast_feeds(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        k: v.astype(np.float32) if v.dtype == np.float16 or v.dtype.name == "bfloat16" else v
-        for k, v in feeds.items()
-    }
-
-
-def _compare(
-    o_proto: onnx.ModelProto,
-    c_proto: onnx.ModelProto,
-    feeds: Mapping[str, np.ndarray],
-    rtol: float,
-    optimization: Optimization,
-    name: str,
-    output_pieces: Mapping[str, tuple[int, Sequence[str]]],
-) -> Verification:
-    """Run both sides; fp16/bf16 outputs off by kernel rounding are re-checked in fp32."""
-
-    def run_both(o: onnx.ModelProto, c: onnx.ModelProto, f: Mapping[str, np.ndarray]):
-        reference = _run(o, f, optimization, f"original block {name}")
-        candidate = _run(c, f, optimization, f"converted block {name}")
-        for out, (axis, names) in output_pieces.items():
-            if out in reference:
-                candidate[out] = np.concatenate([candidate.pop(n) for n in names], axis=axis)
-        return compare_outputs(reference, candidate, rtol)
-
-    check = run_both(o_proto, c_proto, feeds)
-    low = {
-        o.name: o.type.tensor_type.elem_type
-        for o in o_proto.graph.output
-        if _is_low(o.type.tensor_type.elem_type)
-    }
-    retry = [r for r in check.rows if not r.ok and r.name in low and math.isfinite(r.max_rel_err)]
-    if not retry:
-        return check
-    fp32 = {r.name: r for r in run_both(_upcast(o_proto), _upcast(c_proto), _upcast_feeds(feeds)).rows}
-    rows = []
-    for r in check.rows:
-        r32 = fp32.get(r.name)
-        if r in retry and r32 is not None and r32.ok:
-            dtype = "float16" if low[r.name] == onnx.TensorProto.FLOAT16 else "bfloat16"
-            if r.max_rel_err <= LOW_PRECISION_EPS * _LOW_EPS[low[r.name]]:
-                note = (
-                    f"{dtype} kernel rounding ({r.max_rel_err:.1e} as-is); fp32 rel err {r32.max_rel_err:.1e}"
-                )
-                r = dataclasses.replace(r, ok=True, note=note)
-        rows.append(r)
-    return Verification(rows=tuple(rows), rtol=rtol, reference=None)
-
-
 # ----------------------------------------------------------------------------- feeds
 
 
@@ -477,59 +421,88 @@ def _draw_spec(name: str, value: ir.Value, like: ir.Value | None) -> tuple[ir.Sh
     return shape, dtype
 
 
-def _draw(name: str, value: ir.Value, like: ir.Value | None, seed: int) -> np.ndarray:
-    shape, dtype = _draw_spec(name, value, like)
-    dims = shape.numpy()  # static: checked by _draw_spec
-    np_dtype = np.dtype(dtype.numpy())
+def _draw(key: str, dims: tuple[int, ...], np_dtype: np.dtype, seed: int) -> np.ndarray:
     if np_dtype.kind in "fc" or np_dtype.name == "bfloat16":
-        return _rng(seed, name).standard_normal(size=dims, dtype=np.float32).astype(np_dtype)
+        return _rng(seed, key).standard_normal(size=dims, dtype=np.float32).astype(np_dtype)
     if np_dtype == np.bool_:
         return np.ones(dims, dtype=np.bool_)
     return np.zeros(dims, dtype=np_dtype)
 
 
-def _boundary_feeds(
-    original: ir.Model,
-    converted: ir.Model,
-    names: Iterable[str],
-    inputs: Mapping[str, np.ndarray],
-    seed: int,
-    optimization: Optimization,
-) -> tuple[dict[str, np.ndarray], dict[str, Callable[[], np.ndarray]]]:
-    """Values for block inputs: shared graph inputs and cheap computed values now, the rest on demand.
+class _Feeds:
+    """Values for block inputs: shared graph inputs and cheap computed values once for all blocks;
+    graph inputs read by one block (a layer's past KV) from ``inputs`` when that block runs; the
+    rest (hidden states, KV behind big weights) drawn normal(0, 1) **once per (shape, dtype, position
+    in the block's inputs)**: the blocks of a model are alike, and drawing a CL-4096 KV cache for
+    every layer cost more than running the layer. Made arrays are shared (never written)."""
 
-    Drawn values (hidden states, KV behind big weights) and graph inputs read by one block only
-    (a layer's past KV) are made per block and dropped after it, so memory holds one block's
-    inputs, not every layer's.
-    """
-    o_values = values_by_name(original.graph)
-    c_values = values_by_name(converted.graph)
-    feeds: dict[str, np.ndarray] = {}
-    draw: dict[str, Callable[[], np.ndarray]] = {}
-    cheap: list[ir.Value] = []
-    uses = collections.Counter(names)
-    for name in uses:
-        value = o_values[name]
-        if value.is_graph_input():
-            if name not in inputs:
-                raise UserError(f"blockwise verification: no value for graph input '{name}'")
-            if uses[name] > 1:
-                feeds[name] = inputs[name]
+    def __init__(
+        self,
+        original: ir.Model,
+        converted: ir.Model,
+        blocks: Sequence[Block],
+        inputs: Mapping[str, np.ndarray],
+        seed: int,
+        optimization: Optimization,
+    ):
+        self._inputs = inputs
+        self._seed = seed
+        self._drawn: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+        o_values = values_by_name(original.graph)
+        c_values = values_by_name(converted.graph)
+        self.shared: dict[str, np.ndarray] = {}
+        self._per_block: set[str] = set()
+        self._specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        cheap: list[ir.Value] = []
+        uses = collections.Counter(n for b in blocks for n in b.inputs)
+        generic = getattr(inputs, "generic", lambda name: False)
+        for name in uses:
+            value = o_values[name]
+            if value.is_graph_input():
+                if name not in inputs:
+                    raise UserError(f"blockwise verification: no value for graph input '{name}'")
+                if uses[name] > 1:
+                    self.shared[name] = inputs[name]
+                elif generic(name):
+                    shape, dtype = _draw_spec(name, value, c_values.get(name))
+                    self._specs[name] = (tuple(shape.numpy()), np.dtype(dtype.numpy()))
+                else:
+                    self._per_block.add(name)
+                continue
+            cone = _cone([value], lambda v: False)
+            if cone.weight_bytes() <= CHEAP_CONE_BYTES and all(n in inputs for n in cone.inputs):
+                cheap.append(value)
             else:
-                draw[name] = functools.partial(inputs.__getitem__, name)
-            continue
-        cone = _cone([value], lambda v: False)
-        if cone.weight_bytes() <= CHEAP_CONE_BYTES and all(n in inputs for n in cone.inputs):
-            cheap.append(value)
-        else:
-            _draw_spec(name, value, c_values.get(name))  # fail now, not when the block runs
-            draw[name] = functools.partial(_draw, name, value, c_values.get(name), seed)
-    if cheap:
-        cone = _cone(cheap, lambda v: False)
-        cone_feeds = {n: feeds[n] if n in feeds else inputs[n] for n in cone.inputs}
-        proto = _sub_model(original, cone, cone_feeds, cheap, c_values)
-        feeds.update(_run(proto, cone_feeds, optimization, "the shared inputs of the attention blocks"))
-    return feeds, draw
+                shape, dtype = _draw_spec(name, value, c_values.get(name))  # fail now, not in a block
+                self._specs[name] = (tuple(shape.numpy()), np.dtype(dtype.numpy()))
+        if cheap:
+            cone = _cone(cheap, lambda v: False)
+            cone_feeds = {n: self.shared[n] if n in self.shared else inputs[n] for n in cone.inputs}
+            proto = _sub_model(original, cone, cone_feeds, cheap, c_values)
+            self.shared.update(
+                _run(proto, cone_feeds, optimization, "the shared inputs of the attention blocks")
+            )
+
+    def __call__(self, block: Block) -> dict[str, np.ndarray]:
+        feeds = {}
+        for slot, name in enumerate(block.inputs):
+            if name in self.shared:
+                feeds[name] = self.shared[name]
+            elif name in self._per_block:
+                feeds[name] = self._inputs[name]
+            else:
+                dims, dtype = self._specs[name]
+                key = (dims, dtype.str, slot)
+                with self._lock:
+                    array = self._drawn.get(key)
+                if array is None:
+                    array = _draw(f"block input {slot} {dims} {dtype.str}", dims, dtype, self._seed)
+                    array.setflags(write=False)
+                    with self._lock:
+                        array = self._drawn.setdefault(key, array)
+                feeds[name] = array
+        return feeds
 
 
 def infer_pieces(
@@ -555,7 +528,533 @@ def infer_pieces(
     return pieces
 
 
-# ----------------------------------------------------------------------------- public
+# ----------------------------------------------------------------------------- checking
+
+#: Outputs of original blocks computed ahead (while the conversion is saved) are kept up to this
+#: many bytes; blocks beyond it compute their original side when they are checked.
+REFERENCE_BYTES = 256 << 20
+
+
+@dataclasses.dataclass
+class BlockQuantized:
+    """Encodings of both models, for the quantized (QDQ) comparison of every block pair."""
+
+    original: EncodingSet
+    converted: EncodingSet
+    origins: Origin = dataclasses.field(default_factory=dict)  # per-head tensor -> MHA tensor, ranges
+    max_lsb: float = 1.0
+
+
+@dataclasses.dataclass
+class BlockResults:
+    """What blockwise verification proved: float rows, and with encodings the quantized check."""
+
+    float: Verification
+    qdq_lsb: dict[str, builtins.float] | None = None  # "<block>/<output>" -> max |MHA - SHA| in LSBs
+    # blocks whose quantized outputs differed: every quantized tensor given the MHA's quantized inputs
+    qdq_local: LocalCheck | None = None
+    qdq_blocks_local: list[str] = dataclasses.field(default_factory=list)  # blocks decided that way
+    qdq_failure: str | None = None  # the first block (and tensor) off by more than max_lsb
+    workers: int = 1
+    sessions: int = 0  # onnxruntime sessions made (every other block run reused one)
+    ahead: int = 0  # blocks whose original side was computed ahead (while the conversion was saved)
+
+
+@dataclasses.dataclass
+class _BlockResult:
+    rows: list[OutputCheck]
+    qdq: dict[str, builtins.float] | None = None
+    local: LocalCheck | None = None
+    failure: str | None = None
+
+
+@dataclasses.dataclass
+class _Reference:
+    """The original side of one block: its feeds, graph and outputs (float as-is, QDQ)."""
+
+    feeds: dict[str, np.ndarray]  # the block's inputs, per-head pieces included (shared arrays)
+    side: Side
+    cone: _Cone
+    outputs: dict[str, np.ndarray]
+    qdq: dict[str, np.ndarray] | None
+    ahead: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.outputs.values()) + sum(a.nbytes for a in (self.qdq or {}).values())
+
+
+class _Lazy:
+    """A reference made once, by whichever thread asks first; others wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value: _Reference | None = None
+
+    def get(self, make: Callable[[], _Reference]) -> _Reference:
+        with self.lock:
+            if self.value is None:
+                self.value = make()
+            return self.value
+
+    def make_ahead(self, make: Callable[[], _Reference]) -> None:
+        """Make it now unless another thread is on it (never waits)."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            if self.value is None:
+                self.value = make()
+                self.value.ahead = True
+        finally:
+            self.lock.release()
+
+
+class _Context:
+    """Everything the block checks share (read-only but for the session and plan caches)."""
+
+    def __init__(
+        self,
+        original: ir.Model,
+        converted: ir.Model,
+        rtol: float,
+        optimization: Optimization,
+        input_pieces: Mapping[str, tuple[int, Sequence[str]]],
+        output_pieces: Mapping[str, tuple[int, Sequence[str]]],
+        quantized: BlockQuantized | None,
+        threads: int,
+        inputs: Mapping[str, np.ndarray],
+    ):
+        self.original = original
+        self.inputs = inputs
+        self.o_values = values_by_name(original.graph)
+        self.use_converted(converted)
+        self.rtol = rtol
+        self.input_pieces, self.output_pieces = input_pieces, output_pieces
+        self.quantized = quantized
+        self.sessions = Sessions(optimization, threads)
+        self.qdq_sessions = Sessions("disable", threads)
+        self.q_original = QdqSide(quantized.original) if quantized is not None else None
+        self.q_converted = QdqSide(quantized.converted) if quantized is not None else None
+        self.cpu_seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._cpu_lock = threading.Lock()
+
+    def use_converted(self, converted: ir.Model) -> None:
+        self.converted = converted
+        self.c_values = values_by_name(converted.graph)
+
+    @contextlib.contextmanager
+    def cpu(self, what: str) -> Iterator[None]:
+        """Account this thread's CPU time to ``what`` (reported at debug level)."""
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            with self._cpu_lock:
+                self.cpu_seconds[what] += time.thread_time() - start
+
+
+def _block_feeds(ctx: _Context, feeds: _Feeds, block: Block) -> dict[str, np.ndarray]:
+    made = feeds(block)
+    for name, (axis, names) in ctx.input_pieces.items():
+        if name in made:
+            made.update(zip(names, np.split(made[name], len(names), axis=axis), strict=True))
+    return made
+
+
+def _original_side(ctx: _Context, block: Block, feeds: Mapping[str, np.ndarray]) -> tuple[Side, _Cone]:
+    o_out = [ctx.o_values[n] for n in block.outputs]
+    o_cone = _cone(o_out, _named_in(set(block.inputs)))
+    side = canonical_side(
+        ctx.original, o_cone.nodes, list(o_cone.inputs), o_cone.initializers, o_out, feeds, ctx.c_values
+    )
+    return side, o_cone
+
+
+def _converted_side(ctx: _Context, block: Block, feeds: dict[str, np.ndarray]) -> tuple[Side, _Cone]:
+    """The converted block; inputs only the converted model has (e.g. --lora-alpha-from-input's
+    lora_alpha) are added to ``feeds`` from the verification inputs."""
+    c_names = [p for n in block.outputs for p in (ctx.output_pieces[n][1] if n in ctx.output_pieces else [n])]
+    missing = [n for n in c_names if n not in ctx.c_values]
+    if missing:
+        raise UserError(f"blockwise verification: converted model has no value {missing[0]!r}")
+    c_out = [ctx.c_values[n] for n in c_names]
+    pieces = {p for n in block.inputs if n in ctx.input_pieces for p in ctx.input_pieces[n][1]}
+    c_cone = _cone(c_out, _named_in(set(block.inputs) | pieces))
+    feeds.update({n: ctx.inputs[n] for n in c_cone.inputs if n not in feeds and n in ctx.inputs})
+    absent = [n for n in c_cone.inputs if n not in feeds]
+    if absent:
+        raise UserError(
+            f"blockwise verification: converted block {block.name} needs '{absent[0]}', "
+            "which the original block does not take"
+        )
+    side = canonical_side(ctx.converted, c_cone.nodes, list(c_cone.inputs), c_cone.initializers, c_out, feeds)
+    return side, c_cone
+
+
+def _run_side(
+    ctx: _Context, block: Block, side: Side, feeds: Mapping[str, np.ndarray], *, fp32: bool, ours: bool
+) -> dict[str, np.ndarray]:
+    """One side on ``feeds`` (in fp32 when asked): outputs by name."""
+    proto = side.proto
+    assert proto is not None
+    sess = ctx.sessions.get(
+        side.key + (":fp32" if fp32 else ""), (lambda: upcast(proto)) if fp32 else (lambda: proto)
+    )
+    what = f"{'converted' if ours else 'original'} block {block.name}"
+    return dict(zip(side.outputs, run_session(sess, side.arrays(feeds), what, ours=ours), strict=True))
+
+
+def _joined(
+    ctx: _Context, got: dict[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The converted side's outputs by original name (per-head outputs joined)."""
+    for out, (axis, names) in ctx.output_pieces.items():
+        if out in reference:
+            got[out] = np.concatenate([got.pop(n) for n in names], axis=axis)
+    return got
+
+
+def _check_float(ctx: _Context, block: Block, ref: _Reference, c_side: Side, c_feeds) -> list[OutputCheck]:
+    """fp16/bf16 outputs beyond rtol are re-checked in fp32 (see the module docstring)."""
+    candidate = _joined(ctx, _run_side(ctx, block, c_side, c_feeds, fp32=False, ours=True), ref.outputs)
+    check = compare_outputs(ref.outputs, candidate, ctx.rtol)
+    low = {name: _LOW_DTYPES[a.dtype.name] for name, a in ref.outputs.items() if a.dtype.name in _LOW_DTYPES}
+    retry = [r for r in check.rows if not r.ok and r.name in low and math.isfinite(r.max_rel_err)]
+    if not retry:
+        return list(check.rows)
+    reference32 = _run_side(ctx, block, ref.side, ref.feeds, fp32=True, ours=False)
+    candidate32 = _joined(ctx, _run_side(ctx, block, c_side, c_feeds, fp32=True, ours=True), reference32)
+    fp32 = {r.name: r for r in compare_outputs(reference32, candidate32, ctx.rtol).rows}
+    rows = []
+    for r in check.rows:
+        r32 = fp32.get(r.name)
+        if r in retry and r32 is not None and r32.ok:
+            dtype = "float16" if low[r.name] == onnx.TensorProto.FLOAT16 else "bfloat16"
+            if r.max_rel_err <= LOW_PRECISION_EPS * _LOW_EPS[low[r.name]]:
+                note = (
+                    f"{dtype} kernel rounding ({r.max_rel_err:.1e} as-is); fp32 rel err {r32.max_rel_err:.1e}"
+                )
+                r = dataclasses.replace(r, ok=True, note=note)
+        rows.append(r)
+    return rows
+
+
+def _run_qdq(ctx: _Context, q: QdqSide, side: Side, feeds, what: str, ours: bool) -> dict[str, np.ndarray]:
+    with ctx.cpu("QDQ plans"):
+        es = q.encodings(side)
+        plans = q.plans(side, es)
+        template = q.template(side, plans)
+        sess = ctx.qdq_sessions.get(template.key, lambda: template.proto)
+    with ctx.cpu("QDQ numbers"):
+        arrays = q.arrays(side, plans, template, feeds)
+    with ctx.cpu("QDQ runs"):
+        outputs = run_session(sess, arrays, what, ours=ours)
+    return dict(zip(side.outputs, outputs, strict=True))
+
+
+def _block_encodings(es: EncodingSet, names: Iterable[str]) -> EncodingSet:
+    sub = EncodingSet(es.version)
+    for name in names:
+        if name in es.params:
+            sub.params[name] = es.params[name]
+        elif name in es.activations:
+            sub.activations[name] = es.activations[name]
+    return sub
+
+
+def _check_quantized(
+    ctx: _Context, block: Block, ref: _Reference, c_side: Side, c_cone: _Cone, feeds: dict[str, np.ndarray]
+) -> tuple[dict[str, builtins.float], LocalCheck | None, str | None]:
+    """The QDQ block pair on the same feeds, in LSBs of each output's encoding; when an output is
+    off by more than ``max_lsb``, every quantized tensor of the block given the MHA block's quantized
+    values (:func:`~mha2sha.verify.qdq_local.compare_quantized_tensors`), as the whole-model check."""
+    q = ctx.quantized
+    assert q is not None and ctx.q_converted is not None and ref.qdq is not None
+    got = _run_qdq(ctx, ctx.q_converted, c_side, feeds, f"converted QDQ block {block.name}", True)
+    got = _joined(ctx, got, ref.qdq)
+    lsb = {}
+    for name, expected in ref.qdq.items():
+        cand = got[name]
+        if expected.shape != cand.shape:
+            raise InternalError(f"QDQ block {block.name}: output {name} shapes differ")
+        lsb[f"{block.name}/{name}"] = max_steps(
+            expected, cand, output_lsb(q.original.get(name), expected.shape)
+        )
+    worst_name, worst = max(lsb.items(), key=lambda kv: kv[1], default=("", 0.0))
+    if worst <= q.max_lsb:
+        return lsb, None, None
+    o_out = [ctx.o_values[n] for n in block.outputs]
+    c_out = [ctx.c_values[n] for n in c_side.outputs]
+    with ctx.cpu("QDQ tensor by tensor"):
+        mha = ir.from_proto(_sub_model(ctx.original, ref.cone, feeds, o_out, ctx.c_values))
+        sha = ir.from_proto(_sub_model(ctx.converted, c_cone, feeds, c_out))
+        local = compare_quantized_tensors(
+            mha,
+            _block_encodings(q.original, ref.side.names),
+            sha,
+            _block_encodings(q.converted, c_side.names),
+            feeds,
+            q.origins,
+        )
+    bad = local.first_above(q.max_lsb)
+    failure = None
+    if bad is not None:
+        piece = f" (head piece of '{bad.origin}')" if bad.origin != bad.name else ""
+        failure = (
+            f"quantized verification failed in block {block.name}: '{bad.name}'{piece} differs from the MHA"
+            f" model by {bad.lsb:.3g} LSB (> {q.max_lsb:g}) given the same quantized inputs"
+        )
+    elif not local.tensors:
+        failure = (
+            f"quantized verification failed: block output '{worst_name}' differs by {worst:.3g} LSB"
+            f" (> {q.max_lsb:g}) and no quantized tensor could be compared on its own"
+        )
+    return lsb, local, failure
+
+
+def _lower_priority() -> None:
+    """This thread yields the CPU to the save running meanwhile (Linux: nice applies per thread);
+    measured on 7B: the save took 64 s next to two full-priority threads, against 33 s alone."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class BlockCheck:
+    """Blockwise verification of one conversion, float and (with ``quantized``) QDQ.
+
+    ``check.start()`` computes the original side of the blocks in the background (their feeds,
+    float and QDQ outputs, up to :data:`REFERENCE_BYTES`; one thread fewer than ``workers``, at
+    the lowest priority, so the save keeps a core) and makes the converted side's sessions from the
+    model still in memory: the job calls it before saving the converted model, so this CPU work
+    overlaps the save's disk work. ``check.run(saved)`` then checks
+    every block against the saved converted model (boundaries found again on it; if they differ from
+    the ones computed ahead, the references are made again). Blocks run on ``workers`` threads
+    (default one per CPU, at most one per block), each holding one block; the result does not depend
+    on ``workers`` or on what was computed ahead. Use as a context manager (stops the background).
+    """
+
+    def __init__(
+        self,
+        original: ir.Model,
+        converted: ir.Model,
+        boundaries: Sequence[Block] | None = None,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        rtol: float = 1e-5,
+        *,
+        seed: int = 0,
+        input_pieces: Mapping[str, tuple[int, Sequence[str]]] | None = None,
+        output_pieces: Mapping[str, tuple[int, Sequence[str]]] | None = None,
+        optimization: Optimization = "basic",
+        workers: int | None = None,
+        quantized: BlockQuantized | None = None,
+    ):
+        if inputs is None:
+            from mha2sha.verify.inputs import plan_inputs
+
+            inputs = plan_inputs(original, seed)
+        self._inputs, self._seed, self._optimization = inputs, seed, optimization
+        self._fixed = boundaries is not None
+        self.blocks = list(boundaries) if boundaries is not None else find_blocks(original, converted)
+        if input_pieces is None:
+            input_pieces = infer_pieces(list(original.graph.inputs), list(converted.graph.inputs))
+        if output_pieces is None:
+            output_pieces = infer_pieces(list(original.graph.outputs), list(converted.graph.outputs))
+        cpus = _cpus()
+        self.workers = max(1, min(workers or cpus, len(self.blocks) or 1))
+        self.rtol = rtol
+        self.ctx = _Context(
+            original, converted, rtol, optimization, input_pieces, output_pieces, quantized,
+            threads=max(1, cpus // self.workers), inputs=inputs,
+        )  # fmt: skip
+        self._feeds = _Feeds(original, converted, self.blocks, inputs, seed, optimization)
+        self._refs = [_Lazy() for _ in self.blocks]
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._ahead_bytes = 0
+        self._bytes_lock = threading.Lock()
+        self._warmed: set[str] = set()
+
+    # -- references (the original side) ---------------------------------------------------------
+    def _reference(self, index: int) -> _Reference:
+        ctx, block = self.ctx, self.blocks[index]
+        with ctx.cpu("feeds"):
+            feeds = _block_feeds(ctx, self._feeds, block)
+        with ctx.cpu("block graphs"):
+            side, cone = _original_side(ctx, block, feeds)
+        with ctx.cpu("float runs"):
+            outputs = _run_side(ctx, block, side, feeds, fp32=False, ours=False)
+        qdq = None
+        if ctx.q_original is not None:
+            qdq = _run_qdq(ctx, ctx.q_original, side, feeds, f"original QDQ block {block.name}", False)
+        return _Reference(feeds, side, cone, outputs, qdq)
+
+    def _ahead(self, index: int) -> None:
+        if self._stop.is_set():
+            return
+        _lower_priority()
+        with self._bytes_lock:
+            if self._ahead_bytes >= REFERENCE_BYTES:
+                return
+        try:
+            self._refs[index].make_ahead(lambda: self._reference(index))
+            self._warm(index)
+        except Exception:  # made again (and reported) when the block is checked
+            logger.debug("block %s: original side ahead failed", self.blocks[index].name, exc_info=True)
+            return
+        value = self._refs[index].value
+        if value is not None:
+            with self._bytes_lock:
+                self._ahead_bytes += value.nbytes
+
+    def _warm(self, index: int) -> None:
+        """Make the converted side's sessions (float, QDQ) from the model in memory: the saved
+        model's blocks have the same structure, so checking them reuses these sessions."""
+        ref = self._refs[index].value
+        if ref is None:
+            return
+        ctx, block = self.ctx, self.blocks[index]
+        side, _ = _converted_side(ctx, block, dict(ref.feeds))
+        with self._bytes_lock:
+            if side.key in self._warmed:
+                return
+            self._warmed.add(side.key)
+        proto = side.proto
+        assert proto is not None
+        with ctx.cpu("sessions ahead"):
+            ctx.sessions.get(side.key, lambda: proto)
+            if ctx.q_converted is not None:
+                plans = ctx.q_converted.plans(side, ctx.q_converted.encodings(side))
+                template = ctx.q_converted.template(side, plans)
+                ctx.qdq_sessions.get(template.key, lambda: template.proto)
+
+    def start(self) -> None:
+        """Compute the original side of the blocks in the background (see the class docstring)."""
+        if self._pool is None and self.blocks:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max(1, self.workers - 1), thread_name_prefix="mha2sha-ahead"
+            )
+            for i in range(len(self.blocks)):
+                self._pool.submit(self._ahead, i)
+
+    def close(self) -> None:
+        """Stop computing ahead (what runs finishes; what waits is dropped)."""
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> BlockCheck:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checking --------------------------------------------------------------------------------
+    def _check(self, index: int) -> _BlockResult:
+        ctx, block = self.ctx, self.blocks[index]
+        ref = self._refs[index].get(lambda: self._reference(index))
+        with ctx.cpu("block graphs"):
+            c_feeds = dict(ref.feeds)
+            c_side, c_cone = _converted_side(ctx, block, c_feeds)
+        with ctx.cpu("float runs"):
+            rows = [
+                dataclasses.replace(r, name=f"{block.name}/{r.name}")
+                for r in _check_float(ctx, block, ref, c_side, c_feeds)
+            ]
+        result = _BlockResult(rows)
+        if ctx.quantized is not None and all(r.ok for r in rows):
+            result.qdq, result.local, result.failure = _check_quantized(ctx, block, ref, c_side, c_cone, c_feeds)
+        self._refs[index].value = None  # its outputs are no longer needed
+        return result
+
+    def run(
+        self, converted: ir.Model | None = None, on_block: Callable[[int], None] | None = None
+    ) -> BlockResults:
+        """Check every block (against ``converted`` when given: the saved model)."""
+        self.close()
+        ctx = self.ctx
+        if converted is not None and converted is not ctx.converted:
+            ahead = self.blocks
+            ctx.use_converted(converted)
+            if not self._fixed:
+                self.blocks = find_blocks(ctx.original, converted)
+            if self.blocks != ahead:  # not the boundaries computed ahead: start over
+                logger.info("blockwise verification: block boundaries differ on the saved model")
+                self._feeds = _Feeds(
+                    ctx.original, converted, self.blocks, self._inputs, self._seed, self._optimization
+                )
+                self._refs = [_Lazy() for _ in self.blocks]
+        ahead_count = sum(r.value is not None for r in self._refs)
+        # last blocks first: their pages are the ones the save wrote (and read) last, still cached
+        order = list(reversed(range(len(self.blocks))))
+        results: list[_BlockResult | None] = [None] * len(self.blocks)
+        if self.workers == 1:
+            for i in order:
+                results[i] = self._check(i)
+                if on_block is not None:
+                    on_block(1)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(
+                self.workers, thread_name_prefix="mha2sha-block"
+            ) as pool:
+                futures = {pool.submit(self._check, i): i for i in order}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        results[futures[future]] = future.result()
+                        if on_block is not None:
+                            on_block(1)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        done = [r for r in results if r is not None]
+        rows = tuple(row for r in done for row in r.rows)
+        out = BlockResults(Verification(rows=rows, rtol=self.rtol, reference=None), workers=self.workers)
+        out.sessions = ctx.sessions.made + ctx.qdq_sessions.made
+        out.ahead = ahead_count
+        if ctx.quantized is not None and all(r.ok for r in rows):
+            out.qdq_lsb = {k: v for r in done for k, v in (r.qdq or {}).items()}
+            local = [(b.name, r.local) for b, r in zip(self.blocks, done, strict=True) if r.local is not None]
+            if local:
+                out.qdq_local = LocalCheck([t for _, check in local for t in check.tensors])
+                out.qdq_blocks_local = [name for name, _ in local]
+            out.qdq_failure = next((r.failure for r in done if r.failure), None)
+        logger.debug(
+            "blockwise verification: %d blocks (%d computed ahead), %d workers, %d sessions; CPU seconds %s",
+            len(self.blocks), ahead_count, self.workers, out.sessions,
+            {k: round(v, 2) for k, v in ctx.cpu_seconds.items()},
+        )  # fmt: skip
+        return out
+
+
+def check_blocks(
+    original: ir.Model,
+    converted: ir.Model,
+    boundaries: Sequence[Block] | None = None,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    rtol: float = 1e-5,
+    *,
+    seed: int = 0,
+    input_pieces: Mapping[str, tuple[int, Sequence[str]]] | None = None,
+    output_pieces: Mapping[str, tuple[int, Sequence[str]]] | None = None,
+    optimization: Optimization = "basic",
+    on_block: Callable[[int], None] | None = None,
+    workers: int | None = None,
+    quantized: BlockQuantized | None = None,
+) -> BlockResults:
+    """Compare every attention block of ``original`` and ``converted`` on the same block inputs, in
+    float and, with ``quantized``, as QDQ block pairs (:class:`BlockCheck` in one call)."""
+    with BlockCheck(
+        original, converted, boundaries, inputs, rtol, seed=seed, input_pieces=input_pieces,
+        output_pieces=output_pieces, optimization=optimization, workers=workers, quantized=quantized,
+    ) as check:  # fmt: skip
+        return check.run(on_block=on_block)
 
 
 def cone_of(outputs: Sequence[ir.Value], stop: Callable[[ir.Value], bool] = lambda v: False) -> _Cone:
@@ -588,8 +1087,9 @@ def verify_blocks(
     output_pieces: Mapping[str, tuple[int, Sequence[str]]] | None = None,
     optimization: Optimization = "basic",
     on_block: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> Verification:
-    """Compare every attention block of ``original`` and ``converted`` on the same block inputs.
+    """The float part of :func:`check_blocks`: every attention block compared on the same inputs.
 
     ``boundaries`` defaults to :func:`find_blocks`; ``inputs`` (graph inputs of the original, any
     mapping: a lazy :class:`~mha2sha.verify.inputs.ModelInputs` is read one block at a time)
@@ -599,50 +1099,7 @@ def verify_blocks(
     ``<name>.h<k>`` inputs/outputs that replace an original one. Weights are read lazily, one
     block at a time.
     """
-    if inputs is None:
-        from mha2sha.verify.inputs import plan_inputs
-
-        inputs = plan_inputs(original, seed)
-    blocks = list(boundaries) if boundaries is not None else find_blocks(original, converted)
-    if input_pieces is None:
-        input_pieces = infer_pieces(list(original.graph.inputs), list(converted.graph.inputs))
-    if output_pieces is None:
-        output_pieces = infer_pieces(list(original.graph.outputs), list(converted.graph.outputs))
-    shared, draw = _boundary_feeds(
-        original, converted, [n for b in blocks for n in b.inputs], inputs, seed, optimization
-    )
-
-    o_values = values_by_name(original.graph)
-    c_values = values_by_name(converted.graph)
-    rows = []
-    for block in blocks:
-        feeds = {n: shared[n] if n in shared else draw[n]() for n in block.inputs}
-        for name, (axis, names) in input_pieces.items():
-            if name in feeds:
-                feeds.update(zip(names, np.split(feeds[name], len(names), axis=axis), strict=True))
-        o_out = [o_values[n] for n in block.outputs]
-        o_cone = _cone(o_out, _named_in(set(block.inputs)))
-        o_proto = _sub_model(original, o_cone, feeds, o_out, c_values)
-
-        c_names = [p for n in block.outputs for p in (output_pieces[n][1] if n in output_pieces else [n])]
-        missing = [n for n in c_names if n not in c_values]
-        if missing:
-            raise UserError(f"blockwise verification: converted model has no value {missing[0]!r}")
-        c_out = [c_values[n] for n in c_names]
-        stops = set(block.inputs) | {p for n in block.inputs if n in input_pieces for p in input_pieces[n][1]}
-        c_cone = _cone(c_out, _named_in(stops))
-        # inputs only the converted model has (e.g. --lora-alpha-from-input's lora_alpha) come from ``inputs``
-        feeds.update({n: inputs[n] for n in c_cone.inputs if n not in feeds and n in inputs})
-        absent = [n for n in c_cone.inputs if n not in feeds]
-        if absent:
-            raise UserError(
-                f"blockwise verification: converted block {block.name} needs '{absent[0]}', "
-                "which the original block does not take"
-            )
-        c_proto = _sub_model(converted, c_cone, feeds, c_out)
-        check = _compare(o_proto, c_proto, feeds, rtol, optimization, block.name, output_pieces)
-        del o_proto, c_proto, feeds
-        rows += [dataclasses.replace(r, name=f"{block.name}/{r.name}") for r in check.rows]
-        if on_block is not None:
-            on_block(1)
-    return Verification(rows=tuple(rows), rtol=rtol, reference=None)
+    return check_blocks(
+        original, converted, boundaries, inputs, rtol, seed=seed, input_pieces=input_pieces,
+        output_pieces=output_pieces, optimization=optimization, on_block=on_block, workers=workers,
+    ).float  # fmt: skip

@@ -548,6 +548,21 @@ class ModelInputs(Mapping[str, np.ndarray]):
     def __contains__(self, name: object) -> bool:
         return name in self._specs or name in self.fixed
 
+    def generic(self, name: str) -> bool:
+        """``name`` is generated as plain normal(0, 1) values (a KV cache, features): any other
+        normal draw of its dtype and shape serves as well (blockwise verification draws it once for
+        every block that reads such an input, instead of once per layer)."""
+        spec = self._specs[name]
+        if self._npz is not None and name in self._provided:
+            return False
+        return (
+            _is_float(spec.dtype)
+            and spec.dtype.kind == "f"
+            and not _is_mask(name)
+            and not _is_position(name)
+            and _is_rope(name, spec.dtype) is None
+        )
+
     def __iter__(self) -> Iterator[str]:
         return iter([*self._specs, *(n for n in self.fixed if n not in self._specs)])
 

@@ -11,6 +11,7 @@ The result is one :class:`VerifyRecord`; a failed check raises
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -32,7 +33,7 @@ from mha2sha.io.save import save_model
 from mha2sha.lower import lower_fused_ops
 from mha2sha.split.record import SplitRecord
 from mha2sha.verify.adapters import AdapterCheck
-from mha2sha.verify.blocks import low_precision_bound, verify_blocks
+from mha2sha.verify.blocks import BlockCheck, BlockQuantized, BlockResults, low_precision_bound
 from mha2sha.verify.htp import DEFAULT_SOC, HtpCheck, check_soc, compare_on_htp, require_htp
 from mha2sha.verify.htp_local import locate_divergence
 from mha2sha.verify.input_lists import write_input_lists
@@ -44,6 +45,7 @@ from mha2sha.verify.runner import (
     DEFAULT_RTOL,
     Verification,
     estimate_ort_bytes,
+    estimate_qdq_bytes,
     run_model,
 )
 from mha2sha.verify.split_io import per_head_feeds, per_head_outputs, verify_whole
@@ -56,6 +58,7 @@ __all__ = [
     "VerifyPlan",
     "VerifyRecord",
     "plan_verification",
+    "prepare_blocks",
     "require_memory",
     "verify_conversion",
 ]
@@ -104,6 +107,7 @@ class VerifyPlan:
     low_precision: ir.DataType | None  # FLOAT16/BFLOAT16 when most weights are
     notes: list[str] = dataclasses.field(default_factory=list)  # fallbacks, skipped checks
     full: Verification | None = None  # the whole-model result when blockwise verification decided after it
+    quantized: bool = False  # encodings given: the quantized (QDQ) proof runs too, in the same mode
 
     @property
     def whole_model_runs(self) -> bool:
@@ -112,6 +116,8 @@ class VerifyPlan:
 
     def reason(self) -> str:
         size = f"{_gb(self.estimate_bytes)} estimated for onnxruntime"
+        if self.quantized:
+            size += " (float and QDQ models)"
         if self.requested != "auto":
             return f"--verify {self.requested}; {size}"
         return f"auto: {size}, {'<=' if self.mode == 'full' else '>'} limit {_gb(self.limit_bytes)}"
@@ -135,9 +141,21 @@ class VerifyRecord:
     # builtins.float: the field above shadows ``float`` in this class body
     qdq_lsb: dict[str, builtins.float] | None = None  # max |MHA-QDQ - SHA-QDQ| per output, in LSBs
     qdq_local: LocalCheck | None = None  # tensor-by-tensor check, run when the QDQ outputs differ
+    qdq_mode: Literal["full", "blocks"] | None = None  # whole QDQ models, or each block pair
+    qdq_blocks_local: list[str] = dataclasses.field(default_factory=list)  # blocks decided tensor by tensor
+    qdq_failure: str | None = None  # blockwise: the first block pair off by more than --max-lsb
     htp: HtpCheck | None = None
     input_lists: list[Path] = dataclasses.field(default_factory=list)
     adapters: list[AdapterCheck] = dataclasses.field(default_factory=list)  # one per LoRA adapter
+    block_workers: int = 0  # threads that verified blocks (0: no blockwise run)
+
+    def proven(self) -> str:
+        """What was proven and how, e.g. "float: block by block; quantized (QDQ): block by block"."""
+        how = {"full": "whole models", "blocks": "block by block"}
+        parts = [f"float: {how[self.plan.mode]}"] if self.float is not None else []
+        if self.qdq_mode is not None:
+            parts.append(f"quantized (QDQ): {how[self.qdq_mode]}")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         v, plan = self.float, self.plan
@@ -147,12 +165,22 @@ class VerifyRecord:
             else {
                 "ok": v.ok,
                 **plan.to_dict(),
+                "proven": self.proven(),
+                "block_workers": self.block_workers,
                 "rtol": v.rtol,
                 "outputs": [dataclasses.asdict(r) for r in v.rows],
                 **({"full_outputs": [dataclasses.asdict(r) for r in plan.full.rows]} if plan.full else {}),
             },
             "quantized_max_lsb": self.qdq_lsb,
-            "quantized_tensor_by_tensor": self.qdq_local.to_dict() if self.qdq_local else None,
+            "quantized_mode": self.qdq_mode,
+            "quantized_tensor_by_tensor": (
+                {
+                    **self.qdq_local.to_dict(),
+                    **({"blocks": self.qdq_blocks_local} if self.qdq_blocks_local else {}),
+                }
+                if self.qdq_local
+                else None
+            ),
             "htp": self.htp.to_dict() if self.htp else None,
             "adapters": [a.to_dict() for a in self.adapters] or None,
         }
@@ -199,10 +227,12 @@ def plan_verification(model: ir.Model, options: VerifyOptions, *, encodings: boo
         return None
     inputs = plan_inputs(model, options.seed, npz=options.inputs)
     estimate, low = estimate_ort_bytes(model, inputs.nbytes)
+    if encodings:  # the whole-model quantized check holds the QDQ models too
+        estimate = max(estimate, estimate_qdq_bytes(model, inputs.nbytes))
     limit = min(options.full_verify_max_bytes, available_ram() // 4)
     fits: Literal["full", "blocks"] = "full" if estimate <= limit else "blocks"
     mode = fits if options.mode == "auto" else options.mode
-    plan = VerifyPlan(options.mode, mode, inputs, estimate, limit, low)
+    plan = VerifyPlan(options.mode, mode, inputs, estimate, limit, low, quantized=encodings)
     if inputs.generated:
         plan.notes.append(f"inputs not in {options.inputs} were generated: {', '.join(inputs.generated)}")
     if not plan.whole_model_runs:
@@ -260,8 +290,12 @@ def verify_conversion(
     stage: Path,
     host_dir: Path,
     lowered_ops: Sequence[str] = (),
+    blocks: BlocksAhead | None = None,
 ) -> VerifyRecord:
     """Every check the plan and options ask for; raises ConversionFailed on the first that fails.
+
+    ``blocks`` (from :func:`prepare_blocks`, started before the save) has computed the original
+    side of the blocks meanwhile; blockwise verification checks the saved model with it.
 
     ``phase`` times each check (:meth:`~mha2sha.report.progress.PhaseTimer.phase`); input lists
     are written under ``stage`` naming paths under ``host_dir`` (where the staging folder goes).
@@ -269,7 +303,9 @@ def verify_conversion(
     """
     record = VerifyRecord(plan)
     try:
-        _verify_all(record, options, original, converted, split, quantized, phase, stage, host_dir, lowered_ops)
+        _verify_all(
+            record, options, original, converted, split, quantized, phase, stage, host_dir, lowered_ops, blocks
+        )
     except ConversionFailed as failed:
         failed.record = record  # what was proven up to the failure: the job keeps it as a report
         raise
@@ -287,16 +323,23 @@ def _verify_all(
     stage: Path,
     host_dir: Path,
     lowered_ops: Sequence[str],
+    blocks: BlocksAhead | None,
 ) -> None:
     plan = record.plan
-    wanted = quantized is not None or options.create_input_lists
-    inputs, golden = _verify_float(record, options, original, converted, split, phase, wanted, lowered_ops)
+    if quantized is not None and (split.input_pieces or split.output_pieces):
+        raise UserError("quantized verification with --per-head-kv-io is not supported yet; add --no-verify")
+    inputs, golden = _verify_float(
+        record, options, original, converted, split, phase, options.create_input_lists, lowered_ops, quantized,
+        blocks,
+    )  # fmt: skip
     assert record.float is not None
     if not record.float.ok:
         raise ConversionFailed(_failure_line(record.float, plan.mode))
-    if inputs is None and quantized is not None:
-        _skip_whole_model_check(plan, "quantized (QDQ) verification")
-    if inputs is not None and quantized is not None:
+    if record.qdq_mode == "blocks":
+        assert record.qdq_lsb is not None
+        _report_blocks_quantized(record, options.max_lsb)
+    elif quantized is not None:
+        inputs = inputs if inputs is not None else dict(plan.inputs)
         _verify_quantized(record, options, original, converted, split, quantized, inputs, phase)
     if options.create_input_lists and inputs is not None:
         if golden is None:  # blockwise verification ran no whole model
@@ -306,6 +349,24 @@ def _verify_all(
         goldens = per_head_outputs(golden, split)
         order = [v.name for v in load_model(converted).graph.inputs if v.name in feeds]
         record.input_lists = write_input_lists(stage, feeds, goldens, order, host_dir=host_dir)
+
+
+def _report_blocks_quantized(record: VerifyRecord, max_lsb: float) -> None:
+    """The blockwise quantized check ran with the float one: fail on the first block off, say when
+    some blocks were decided tensor by tensor (their outputs differed by float summation order)."""
+    if record.qdq_failure is not None:
+        raise ConversionFailed(record.qdq_failure)
+    local = record.qdq_local
+    if local is None or record.qdq_lsb is None:
+        return
+    name, worst = max(record.qdq_lsb.items(), key=lambda kv: kv[1])
+    logger.warning(
+        "quantized outputs of %d block(s) differ by up to %.3g LSB on onnxruntime CPU ('%s'), but each of their"
+        " %d quantized tensors is within %g LSB of the MHA model given the same quantized inputs (%d exact): float"
+        " summation order flips roundings that grow downstream; --verify-htp checks on the device's arithmetic",
+        len(record.qdq_blocks_local), worst, name, len(local.tensors), max_lsb,
+        sum(t.lsb == 0 for t in local.tensors),
+    )  # fmt: skip
 
 
 def _verify_quantized(
@@ -323,8 +384,7 @@ def _verify_quantized(
     The HTP runs the device's numerics and is the reference when the whole model runs there;
     otherwise (or without --verify-htp) the CPU QDQ comparison decides.
     """
-    if split.input_pieces or split.output_pieces:
-        raise UserError("quantized verification with --per-head-kv-io is not supported yet; add --no-verify")
+    record.qdq_mode = "full"
     with phase("verify quantized (QDQ)"):
         record.qdq_lsb = run_qdq_compare(original, quantized.original, converted, quantized.converted, inputs)
     if options.verify_htp:
@@ -420,16 +480,6 @@ def _require_htp_within_lsb(check: HtpCheck, max_lsb: float) -> None:
     )
 
 
-def _skip_whole_model_check(plan: VerifyPlan, what: str) -> None:
-    note = (
-        f"{what} skipped: it runs whole models ({_gb(plan.estimate_bytes)} estimated for onnxruntime, "
-        f"limit {_gb(plan.limit_bytes)}); the float conversion was verified block by block "
-        "(--verify full runs it anyway)"
-    )
-    logger.warning(note)
-    plan.notes.append(note)
-
-
 def _verify_float(
     record: VerifyRecord,
     options: VerifyOptions,
@@ -439,8 +489,11 @@ def _verify_float(
     phase: Phase,
     whole_model_checks: bool,
     lowered_ops: Sequence[str] = (),
+    quantized: Quantized | None = None,
+    ahead: BlocksAhead | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
-    """Float verification in ``plan.mode``; sets ``record.float``.
+    """Float verification in ``plan.mode``; sets ``record.float``. In ``blocks`` mode with
+    ``quantized`` each block pair is also compared as QDQ (``record.qdq_*``, ``qdq_mode="blocks"``).
 
     Inputs are made here, after the model was saved. Returns the inputs when whole-model checks
     (QDQ, HTP, goldens) follow and fit, and the original's outputs when a whole-model run made them.
@@ -452,8 +505,9 @@ def _verify_float(
     plan = record.plan
     blocks = len(split.split_blocks) or None
     if plan.mode == "blocks":
-        with phase("verify blocks (onnxruntime)", total=blocks) as advance:
-            record.float = _verify_blocks(plan, options, original, converted, split, advance)
+        name = "verify blocks, float and QDQ (onnxruntime)" if quantized else "verify blocks (onnxruntime)"
+        with phase(name, total=blocks) as advance:
+            _verify_blocks(record, options, original, converted, split, advance, quantized, ahead)
         keep = plan.whole_model_runs and whole_model_checks
         return (dict(plan.inputs) if keep else None), None
 
@@ -477,7 +531,7 @@ def _verify_float(
         plan.notes.append(note)
         plan.mode, plan.full = "blocks", full
         with phase("verify blocks (onnxruntime)", total=blocks) as advance:
-            record.float = _verify_blocks(plan, options, original, converted, split, advance)
+            _verify_blocks(record, options, original, converted, split, advance, None)
     return inputs, full.reference
 
 
@@ -523,28 +577,104 @@ def _rounding_only(check: Verification, dtype: ir.DataType | None) -> bool:
     )
 
 
-def _verify_blocks(
-    plan: VerifyPlan,
+def _block_check(
     options: VerifyOptions,
+    plan: VerifyPlan,
     original: Path,
-    converted: Path,
+    converted: ir.Model,
     split: SplitRecord,
-    advance: Progress,
-) -> Verification:
-    """Each attention block of both saved models cut out and compared (one block in memory)."""
+    quantized: Quantized | None,
+) -> BlockCheck:
     source = load_model(original)
     fix_input_shapes(source, options.input_shapes)
     _borrow_shapes_through_fused_ops(source, original, options)
-    return verify_blocks(
+    return BlockCheck(
         source,
-        load_model(converted),
+        converted,
         inputs=plan.inputs,  # made block by block (a layer's past KV only for its block)
         rtol=options.rtol,
         seed=options.seed,
         input_pieces=split.input_pieces,
         output_pieces=split.output_pieces,
-        on_block=advance,
+        quantized=None
+        if quantized is None
+        else BlockQuantized(quantized.original, quantized.converted, quantized.origins, options.max_lsb),
     )
+
+
+class BlocksAhead:
+    """A :class:`BlockCheck` made and started in a background thread (see :func:`prepare_blocks`)."""
+
+    def __init__(self, make: Callable[[], BlockCheck]):
+        def build() -> BlockCheck:
+            check = make()
+            check.start()
+            return check
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mha2sha-blocks")
+        self._future = self._pool.submit(build)
+
+    def result(self) -> BlockCheck:
+        """The check (its failure, e.g. a block input that cannot be drawn, is raised here)."""
+        return self._future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._future.done() and self._future.exception() is None:
+            self._future.result().close()
+
+    def __enter__(self) -> BlocksAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prepare_blocks(
+    plan: VerifyPlan,
+    options: VerifyOptions,
+    original: Path,
+    converted: ir.Model,
+    split: SplitRecord,
+    quantized: Quantized | None,
+) -> BlocksAhead | None:
+    """For a blockwise plan: in a background thread, load the original again, find the blocks on the
+    converted model still in memory and start computing their original side (:meth:`BlockCheck.start`),
+    so that this CPU work overlaps the save. Close it (a context manager) whatever happens;
+    :func:`verify_conversion` checks the saved model with it (blocks found again on that model)."""
+    if plan.mode != "blocks":
+        return None
+    if quantized is not None and (split.input_pieces or split.output_pieces):
+        return None  # refused by verify_conversion
+    return BlocksAhead(lambda: _block_check(options, plan, original, converted, split, quantized))
+
+
+def _verify_blocks(
+    record: VerifyRecord,
+    options: VerifyOptions,
+    original: Path,
+    converted: Path,
+    split: SplitRecord,
+    advance: Progress,
+    quantized: Quantized | None,
+    ahead: BlocksAhead | None = None,
+) -> None:
+    """Each attention block of both saved models cut out and compared (blocks in parallel, one
+    block per worker in memory); with ``quantized`` also each QDQ block pair."""
+    saved = load_model(converted)
+    if ahead is None:
+        with _block_check(options, record.plan, original, saved, split, quantized) as check:
+            results: BlockResults = check.run(on_block=advance)
+    else:
+        results = ahead.result().run(saved, on_block=advance)
+    record.float = results.float
+    record.block_workers = results.workers
+    if quantized is not None and results.qdq_lsb is not None:
+        record.qdq_mode = "blocks"
+        record.qdq_lsb = results.qdq_lsb
+        record.qdq_local = results.qdq_local
+        record.qdq_blocks_local = results.qdq_blocks_local
+        record.qdq_failure = results.qdq_failure
 
 
 def _borrow_shapes_through_fused_ops(source: ir.Model, path: Path, options: VerifyOptions) -> None:

@@ -26,6 +26,7 @@ same grid), as AIMET's 2.x export writes it; weights stay signed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -167,25 +168,15 @@ class _Builder:
                     self.values[o.name] = o
         self.front: list[ir.Node] = []
         self.uses_ms = False
+        self.plans: dict[str, QPlan] = {}  # encoded tensor -> what was inserted for it
+        self.roles: dict[str, tuple[str, str]] = {}  # initializer made here -> (encoded tensor, number)
 
-    def const(self, name: str, arr: np.ndarray) -> ir.Value:
+    def const(self, name: str, arr: np.ndarray, role: tuple[str, str]) -> ir.Value:
         tensor = ir.Tensor(arr, name=name)  # what ir.tensor makes of an array, typed with its Shape
         v = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(v)
+        self.roles[name] = role
         return v
-
-    def domain_for(self, qdtype: str, enc: Encoding) -> str | None:
-        """``""`` (standard), ``"com.microsoft"``, or None when only offline folding works."""
-        need = 10
-        if enc.enc_type != "PER_TENSOR":
-            need = 13
-        if enc.enc_type in ("PER_BLOCK", "LPBQ") or qdtype not in ("int8", "uint8", "int32"):
-            need = 21
-        if self.opset >= need:
-            return ""
-        if enc.enc_type in ("PER_BLOCK", "LPBQ"):
-            return None
-        return "com.microsoft"
 
     def insert(self, value: ir.Value, nodes: list[ir.Node], out: ir.Value) -> None:
         """Make every reader of ``value`` (except ``nodes``) read ``out``; graph outputs keep the name."""
@@ -246,18 +237,57 @@ def _activation_qdtype(enc: Encoding) -> str:
     return unsigned
 
 
-def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None:
-    value = b.values.get(name)
-    if value is None:  # reported by the coverage check; nothing to quantize here
-        logger.warning("encoding %s names no tensor of the model; ignored", name)
-        return
-    fdt = _float_dtype(value)
-    np_float = fdt.numpy()
+@dataclasses.dataclass(frozen=True)
+class QPlan:
+    """What one encoding inserts into a graph: everything but the numbers.
+
+    ``kind``: ``cast`` (plain float encoding: Cast -> Cast), ``weight`` (a constant stored quantized,
+    DequantizeLinear only), ``int32`` (a bias quantized offline to int32, DequantizeLinear only),
+    ``fold`` (a blocked weight below opset 21, fake-quantized offline in place) or ``activation``
+    (QuantizeLinear -> DequantizeLinear). Two tensors with equal plans get graphs of the same
+    structure; :func:`plan_numbers` gives the arrays (``q``, ``scale``, ``zero_point``,
+    ``folded``) that differ. Blockwise verification builds one QDQ graph per block structure and
+    feeds each block its own numbers.
+    """
+
+    kind: str
+    fdt: ir.DataType
     shape: tuple[int, ...] | None = None
+    qdtype: str = ""
+    domain: str | None = ""
+    axis: int | None = None  # the Q/DQ ``axis`` attribute (the block axis when blocked)
+    block_size: int | None = None
+    channel_axis: int | None = None  # enc.axis: how per-channel numbers broadcast on the constant
+    cast_to: ir.DataType | None = None
+    bits: int = 0
+
+
+def _domain_for(opset: int, qdtype: str, enc: Encoding) -> str | None:
+    """``""`` (standard), ``"com.microsoft"``, or None when only offline folding works."""
+    need = 10
+    if enc.enc_type != "PER_TENSOR":
+        need = 13
+    if enc.enc_type in ("PER_BLOCK", "LPBQ") or qdtype not in ("int8", "uint8", "int32"):
+        need = 21
+    if opset >= need:
+        return ""
+    if enc.enc_type in ("PER_BLOCK", "LPBQ"):
+        return None
+    return "com.microsoft"
+
+
+def _value_shape(value: ir.Value) -> tuple[int, ...] | None:
     if value.shape is not None and value.shape.is_static():
-        shape = value.shape.numpy()
-    elif value.const_value is not None:
-        shape = tuple(value.const_value.shape.numpy())  # a constant's shape is static
+        return tuple(value.shape.numpy())
+    if value.const_value is not None:
+        return tuple(value.const_value.shape.numpy())  # a constant's shape is static
+    return None
+
+
+def plan_encoding(opset: int, name: str, enc: Encoding, value: ir.Value, is_param: bool) -> QPlan:
+    """The structure ``enc`` gives tensor ``value`` (raises UserError for what QDQ cannot express)."""
+    fdt = _float_dtype(value)
+    shape = _value_shape(value)
     if enc.is_float:
         if enc.has_scale:
             raise UserError(f"encoding {name}: scaled float ({enc.output_dtype}) QDQ is not supported")
@@ -266,114 +296,188 @@ def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None
             to = ir.DataType.BFLOAT16
         if to is None:
             raise UserError(f"encoding {name}: float{enc.bitwidth} cast is not supported")
-        c1 = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to)], name=f"{name}_cast_q")
-        c1.outputs[0].name = f"{name}_fp{enc.bitwidth}"
-        c2 = ir.Node("", "Cast", [c1.outputs[0]], [ir.AttrInt64("to", fdt)], name=f"{name}_cast_dq")
-        c2.outputs[0].name = f"{name}_qdq"
-        c2.outputs[0].dtype = fdt
-        b.insert(value, [c1, c2], c2.outputs[0])
-        return
+        return QPlan("cast", fdt, shape, cast_to=to, bits=enc.bitwidth)
 
-    const = value.const_value if is_param or value.is_initializer() else None
-    qdtype = _activation_qdtype(enc) if const is None else enc.qdtype()
-    scale = enc.effective_scale()
-    zp = np.asarray(enc.zero_point(qdtype), np.float64)
-    if np.any(np.mod(zp, 1.0) != 0):
-        raise UserError(f"encoding {name}: fractional zero point (int2 custom grid) has no ONNX QDQ form")
-    lo, hi = _qrange(qdtype)
-    if np.any(zp < lo) or np.any(zp > hi):
-        raise UserError(f"encoding {name}: zero point outside the {qdtype} range")
+    is_const = value.const_value is not None and (is_param or value.is_initializer())
+    qdtype = _activation_qdtype(enc) if not is_const else enc.qdtype()
     blocked = enc.enc_type in ("PER_BLOCK", "LPBQ")
     if enc.enc_type != "PER_TENSOR" and (enc.axis is None or (blocked and enc.block_axis is None)):
         raise UserError(f"encoding {name}: channel axis unknown; pass channel_axes")
     if blocked and shape is None:
         raise UserError(f"encoding {name}: blocked encoding on a tensor without a static shape")
-    s_arr = _layout(enc, scale, shape).astype(np_float)
-    z_arr = _layout(enc, zp, shape).astype(np.int64)
-    if (
-        enc.enc_type == "PER_CHANNEL"
-        and shape is not None
-        and enc.axis is not None  # known: checked above
-        and s_arr.size != shape[enc.axis]
-    ):
-        raise UserError(f"encoding {name}: {s_arr.size} channels, axis {enc.axis} of {list(shape)}")
-    attrs: list[ir.Attr] = []
+    axis = None
     if enc.enc_type != "PER_TENSOR":
         axis = enc.block_axis if blocked else enc.axis
-        assert axis is not None  # checked above
-        attrs.append(ir.AttrInt64("axis", axis))
-    if blocked:
-        assert enc.block_size is not None  # blocked encodings are parsed with their block size
-        attrs.append(ir.AttrInt64("block_size", int(enc.block_size)))
-    domain = b.domain_for(qdtype, enc)
+    domain = _domain_for(opset, qdtype, enc)
+    if is_const and domain is not None and not blocked:
+        kind = "weight"
+    elif qdtype == "int32" or domain is None:
+        if not is_const:
+            raise UserError(
+                f"encoding {name}: {qdtype} {enc.enc_type} activation cannot be expressed at opset {opset}"
+            )
+        kind = "fold" if domain is None else "int32"
+    else:
+        kind = "activation"
+    plan = QPlan(
+        kind,
+        fdt,
+        shape,
+        qdtype,
+        domain,
+        axis,
+        int(enc.block_size) if blocked and enc.block_size is not None else None,
+        enc.axis,
+    )
+    _scale_and_zero_point(plan, name, enc)  # validates the numbers' grid and channel count
+    return plan
 
-    if const is not None and domain is not None and not blocked:
+
+def _scale_and_zero_point(plan: QPlan, name: str, enc: Encoding) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (in the model's float dtype) and zero point (int64) laid out as ONNX wants them."""
+    zp = np.asarray(enc.zero_point(plan.qdtype), np.float64)
+    if np.any(np.mod(zp, 1.0) != 0):
+        raise UserError(f"encoding {name}: fractional zero point (int2 custom grid) has no ONNX QDQ form")
+    lo, hi = _qrange(plan.qdtype)
+    if np.any(zp < lo) or np.any(zp > hi):
+        raise UserError(f"encoding {name}: zero point outside the {plan.qdtype} range")
+    s_arr = _layout(enc, enc.effective_scale(), plan.shape).astype(plan.fdt.numpy())
+    z_arr = _layout(enc, zp, plan.shape).astype(np.int64)
+    if (
+        enc.enc_type == "PER_CHANNEL"
+        and plan.shape is not None
+        and enc.axis is not None  # known: checked when planning
+        and s_arr.size != plan.shape[enc.axis]
+    ):
+        raise UserError(f"encoding {name}: {s_arr.size} channels, axis {enc.axis} of {list(plan.shape)}")
+    return s_arr, z_arr
+
+
+def _broadcast(x: np.ndarray, arr: np.ndarray, axis: int | None) -> np.ndarray:
+    if arr.ndim == 1 and axis is not None:
+        bshape = [1] * x.ndim
+        bshape[axis] = -1
+        return arr.reshape(bshape)
+    return arr
+
+
+_QUANTIZE_CHUNK = 1 << 18  # elements per pass: the float32 temporary stays in the CPU cache
+
+
+def _quantize(x: np.ndarray, s32: np.ndarray, z32: np.ndarray, qdtype: str, np_q: type) -> np.ndarray:
+    """``saturate(rint(x / s) + z)`` in float32 (ORT's arithmetic), in cache-sized chunks of rows."""
+    lo, hi = _qrange(qdtype)
+    x = np.asarray(x)
+    if x.ndim == 0 or np.dtype(np_q).itemsize >= 4:
+        t = np.asarray(np.divide(np.asarray(x, np.float32), s32, dtype=np.float32))  # 0-d: a scalar
+        np.rint(t, out=t)
+        t += z32
+        if np.dtype(np_q).itemsize >= 4:
+            return _saturate(t, lo, hi, np_q)  # int32: float32 cannot hold 2**31 - 1, clip in float64
+        np.clip(t, lo, hi, out=t)
+        return t.astype(np_q)
+    out: np.ndarray = np.empty(x.shape, np_q)
+    rows = max(1, _QUANTIZE_CHUNK // max(1, x[0].size))
+    per_row = s32.ndim == x.ndim and s32.shape[0] == x.shape[0] and x.shape[0] > 1
+    per_row_z = z32.ndim == x.ndim and z32.shape[0] == x.shape[0] and x.shape[0] > 1
+    buffer = np.empty((min(rows, x.shape[0]), *x.shape[1:]), np.float32)
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
+        t = buffer[: stop - start]
+        np.divide(x[start:stop], s32[start:stop] if per_row else s32, out=t, dtype=np.float32)
+        np.rint(t, out=t)
+        t += z32[start:stop] if per_row_z else z32
+        np.clip(t, lo, hi, out=t)
+        out[start:stop] = t  # integral values within range: the cast is exact
+    return out
+
+
+def plan_numbers(plan: QPlan, name: str, enc: Encoding, const: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The arrays of :func:`plan_encoding`'s structure for ``enc`` (``const``: the tensor, for constants)."""
+    if plan.kind == "cast":
+        return {}
+    s_arr, z_arr = _scale_and_zero_point(plan, name, enc)
+    if plan.kind == "activation":
+        return {"scale": s_arr, "zero_point": z_arr.astype(_NP_QDTYPE[plan.qdtype])}
+    assert const is not None
+    if plan.kind == "weight":
         # Weights and other constants are stored quantized with a DequantizeLinear only: the form
         # QNN's HTP takes (a QuantizeLinear on a float weight is a standalone op it refuses), and
         # numerically the same as Q -> DQ (round half to even, saturate).
         s32, z32 = s_arr.astype(np.float32), z_arr.astype(np.float32)
-        x = const.numpy()
-        if s32.ndim == 1 and s32.size > 1 and enc.axis is not None:
-            bshape = [1] * x.ndim
-            bshape[enc.axis] = -1
-            s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
-        np_q = _NP_QDTYPE.get(qdtype, np.int32)
-        q = _quantize_rows(x, s32, z32, lo, hi, np_q)
-        del x
+        if s32.size > 1:
+            s32, z32 = _broadcast(const, s32, plan.channel_axis), _broadcast(const, z32, plan.channel_axis)
+        np_q = _NP_QDTYPE.get(plan.qdtype, np.int32)
+        q = _quantize(const, s32, z32, plan.qdtype, np_q)
+        return {"q": q, "scale": s_arr, "zero_point": z_arr.astype(np_q)}
+    x = np.asarray(const, np.float32)
+    if plan.kind == "fold":  # blocked weight below opset 21: fake-quantized offline
+        folded = fake_quantize(x, s_arr, z_arr, plan.qdtype, axis=plan.axis, block_size=plan.block_size)
+        return {"folded": folded.astype(plan.fdt.numpy())}
+    # int32 bias: quantized offline, DequantizeLinear only
+    s32 = _broadcast(x, s_arr.astype(np.float32), plan.axis)
+    z32 = _broadcast(x, z_arr.astype(np.float32), plan.axis)
+    lo, hi = _qrange(plan.qdtype)
+    q = _saturate(np.rint(x / s32) + z32, lo, hi, np.int32)
+    return {"q": q, "scale": s_arr, "zero_point": z_arr.astype(np.int32)}
+
+
+def _emit(b: _Builder, name: str, value: ir.Value, plan: QPlan, numbers: Mapping[str, np.ndarray]) -> None:
+    """Insert ``plan``'s nodes for ``value``, its numbers as initializers (recorded in ``b.roles``)."""
+    fdt = plan.fdt
+    if plan.kind == "cast":
+        assert plan.cast_to is not None
+        c1 = ir.Node("", "Cast", [value], [ir.AttrInt64("to", plan.cast_to)], name=f"{name}_cast_q")
+        c1.outputs[0].name = f"{name}_fp{plan.bits}"
+        c2 = ir.Node("", "Cast", [c1.outputs[0]], [ir.AttrInt64("to", fdt)], name=f"{name}_cast_dq")
+        c2.outputs[0].name = f"{name}_qdq"
+        c2.outputs[0].dtype = fdt
+        b.insert(value, [c1, c2], c2.outputs[0])
+        return
+    if plan.kind == "fold":
+        value.const_value = ir.tensor(numbers["folded"], name=name)
+        b.roles[name] = (name, "folded")
+        logger.info("%s: blocked encoding folded offline (opset %d < 21)", name, b.opset)
+        return
+    attrs: list[ir.Attr] = []
+    if plan.axis is not None:
+        attrs.append(ir.AttrInt64("axis", plan.axis))
+    if plan.block_size is not None:
+        attrs.append(ir.AttrInt64("block_size", plan.block_size))
+    sv = b.const(f"{name}_scale", numbers["scale"], (name, "scale"))
+    zv = b.const(f"{name}_zero_point", numbers["zero_point"], (name, "zero_point"))
+    if plan.kind in ("weight", "int32"):
+        domain = (plan.domain or "") if plan.kind == "weight" else ""
         if domain == "com.microsoft":
             b.uses_ms = True
-        qv = b.const(f"{name}_q", q)
-        sv = b.const(f"{name}_scale", s_arr)
-        zv = b.const(f"{name}_zero_point", z_arr.astype(np_q))
+        qv = b.const(f"{name}_q", numbers["q"], (name, "q"))
         dq = ir.Node(domain, "DequantizeLinear", [qv, sv, zv], attrs, name=f"{name}_dq")
         dq.outputs[0].name = f"{name}_qdq"
         dq.outputs[0].dtype = fdt
         b.insert(value, [dq], dq.outputs[0])
         return
-
-    if qdtype == "int32" or domain is None:
-        if const is None:
-            raise UserError(
-                f"encoding {name}: {qdtype} {enc.enc_type} activation cannot be expressed at opset {b.opset}"
-            )
-        x = const.numpy().astype(np.float32)
-        axis = enc.block_axis if blocked else enc.axis
-        if domain is None:  # fold the fake-quantized weight
-            folded = fake_quantize(
-                x, s_arr, z_arr, qdtype, axis=axis, block_size=enc.block_size if blocked else None
-            )
-            value.const_value = ir.tensor(folded.astype(np_float), name=name)
-            logger.info("%s: blocked encoding folded offline (opset %d < 21)", name, b.opset)
-            return
-        # int32 bias: quantize offline, DequantizeLinear only
-        s32 = s_arr.astype(np.float32)
-        z32 = z_arr.astype(np.float32)
-        if s32.ndim == 1 and axis is not None:
-            bshape = [1] * x.ndim
-            bshape[axis] = -1
-            s32, z32 = s32.reshape(bshape), z32.reshape(bshape)
-        q = _saturate(np.rint(x / s32) + z32, lo, hi, np.int32)
-        qv = b.const(f"{name}_q", q)
-        sv = b.const(f"{name}_scale", s_arr)
-        zv = b.const(f"{name}_zero_point", z_arr.astype(np.int32))
-        dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], attrs, name=f"{name}_dq")
-        dq.outputs[0].name = f"{name}_qdq"
-        dq.outputs[0].dtype = fdt
-        b.insert(value, [dq], dq.outputs[0])
-        return
-
-    if domain == "com.microsoft":
+    assert plan.domain is not None  # activations always have a Q/DQ domain (checked when planning)
+    if plan.domain == "com.microsoft":
         b.uses_ms = True
-    sv = b.const(f"{name}_scale", s_arr)
-    zv = b.const(f"{name}_zero_point", z_arr.astype(_NP_QDTYPE[qdtype]))
-    qn = ir.Node(domain, "QuantizeLinear", [value, sv, zv], attrs, name=f"{name}_q")
+    qn = ir.Node(plan.domain, "QuantizeLinear", [value, sv, zv], attrs, name=f"{name}_q")
     qn.outputs[0].name = f"{name}_q"
-    dqn = ir.Node(domain, "DequantizeLinear", [qn.outputs[0], sv, zv], attrs, name=f"{name}_dq")
+    dqn = ir.Node(plan.domain, "DequantizeLinear", [qn.outputs[0], sv, zv], attrs, name=f"{name}_dq")
     dqn.outputs[0].name = f"{name}_qdq"
     dqn.outputs[0].dtype = fdt
     if value.shape is not None:
         dqn.outputs[0].shape = value.shape
     b.insert(value, [qn, dqn], dqn.outputs[0])
+
+
+def _add_encoding(b: _Builder, name: str, enc: Encoding, is_param: bool) -> None:
+    value = b.values.get(name)
+    if value is None:  # reported by the coverage check; nothing to quantize here
+        logger.warning("encoding %s names no tensor of the model; ignored", name)
+        return
+    plan = plan_encoding(b.opset, name, enc, value, is_param)
+    const = value.const_value.numpy() if plan.kind in ("weight", "int32", "fold") else None  # type: ignore[union-attr]
+    b.plans[name] = plan
+    _emit(b, name, value, plan, plan_numbers(plan, name, enc, const))
 
 
 #: Data movement ORT's QDQPropagationTransformer does not pass a DQ through (it does Reshape,

@@ -24,6 +24,7 @@ __all__ = [
     "Verification",
     "compare_outputs",
     "estimate_ort_bytes",
+    "estimate_qdq_bytes",
     "run_model",
     "verify",
 ]
@@ -321,3 +322,17 @@ def estimate_ort_bytes(model: ir.Model, input_bytes: int = 0) -> tuple[int, ir.D
     )
     dtype = max(low, key=low.__getitem__) if sum(low.values()) > other else None
     return int(estimate), dtype
+
+
+#: Peak memory of the whole-model quantized check per byte of float weights: ``to_qdq_ir`` holds
+#: the float weights in memory (the model is copied through its proto), their quantized copy, and
+#: onnxruntime loads the QDQ model it saved (weights once more, float and quantized).
+QDQ_BYTES_PER_WEIGHT_BYTE = 3.5
+
+
+def estimate_qdq_bytes(model: ir.Model, input_bytes: int = 0) -> int:
+    """Estimated peak memory of the whole-model quantized (QDQ) comparison of ``model``."""
+    weights = sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )
+    return int(QDQ_BYTES_PER_WEIGHT_BYTE * weights + 2 * input_bytes)
