@@ -517,11 +517,11 @@ def to_qdq_ir(
 ) -> ir.Model:
     """A copy of ``model`` (onnx_ir.Model, ModelProto or path) with ``encodings`` applied as QDQ
     (``copy=False``: an ``ir.Model`` is changed in place, its lazy weights are read one by one)."""
-    # never mutate the caller's model: an ir.Model is copied through its proto
-    if isinstance(model, ir.Model):
-        model = ir.from_proto(ir.to_proto(model)) if copy else model
-    else:
+    # never mutate the caller's model: a clone shares its (immutable, maybe external) tensors
+    if not isinstance(model, ir.Model):
         model = as_ir_model(model)
+    elif copy:
+        model = model.clone()
     es = encodings.copy()
     resolve_axes(es, model=model, channel_axes=channel_axes)
     _inherit_through_copies(model, es)

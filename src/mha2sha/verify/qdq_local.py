@@ -98,7 +98,7 @@ def _qdq_value(model: ir.Model, values: Mapping[str, ir.Value], name: str) -> ir
 
 
 def _with_shapes(model: ir.Model | str | os.PathLike) -> ir.Model:
-    model = ir.from_proto(ir.to_proto(model)) if isinstance(model, ir.Model) else ir.load(model)
+    model = model.clone() if isinstance(model, ir.Model) else ir.load(model)
     infer_shapes(model)
     return model
 
