@@ -105,6 +105,9 @@ def test_signal_mid_run_leaves_nothing(tmp_path, model, sig, code) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a suite started in the background (`make test &`) ignores SIGINT, and so would the child:
+        # Python turns SIGINT into KeyboardInterrupt only when it was not ignored at start
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".mha2sha-") for p in out.iterdir()):
