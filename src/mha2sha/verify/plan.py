@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -602,8 +603,16 @@ def _block_check(
     )
 
 
+#: The interpreter's thread switch interval while blocks are computed beside the save (Python's
+#: default is 5 ms). The save thread needs the GIL only briefly between kernel copies and writes, but
+#: after each wait it gets it back only when the computing thread yields: on 7B with encodings the
+#: save took 42 s against 28.5 s alone; with 0.2 ms, 29.7 s.
+AHEAD_SWITCH_INTERVAL_S = 0.0002
+
+
 class BlocksAhead:
-    """A :class:`BlockCheck` made and started in a background thread (see :func:`prepare_blocks`)."""
+    """A :class:`BlockCheck` made and started in a background thread (see :func:`prepare_blocks`).
+    While it is open the interpreter switches threads every :data:`AHEAD_SWITCH_INTERVAL_S`."""
 
     def __init__(self, make: Callable[[], BlockCheck]):
         def build() -> BlockCheck:
@@ -611,6 +620,8 @@ class BlocksAhead:
             check.start()
             return check
 
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, AHEAD_SWITCH_INTERVAL_S))
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mha2sha-blocks")
         self._future = self._pool.submit(build)
 
@@ -619,9 +630,12 @@ class BlocksAhead:
         return self._future.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        if self._future.done() and self._future.exception() is None:
-            self._future.result().close()
+        try:
+            self._pool.shutdown(wait=True)
+            if self._future.done() and self._future.exception() is None:
+                self._future.result().close()
+        finally:
+            sys.setswitchinterval(self._switch_interval)
 
     def __enter__(self) -> BlocksAhead:
         return self
