@@ -101,9 +101,31 @@ def test_computed_ahead_from_the_model_in_memory_equals_checked_after(converted:
         load_model(converted["source"]), converted["model"], quantized=_quantized(converted)
     ) as check:
         check.start()
+        check.wait()
         ahead = check.run(load_model(converted["saved"]))
-    assert ahead.ahead > 0
+    blocks = len(find_blocks(original, load_model(converted["saved"])))
+    # every block was checked whole on the model in memory; the saved blocks matched it byte for byte
+    assert ahead.ahead == ahead.checked_ahead == blocks
     assert _rows(ahead) == _rows(plain) and ahead.qdq_lsb == plain.qdq_lsb
+
+
+def test_a_block_checked_ahead_is_checked_again_when_the_saved_block_differs(converted: dict) -> None:
+    """Checked ahead on the model in memory, then the saved file holds other bytes (two heads'
+    q weights swapped): that block's result computed ahead must not count; checked again, it fails."""
+    sha = load_model(converted["saved"])
+    inits = sha.graph.initializers
+    h0, h1 = _q_pieces(sha, 0)[:2]
+    inits[h0].const_value, inits[h1].const_value = inits[h1].const_value, inits[h0].const_value
+    with BlockCheck(
+        load_model(converted["source"]), converted["model"], quantized=_quantized(converted)
+    ) as check:
+        check.start()
+        check.wait()
+        result = check.run(sha)
+    blocks = len(check.blocks)
+    assert result.ahead == blocks and result.checked_ahead == blocks - 1
+    assert not result.float.ok
+    assert all("layers.0/" in r.name for r in result.float.rows if not r.ok)
 
 
 def test_a_swapped_head_fails_before_the_quantized_check(converted: dict) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.graph import DATA_MOVEMENT_OPS, name_of
+from mha2sha.io.load import file_range_of
 from mha2sha.io.names import UniqueNames
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 from mha2sha.split.rules import rule_of, static_shape
@@ -114,7 +115,8 @@ class Emitter:
             index[axis] = slice(start, stop)
         value = self._value_like(step.value, step.spec, head)
         assert value.shape is not None  # _value_like gives every piece its shape
-        value.const_value = ir.LazyTensor(
+        # a piece that is one byte range of the input's file is copied in the kernel when saved
+        value.const_value = file_range_of(tensor, tuple(index), value.name or "") or ir.LazyTensor(
             _SlicedTensor(tensor, tuple(index)), tensor.dtype, value.shape, name=value.name
         )
         self.graph.register_initializer(value)

@@ -50,6 +50,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -558,6 +559,8 @@ class BlockResults:
     workers: int = 1
     sessions: int = 0  # onnxruntime sessions made (every other block run reused one)
     ahead: int = 0  # blocks whose original side was computed ahead (while the conversion was saved)
+    # blocks checked whole ahead, on the converted model in memory, and matched to the saved one
+    checked_ahead: int = 0
 
 
 @dataclasses.dataclass
@@ -582,6 +585,30 @@ class _Reference:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.outputs.values()) + sum(a.nbytes for a in (self.qdq or {}).values())
+
+
+@dataclasses.dataclass
+class _CheckedAhead:
+    """A block checked (and passed) ahead, on the converted model still in memory."""
+
+    fingerprint: str  # of the converted side that was run (:func:`_fingerprint`)
+    result: _BlockResult
+
+
+def _fingerprint(side: Side) -> str:
+    """What onnxruntime is given for one converted block besides its feeds: the canonical graph,
+    the real names (encodings are looked up by them) and every weight's bytes (sha256). Two sides
+    with the same fingerprint, fed the same arrays, compute the same outputs, float and QDQ."""
+    digest = hashlib.sha256(side.key.encode())
+    digest.update(repr((side.feeds, side.outputs, sorted(side.names.items()))).encode())
+    for name, array in side.weight_arrays().items():
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def _passed(result: _BlockResult) -> bool:
+    return all(r.ok for r in result.rows) and result.failure is None and result.local is None
 
 
 class _Lazy:
@@ -829,13 +856,16 @@ def _cpus() -> int:
 class BlockCheck:
     """Blockwise verification of one conversion, float and (with ``quantized``) QDQ.
 
-    ``check.start()`` computes the original side of the blocks in the background (their feeds,
-    float and QDQ outputs, up to :data:`REFERENCE_BYTES`; one thread fewer than ``workers``, at
-    the lowest priority, so the save keeps a core) and makes the converted side's sessions from the
-    model still in memory: the job calls it before saving the converted model, so this CPU work
-    overlaps the save's disk work. ``check.run(saved)`` then checks
-    every block against the saved converted model (boundaries found again on it; if they differ from
-    the ones computed ahead, the references are made again). Blocks run on ``workers`` threads
+    ``check.start()`` checks the blocks in the background (one thread fewer than ``workers``, at the
+    lowest priority, so the save keeps a core), both sides, the converted one on the model still in
+    memory: the job calls it before saving the converted model, so this CPU work overlaps the save's
+    disk work. ``check.run(saved)`` then checks every block against the saved converted model
+    (boundaries found again on it; if they differ from the ones used ahead, everything is made
+    again). A block checked ahead counts for the saved model when the saved block gives onnxruntime
+    the same graph and the same weight bytes (:func:`_fingerprint`: the saved weights are read and
+    hashed, which costs far less than running the block); else, and for a block that failed ahead,
+    it is checked again on the saved model. Original sides computed ahead but not yet checked are
+    kept up to :data:`REFERENCE_BYTES`. Blocks run on ``workers`` threads
     (default one per CPU, at most one per block), each holding one block; the result does not depend
     on ``workers`` or on what was computed ahead. Use as a context manager (stops the background).
     """
@@ -875,6 +905,7 @@ class BlockCheck:
         )  # fmt: skip
         self._feeds = _Feeds(original, converted, self.blocks, inputs, seed, optimization)
         self._refs = [_Lazy() for _ in self.blocks]
+        self._checked: list[_CheckedAhead | None] = [None] * len(self.blocks)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._ahead_bytes = 0
@@ -904,35 +935,26 @@ class BlockCheck:
                 return
         try:
             self._refs[index].make_ahead(lambda: self._reference(index))
-            self._warm(index)
+            if not self._stop.is_set():
+                self._check_ahead(index)
         except Exception:  # made again (and reported) when the block is checked
-            logger.debug("block %s: original side ahead failed", self.blocks[index].name, exc_info=True)
-            return
+            logger.debug("block %s: checking ahead failed", self.blocks[index].name, exc_info=True)
         value = self._refs[index].value
-        if value is not None:
+        if value is not None:  # not checked yet: its outputs wait for the check
             with self._bytes_lock:
                 self._ahead_bytes += value.nbytes
 
-    def _warm(self, index: int) -> None:
-        """Make the converted side's sessions (float, QDQ) from the model in memory: the saved
-        model's blocks have the same structure, so checking them reuses these sessions."""
+    def _check_ahead(self, index: int) -> None:
+        """Check the block on the converted model in memory; keep the result when it passed (a
+        failure is checked again on the saved model, which is what the report must show)."""
         ref = self._refs[index].value
         if ref is None:
             return
-        ctx, block = self.ctx, self.blocks[index]
-        side, _ = _converted_side(ctx, block, dict(ref.feeds))
-        with self._bytes_lock:
-            if side.key in self._warmed:
-                return
-            self._warmed.add(side.key)
-        proto = side.proto
-        assert proto is not None
-        with ctx.cpu("sessions ahead"):
-            ctx.sessions.get(side.key, lambda: proto)
-            if ctx.q_converted is not None:
-                plans = ctx.q_converted.plans(side, ctx.q_converted.encodings(side))
-                template = ctx.q_converted.template(side, plans)
-                ctx.qdq_sessions.get(template.key, lambda: template.proto)
+        result, side = self._check_with(index, ref)
+        if _passed(result):
+            with self.ctx.cpu("fingerprints"):
+                self._checked[index] = _CheckedAhead(_fingerprint(side), result)
+            self._refs[index].value = None
 
     def start(self) -> None:
         """Compute the original side of the blocks in the background (see the class docstring)."""
@@ -942,6 +964,12 @@ class BlockCheck:
             )
             for i in range(len(self.blocks)):
                 self._pool.submit(self._ahead, i)
+
+    def wait(self) -> None:
+        """Wait until every block queued ahead is done (the job never waits: it saves meanwhile)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def close(self) -> None:
         """Stop computing ahead (what runs finishes; what waits is dropped)."""
@@ -959,7 +987,23 @@ class BlockCheck:
     # -- checking --------------------------------------------------------------------------------
     def _check(self, index: int) -> _BlockResult:
         ctx, block = self.ctx, self.blocks[index]
+        ahead = self._checked[index]
+        if ahead is not None:
+            with ctx.cpu("fingerprints"):
+                side, _ = _converted_side(ctx, block, _block_feeds(ctx, self._feeds, block))
+                same = _fingerprint(side) == ahead.fingerprint
+            if same:
+                return ahead.result
+            logger.info("block %s: the saved block differs from the one checked ahead: checked again", block.name)
+            self._checked[index] = None
         ref = self._refs[index].get(lambda: self._reference(index))
+        result, _ = self._check_with(index, ref)
+        self._refs[index].value = None  # its outputs are no longer needed
+        return result
+
+    def _check_with(self, index: int, ref: _Reference) -> tuple[_BlockResult, Side]:
+        """The converted block (of ``ctx.converted``) against its original side ``ref``."""
+        ctx, block = self.ctx, self.blocks[index]
         with ctx.cpu("block graphs"):
             c_feeds = dict(ref.feeds)
             c_side, c_cone = _converted_side(ctx, block, c_feeds)
@@ -971,8 +1015,7 @@ class BlockCheck:
         result = _BlockResult(rows)
         if ctx.quantized is not None and all(r.ok for r in rows):
             result.qdq, result.local, result.failure = _check_quantized(ctx, block, ref, c_side, c_cone, c_feeds)
-        self._refs[index].value = None  # its outputs are no longer needed
-        return result
+        return result, c_side
 
     def run(
         self, converted: ir.Model | None = None, on_block: Callable[[int], None] | None = None
@@ -991,7 +1034,9 @@ class BlockCheck:
                     ctx.original, converted, self.blocks, self._inputs, self._seed, self._optimization
                 )
                 self._refs = [_Lazy() for _ in self.blocks]
-        ahead_count = sum(r.value is not None for r in self._refs)
+                self._checked = [None] * len(self.blocks)
+        checked_ahead = sum(c is not None for c in self._checked)
+        ahead_count = checked_ahead + sum(r.value is not None for r in self._refs)
         # last blocks first: their pages are the ones the save wrote (and read) last, still cached
         order = list(reversed(range(len(self.blocks))))
         results: list[_BlockResult | None] = [None] * len(self.blocks)
@@ -1018,6 +1063,7 @@ class BlockCheck:
         out = BlockResults(Verification(rows=rows, rtol=self.rtol, reference=None), workers=self.workers)
         out.sessions = ctx.sessions.made + ctx.qdq_sessions.made
         out.ahead = ahead_count
+        out.checked_ahead = sum(c is not None for c in self._checked)  # those still matching
         if ctx.quantized is not None and all(r.ok for r in rows):
             out.qdq_lsb = {k: v for r in done for k, v in (r.qdq or {}).items()}
             local = [(b.name, r.local) for b, r in zip(self.blocks, done, strict=True) if r.local is not None]
@@ -1026,8 +1072,9 @@ class BlockCheck:
                 out.qdq_blocks_local = [name for name, _ in local]
             out.qdq_failure = next((r.failure for r in done if r.failure), None)
         logger.debug(
-            "blockwise verification: %d blocks (%d computed ahead), %d workers, %d sessions; CPU seconds %s",
-            len(self.blocks), ahead_count, self.workers, out.sessions,
+            "blockwise verification: %d blocks (%d computed ahead, %d checked ahead), %d workers, %d sessions;"
+            " CPU seconds %s",
+            len(self.blocks), ahead_count, out.checked_ahead, self.workers, out.sessions,
             {k: round(v, 2) for k, v in ctx.cpu_seconds.items()},
         )  # fmt: skip
         return out
