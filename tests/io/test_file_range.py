@@ -9,7 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mha2sha.io.load import StreamedExternalTensor, file_range_of
+from mha2sha.io.load import StreamedExternalTensor
+from mha2sha.io.pieces import file_range_of
 
 
 def _external(tmp_path: Path, array: np.ndarray, pad: int = 100) -> StreamedExternalTensor:

@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.graph import DATA_MOVEMENT_OPS, name_of
-from mha2sha.io.load import file_range_of
 from mha2sha.io.names import UniqueNames
+from mha2sha.io.pieces import piece_of
 from mha2sha.split.record import Piece, SplitRecord, TensorSplit
 from mha2sha.split.rules import rule_of, static_shape
 from mha2sha.split.spec import HeadSpec, is_full_cover, piece_key, piece_ranges, piece_shape
@@ -26,17 +26,6 @@ __all__ = ["Emitter"]
 
 def _suffix(key: tuple[int, ...]) -> str:
     return ".h" + "_".join(str(k) for k in key)
-
-
-class _SlicedTensor:
-    """A lazy slice of a (possibly memory-mapped) tensor: nothing is copied until saved."""
-
-    def __init__(self, tensor: ir.TensorProtocol, index: tuple[slice, ...]):
-        self._tensor = tensor
-        self._index = index
-
-    def __call__(self) -> ir.TensorProtocol:
-        return ir.tensor(self._tensor.numpy()[self._index])  # a view; the saver copies it in chunks
 
 
 class Emitter:
@@ -115,10 +104,7 @@ class Emitter:
             index[axis] = slice(start, stop)
         value = self._value_like(step.value, step.spec, head)
         assert value.shape is not None  # _value_like gives every piece its shape
-        # a piece that is one byte range of the input's file is copied in the kernel when saved
-        value.const_value = file_range_of(tensor, tuple(index), value.name or "") or ir.LazyTensor(
-            _SlicedTensor(tensor, tuple(index)), tensor.dtype, value.shape, name=value.name
-        )
+        value.const_value = piece_of(tensor, tuple(index), value.shape, value.name or "")
         self.graph.register_initializer(value)
         return value
 

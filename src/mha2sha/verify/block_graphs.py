@@ -36,6 +36,7 @@ from mha2sha.encodings.axes import channel_axes, resolve_axes, tensor_shapes
 from mha2sha.encodings.model import Encoding, EncodingSet
 from mha2sha.errors import InternalError, UserError
 from mha2sha.graph import name_of
+from mha2sha.io.pieces import SlicedTensor
 from mha2sha.verify.qdq import QPlan, _Builder, _emit, _inherit_through_copies, plan_encoding, plan_numbers
 from mha2sha.verify.runner import Optimization, from_ort, one_line, session_options, to_ort
 
@@ -69,12 +70,22 @@ class Side:
     consts: dict[str, ir.Value]  # canonical name -> small embedded initializer
 
     def weight_arrays(self) -> dict[str, np.ndarray]:
-        """``w<k>`` -> the weight's array (a view of the mapped file for external weights)."""
+        """``w<k>`` -> the weight's array: a view of the mapped file for a saved weight; a C-order
+        copy for a head's piece still in memory, every piece of one weight cut from one mapping of
+        it (a mapping per piece would map the whole weight once per head)."""
         out = {}
+        sources: dict[int, np.ndarray] = {}
         for k, value in enumerate(self.weights):
             tensor = value.const_value
             assert tensor is not None  # _cone takes initializers and constants only
-            out[f"w{k}"] = np.asarray(tensor.numpy())
+            if isinstance(tensor, SlicedTensor):
+                whole = sources.get(id(tensor.source))
+                if whole is None:
+                    whole = sources[id(tensor.source)] = np.asarray(tensor.source.numpy())
+                array = whole[tensor.index]
+            else:
+                array = np.asarray(tensor.numpy())
+            out[f"w{k}"] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
         return out
 
     def arrays(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
