@@ -603,7 +603,7 @@ def _fingerprint(side: Side) -> str:
     digest.update(repr((side.feeds, side.outputs, sorted(side.names.items()))).encode())
     for name, array in side.weight_arrays().items():
         digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        digest.update(array.reshape(-1).view(np.uint8).data)  # C order: weight_arrays copies strided ones
     return digest.hexdigest()
 
 
@@ -910,7 +910,6 @@ class BlockCheck:
         self._stop = threading.Event()
         self._ahead_bytes = 0
         self._bytes_lock = threading.Lock()
-        self._warmed: set[str] = set()
 
     # -- references (the original side) ---------------------------------------------------------
     def _reference(self, index: int) -> _Reference:
@@ -957,7 +956,7 @@ class BlockCheck:
             self._refs[index].value = None
 
     def start(self) -> None:
-        """Compute the original side of the blocks in the background (see the class docstring)."""
+        """Check the blocks in the background, both sides (see the class docstring)."""
         if self._pool is None and self.blocks:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max(1, self.workers - 1), thread_name_prefix="mha2sha-ahead"
