@@ -10,6 +10,8 @@ the log file holding the traceback); 130 / 143 interrupted by SIGINT / SIGTERM (
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,7 +19,7 @@ from mha2sha.commands import COMMANDS
 from mha2sha.commands.guard import console, run_guarded
 from mha2sha.legacy import main as legacy_main
 
-__all__ = ["main", "legacy_main"]
+__all__ = ["main", "run", "legacy_main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,5 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(lambda timer: args.run(args, console, timer), args.log_level)
 
 
+def run() -> None:
+    """The ``mha2sha`` command: :func:`main`, then the process ends without tearing the interpreter
+    down. Everything is written, moved in place and closed by then; what teardown would add is
+    freeing the converted model object by object (~0.3 s after a 28-layer conversion)."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

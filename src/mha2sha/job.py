@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -293,16 +294,45 @@ def convert(
     ``<name>.failed.report.json`` (what was checked, and where it failed) is.
     """
     job = _Job.start(model_path, out_dir, name, options or ConvertOptions(), timer or PhaseTimer())
-    _load(job)
-    with job.timer.phase("lower fused ops"):
-        job.result.lowering = lower_fused_ops(job.model)
-    _prepare(job)
-    if not _split(job):
-        return job.result
-    _encodings(job)
-    _layout(job)
-    _save_verify_report(job)
+    with _FrozenHeap() as heap:
+        _load(job)
+        with job.timer.phase("lower fused ops"):
+            job.result.lowering = lower_fused_ops(job.model)
+        _prepare(job)
+        heap.freeze()
+        if not _split(job):
+            return job.result
+        _encodings(job)
+        _layout(job)
+        heap.freeze()
+        _save_verify_report(job)
     return job.result
+
+
+class _FrozenHeap:
+    """The model's objects kept out of Python's cyclic garbage collector while the job runs.
+
+    A model is hundreds of thousands of objects (nodes, values, attributes). Every full collection,
+    triggered by the allocations of the save and of the verification threads, walks all of them
+    again: ~0.4 CPU-s on a 28-layer model, paid beside the save and the block checks. ``freeze()``
+    moves the objects alive at a stage's end to the permanent generation (they are still freed by
+    reference counting); leaving unfreezes them, so a long-lived caller's garbage is collected as
+    before. A caller that froze objects itself is left alone.
+    """
+
+    def __init__(self) -> None:
+        self._ours = gc.get_freeze_count() == 0
+
+    def freeze(self) -> None:
+        if self._ours:
+            gc.freeze()
+
+    def __enter__(self) -> _FrozenHeap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ours:
+            gc.unfreeze()
 
 
 @dataclasses.dataclass

@@ -104,3 +104,40 @@ def test_help(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and "usage: mha2sha" in capsys.readouterr().out
+
+
+def test_command_ends_fast_with_its_output_flushed(tmp_path: Path) -> None:
+    """``python -m mha2sha.cli`` / the ``mha2sha`` script skip the interpreter's teardown
+    (``os._exit``): the exit code, the printed summary and the files are all there before it."""
+    src = tmp_path / "m.onnx"
+    onnx.save(attention_model(4, 6, 8, None), src)
+    proc = subprocess.run([sys.executable, "-m", "mha2sha.cli", "convert", str(src), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Verification" in proc.stdout and "total" in proc.stdout
+    assert (tmp_path / "out" / "m.onnx").is_file() and (tmp_path / "out" / "m.report.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "mha2sha.cli", "convert", str(tmp_path / "none.onnx"), "-o",
+                          str(tmp_path / "x")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_convert_leaves_the_garbage_collector_as_found(tmp_path: Path) -> None:
+    """The job freezes the model's objects out of the cyclic collector while it runs and unfreezes
+    them after; a caller that froze objects itself keeps its own frozen set, nothing added."""
+    import gc
+
+    from mha2sha.api import convert
+
+    src = tmp_path / "m.onnx"
+    onnx.save(attention_model(4, 6, 8, None), src)
+    assert gc.get_freeze_count() == 0
+    convert(src, tmp_path / "a")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        convert(src, tmp_path / "b")
+        # never more (the job froze nothing of its own); a few fewer: frozen objects still die by refcount
+        assert frozen - 100 < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
