@@ -8,8 +8,8 @@ of the table in benchmarks/RESULTS.md, with the ``cp`` reference next to each, i
 ``--suite default`` = :data:`SUITE` (models generated on demand, deleted after their rows with
 ``--delete``). A ``--job`` row is ``--repeat`` (cp, job) pairs, one after the other, and keeps the
 median of each (default: 3 pairs below :data:`REPEAT_BELOW_GB` of weights, where this disk's noise
-is as large as the whole job; 1 above). Each row waits until the 1-minute load average is below ``--max-load`` (other jobs
-on the machine distort timings) and records the load it started at.
+is as large as the whole job; 1 above). Each row waits until the 1-minute load average is below
+``--max-load`` (other jobs on the machine distort timings) and records the load it started at.
 
 For each model (a folder written by ``generate.py``: ``model.onnx`` + ``model.data`` + ``meta.json``):
 
@@ -406,7 +406,7 @@ def _job_lines(rows: list[dict]) -> list[str]:
         "`[1, C, 1, AR]`), synthetic AIMET 1.0.0 W8A16 encodings (`E`) from `benchmarks/encodings_gen.py`.",
         "Job = `mha2sha convert M -o out <job>`: verification `auto` (block by block at these sizes: float,",
         "and with `E` quantized (QDQ) block pairs), timed + `sync`, from a cold page cache (`drop_caches`);",
-        "`cp` = `cp -r` of the same model folder + `sync`, cold, right before. Rows under 5 GB of weights",
+        f"`cp` = `cp -r` of the same model folder + `sync`, cold, right before. Rows under {REPEAT_BELOW_GB:g} GB of weights",
         "are measured as 3 such pairs one after the other (this disk's noise is as large as those jobs),",
         "larger ones once: `cp s` and `ours s` are medians, `x cp` their ratio, `runs` every run's",
         "seconds (cp / ours). Peak RSS = the whole process of the median run (verification runs in its",
