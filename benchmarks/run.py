@@ -31,8 +31,17 @@ For each model (a folder written by ``generate.py``: ``model.onnx`` + ``model.da
 default-job rows. Their peak RSS is the whole process's (verification threads included), each phase
 with its own peak (``MHA2SHA_PHASE_PEAKS=1``).
 
-Cold cache = ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each measured command (needs root;
-without it the run is marked "warm" and cp goes first so both see the same cache state).
+Cold cache = ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each measured command, then
+``--settle`` seconds of waiting (default :data:`SETTLE_S`) so that every command starts from the same
+memory state (needs root; without it the run is marked "warm" and cp goes first so both see the
+same cache state). Why the wait: on a VM whose balloon driver reports free pages to the host (this
+one: ``virtio_balloon``, ``page_reporting_order`` 9), the gigabytes that ``drop_caches`` frees are
+handed back to the host about 2 s later, and a page touched after that is faulted in by the host
+again: a kernel copy of the Qwen2.5-1.5B folder's 3.5 GB took 7.2 s right after ``drop_caches``,
+10.4 s 2 s after, 13.2-14.4 s 5-10 s after (sys time 5.0 -> 11.4-12.7 s; the copy is the same). A
+command started right after the drop copies into memory still backed, one started later does not:
+``cp`` got the first and the converter, whose save starts ~2.5 s in, the second. A real run starts
+from memory that has been idle (the settled case) for both.
 
     python benchmarks/run.py --dir /tmp/bench llama2-7b-hf-fp16 ... [--generate] [--verify blocks]
     python benchmarks/run.py --dir /tmp/bench --table     # only rewrite RESULTS.md from results.json
@@ -74,13 +83,22 @@ SUITE: dict[str, list[str]] = {
 # ----------------------------------------------------------------------------- measuring
 
 
+#: Seconds waited after dropping the page cache before a measured command (``--settle``): freed
+#: memory goes back to the host ~2 s after it is freed (see the module docstring); 10 s is past the
+#: point where the copy above stopped getting slower.
+SETTLE_S = 10.0
+_settle_s = SETTLE_S
+
+
 def drop_caches() -> bool:
+    """Empty the page cache (root only), then wait :data:`SETTLE_S` (or ``--settle``) seconds."""
     try:
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
     except OSError:
         return False
+    time.sleep(_settle_s)
+    return True
 
 
 def _status_kib(pid: int) -> dict[str, int]:
@@ -190,6 +208,7 @@ def bench_model(
         "context": meta["context"],
         "weight_gb": round(meta["weight_bytes"] / 1e9, 2),
         "largest_tensor_mb": meta.get("largest_tensor_mb"),
+        "settle_s": _settle_s,
     }
     try:
         prepare_cache = drop_caches if cache == "cold" else lambda: _warm(folder)
@@ -289,6 +308,7 @@ def bench_job(
         **{k: meta.get(k) for k in ("shape", "style", "dtype", "layers", "ar", "context", "part")},
         "weight_gb": weight_gb,
         "repeat": repeat,
+        "settle_s": _settle_s,
     }
     cps, runs = [], []
     for _ in range(repeat):
@@ -405,8 +425,9 @@ def _job_lines(rows: list[dict]) -> list[str]:
         "data file; `-part` = no embedding / LM head, `prepared-conv` = projections already Conv 1x1 on",
         "`[1, C, 1, AR]`), synthetic AIMET 1.0.0 W8A16 encodings (`E`) from `benchmarks/encodings_gen.py`.",
         "Job = `mha2sha convert M -o out <job>`: verification `auto` (block by block at these sizes: float,",
-        "and with `E` quantized (QDQ) block pairs), timed + `sync`, from a cold page cache (`drop_caches`);",
-        f"`cp` = `cp -r` of the same model folder + `sync`, cold, right before. Rows under {REPEAT_BELOW_GB:g} GB of weights",
+        "and with `E` quantized (QDQ) block pairs), timed + `sync`, from a cold page cache (`drop_caches`, then",
+        f"{SETTLE_S:g} s of settling: freed memory goes back to this VM's host ~2 s after, see `run.py`);",
+        f"`cp` = `cp -r` of the same model folder + `sync`, the same way, right before. Rows under {REPEAT_BELOW_GB:g} GB of weights",
         "are measured as 3 such pairs one after the other (this disk's noise is as large as those jobs),",
         "larger ones once: `cp s` and `ours s` are medians, `x cp` their ratio, `runs` every run's",
         "seconds (cp / ours). Peak RSS = the whole process of the median run (verification runs in its",
@@ -547,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="current", help="see variants.py (measure a change before making it)")
     p.add_argument("--tag", help="label of this code version in the table (default: the variant)")
     p.add_argument("--cache", choices=["cold", "warm"], default="cold", help="page cache before each run")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_S,
+        help=f"seconds waited after dropping the page cache, before each command (default {SETTLE_S:g}; see above)",
+    )
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md")
     p.add_argument(
         "--build-ar",
@@ -559,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         help="convert with synthetic encodings, --target htp and verification on (the whole job)",
     )
     args = p.parse_args(argv)
+    global _settle_s
+    _settle_s = args.settle
     if args.table:
         print(write_table())
         return 0

@@ -5,8 +5,8 @@ and the mapping goes away with the array, so reading weights one after the other
 head's piece while saving) never keeps more than the tensor being read resident. onnx_ir's own
 ``ExternalTensor`` caches a mapping of the whole file per tensor; every page read through it stays
 in the process's RSS until the model is freed (3.2 GB for the q/k/v weights of a 7B model).
-Copying an unchanged weight to the output goes through ``tofile`` (``copy_file_range``, in the
-kernel) and never maps it at all.
+Copying an unchanged weight to the output goes through ``tofile`` (direct I/O, or
+``copy_file_range`` in the kernel) and never maps it at all.
 
 Because weights are read only while saving, an external file deleted or truncated after loading
 would surface midway through the save, and a read through a mapping of a truncated file is a
@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from mha2sha.errors import UserError
 from mha2sha.graph import name_of
+from mha2sha.io.direct_copy import copy_range
 
 __all__ = [
     "load_model",
@@ -120,8 +121,12 @@ class StreamedExternalTensor(ir.ExternalTensor):
         return self._map().tobytes()
 
     def tofile(self, file) -> None:
+        """Direct I/O where the filesystem allows it (:mod:`mha2sha.io.direct_copy`), else
+        onnx_ir's kernel copy (``copy_file_range``)."""
         self._require_data()
-        super().tofile(file)
+        length = self.length if self.length is not None else self.nbytes
+        if not copy_range(self.path, self.offset or 0, length, file):
+            super().tofile(file)
 
 
 def _stream_external_tensors(model: ir.Model) -> None:

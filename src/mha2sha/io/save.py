@@ -35,8 +35,8 @@ EMBED_LIMIT_BYTES = 32 << 20
 #: Threads writing the external data file when most of its bytes are computed (transposed Conv
 #: weights of ``--target htp``): each materialises and writes its own tensors at their offsets, so
 #: the CPU work of one overlaps the I/O of the other (7B fp16: 52 s against 96 s with one). When
-#: most bytes are copied in the kernel (``copy_file_range``) one thread is faster: two concurrent
-#: kernel copies into one file took 41 s against 33 s.
+#: most bytes are copied file to file (direct I/O or ``copy_file_range``, ``io/direct_copy.py``) one
+#: thread is faster: two concurrent kernel copies into one file took 41 s against 33 s.
 SAVE_WORKERS = 2
 _STAGE_PREFIX = ".mha2sha-"
 
@@ -100,7 +100,7 @@ class _PythonWrite(ir.LazyTensor):
     ``numpy.ndarray.tofile`` (what onnx_ir uses for in-memory and lazily sliced tensors) reports a
     full disk as "N requested and M written", without errno: the reason would be lost. Bytes are
     the same (little-endian, one tensor materialised at a time). External tensors keep onnx_ir's
-    ``copy_file_range`` path, which raises proper errors.
+    copy path (direct I/O or ``copy_file_range``), which raises proper errors.
     """
 
     def tofile(self, file) -> None:

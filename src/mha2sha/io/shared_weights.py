@@ -4,8 +4,8 @@
 The AR/CL variants of a model differ only in shapes and a few small shape constants; every weight
 is the same tensor. So the weights are written once and each variant references them by
 ``location`` / ``offset`` / ``length``. When the input keeps its weights in one external file, that
-file is copied whole by the kernel (``copy_file_range``, never mapped) and every tensor keeps its
-offset: the cost of a ``cp``. Otherwise tensors are copied one by one in the order of their source
+file is copied whole (direct I/O or the kernel's ``copy_file_range``, never mapped) and every
+tensor keeps its offset: the cost of a ``cp``. Otherwise tensors are copied one by one in the order of their source
 offsets (a cold read streams), each on a 4096-byte boundary like :func:`mha2sha.io.save.save_model`
 writes them. A constant that one variant rewrote, and any integer tensor below
 :data:`SHARE_MIN_BYTES`, stays inside that variant's ``.onnx``.
@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.io.direct_copy import copy_range
 from mha2sha.io.load import EXTERNAL_FILES_META, check_external_data_unchanged
 
 __all__ = ["SHARE_MIN_BYTES", "save_sharing_weights"]
@@ -143,10 +144,14 @@ def _single_source(tensors: dict) -> Path | None:
 
 
 def _copy_file(source: Path, out) -> None:
-    """``source`` appended to ``out`` by the kernel (``copy_file_range``), read/write as a fallback."""
+    """``source`` appended to ``out`` with direct I/O or by the kernel (``copy_file_range``),
+    read/write as a fallback."""
     out.flush()
     with open(source, "rb") as src:
         size = os.fstat(src.fileno()).st_size
+        if copy_range(source, 0, size, out):
+            out.seek(0, os.SEEK_END)
+            return
         start = out.tell()
         done = 0
         copy = getattr(os, "copy_file_range", None)
