@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from mha2sha.errors import UserError
 from mha2sha.graph import name_of
-from mha2sha.io.direct_copy import copy_range
+from mha2sha.io.direct_io import copy_range
 
 __all__ = [
     "load_model",
@@ -121,7 +121,7 @@ class StreamedExternalTensor(ir.ExternalTensor):
         return self._map().tobytes()
 
     def tofile(self, file) -> None:
-        """Direct I/O where the filesystem allows it (:mod:`mha2sha.io.direct_copy`), else
+        """Direct I/O where the filesystem allows it (:mod:`mha2sha.io.direct_io`), else
         onnx_ir's kernel copy (``copy_file_range``)."""
         self._require_data()
         length = self.length if self.length is not None else self.nbytes

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
+from mha2sha.io.direct_io import direct_writer
 from mha2sha.io.load import EXTERNAL_FILES_META, check_external_data_unchanged
 
 __all__ = ["staging_dir", "save_model", "parse_size", "EMBED_LIMIT_BYTES", "SAVE_WORKERS"]
@@ -35,7 +36,7 @@ EMBED_LIMIT_BYTES = 32 << 20
 #: Threads writing the external data file when most of its bytes are computed (transposed Conv
 #: weights of ``--target htp``): each materialises and writes its own tensors at their offsets, so
 #: the CPU work of one overlaps the I/O of the other (7B fp16: 52 s against 96 s with one). When
-#: most bytes are copied file to file (direct I/O or ``copy_file_range``, ``io/direct_copy.py``) one
+#: most bytes are copied file to file (direct I/O or ``copy_file_range``, ``io/direct_io.py``) one
 #: thread is faster: two concurrent kernel copies into one file took 41 s against 33 s.
 SAVE_WORKERS = 2
 _STAGE_PREFIX = ".mha2sha-"
@@ -106,7 +107,8 @@ class _PythonWrite(ir.LazyTensor):
     def tofile(self, file) -> None:
         tensor = self._evaluate()
         if self.dtype.bitwidth >= 8 and self.dtype != ir.DataType.STRING and sys.byteorder == "little":
-            _write_chunked(file, tensor.numpy())
+            with direct_writer(file, tensor.nbytes) as out:  # past the page cache (io/direct_io.py)
+                _write_chunked(out, tensor.numpy())
         else:
             file.write(tensor.tobytes())
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from mha2sha.errors import UserError
-from mha2sha.io.direct_copy import copy_range
+from mha2sha.io.direct_io import copy_range
 from mha2sha.io.load import EXTERNAL_FILES_META, check_external_data_unchanged
 
 __all__ = ["SHARE_MIN_BYTES", "save_sharing_weights"]

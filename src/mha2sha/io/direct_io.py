@@ -1,4 +1,6 @@
-"""Copy a byte range of one file into another with direct I/O (``O_DIRECT``), past the page cache.
+"""Write weights with direct I/O (``O_DIRECT``), past the page cache: :func:`copy_range` copies a
+byte range of one file into another, :func:`direct_writer` writes computed bytes (a transposed or
+sliced weight) of one tensor.
 
 Why not ``copy_file_range``: on a filesystem without shared extents (ext4) the kernel copies every
 byte into fresh page-cache pages of the output, one CPU ``memcpy`` per byte, and the trailing
@@ -21,17 +23,19 @@ or a platform without it makes :func:`copy_range` return ``False``: the caller c
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from mha2sha.errors import UserError
 
-__all__ = ["ALIGN", "CHUNK_BYTES", "DIRECT_MIN_BYTES", "copy_range"]
+__all__ = ["ALIGN", "CHUNK_BYTES", "DIRECT_MIN_BYTES", "DirectWriter", "copy_range", "direct_writer"]
 
 #: Alignment of offsets, lengths and buffers (covers 512-byte and 4 KiB block devices).
 ALIGN = 4096
@@ -180,3 +184,83 @@ def _copy(
                 done = 0
                 while done < len(tail):
                     done += os.pwrite(tail_fd, tail[done:], start + pos + direct + done)
+
+
+class DirectWriter:
+    """``write`` calls of one tensor sent to ``out`` with direct I/O: whole blocks are gathered in
+    an aligned buffer and written past the page cache, the last partial block through ``out``'s
+    own descriptor. Made by :func:`direct_writer`."""
+
+    def __init__(self, out, fd: int, start: int):
+        self._out, self._fd, self._pos = out, fd, start  # _pos: the file offset of the buffer's start
+        made = getattr(_buffers, "writer", None)
+        if made is None or len(made) != CHUNK_BYTES:
+            made = memoryview(mmap.mmap(-1, CHUNK_BYTES))
+            _buffers.writer = made
+        self._buf: memoryview = made
+        self._filled = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = min(len(self._buf) - self._filled, len(view) - done)
+            self._buf[self._filled : self._filled + n] = view[done : done + n]
+            self._filled += n
+            done += n
+            if self._filled == len(self._buf):
+                self._write_blocks()
+        return done
+
+    def _write_blocks(self) -> None:
+        whole = self._filled - self._filled % ALIGN
+        done = 0
+        while done < whole:
+            try:
+                done += os.pwrite(self._fd, self._buf[done:whole], self._pos + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or self._fd == self._out.fileno():
+                    raise
+                self._fd = self._out.fileno()  # alignment this device does not take: page cache
+        rest = self._filled - whole
+        if rest:
+            self._buf[:rest] = self._buf[whole : self._filled]
+        self._pos += whole
+        self._filled = rest
+
+    def close(self) -> None:
+        """Write what is left (the partial block through ``out``) and move ``out`` past the tensor."""
+        self._write_blocks()
+        done = 0
+        while done < self._filled:
+            done += os.pwrite(self._out.fileno(), self._buf[done : self._filled], self._pos + done)
+        self._pos += self._filled
+        self._filled = 0
+        self._out.seek(self._pos)
+
+
+@contextlib.contextmanager
+def direct_writer(out, nbytes: int) -> Iterator:
+    """A :class:`DirectWriter` for the ``nbytes`` about to be written at ``out``'s position, or
+    ``out`` itself when direct I/O does not apply (small, unaligned position, a filesystem or
+    platform without it)."""
+    fileno = _fileno(out) if _O_DIRECT and nbytes >= DIRECT_MIN_BYTES else None
+    if fileno is not None:
+        out.flush()
+    fd = None if fileno is None or out.tell() % ALIGN else _open_direct(f"/proc/self/fd/{fileno}", os.O_WRONLY)
+    if fd is None:
+        yield out
+        return
+    try:
+        writer = DirectWriter(out, fd, out.tell())
+        yield writer
+        writer.close()
+    finally:
+        os.close(fd)
+
+
+def _fileno(out) -> int | None:
+    try:
+        return out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None

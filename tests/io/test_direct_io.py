@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mha2sha.errors import UserError
-from mha2sha.io import direct_copy
-from mha2sha.io.direct_copy import ALIGN, copy_range
+from mha2sha.io import direct_io
+from mha2sha.io.direct_io import ALIGN, copy_range
 
 
 def _direct_io_works(folder) -> bool:
@@ -26,8 +26,8 @@ def _direct_io_works(folder) -> bool:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 blocks and no minimum size, so that small files take every path."""
-    monkeypatch.setattr(direct_copy, "CHUNK_BYTES", 3 * ALIGN)
-    monkeypatch.setattr(direct_copy, "DIRECT_MIN_BYTES", 1)
+    monkeypatch.setattr(direct_io, "CHUNK_BYTES", 3 * ALIGN)
+    monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 1)
 
 
 @pytest.mark.parametrize(
@@ -45,10 +45,10 @@ def test_bytes_equal_a_plain_copy(tmp_path, small_chunks, monkeypatch, offset, l
     """``from_cache``: the input was just written, so its chunks are read from the page cache;
     else every chunk is read from the disk (direct, aligned cover, shifted)."""
     if not from_cache:
-        monkeypatch.setattr(direct_copy, "_USE_CACHE", False)
+        monkeypatch.setattr(direct_io, "_USE_CACHE", False)
     hits: list[bool] = []
-    real = direct_copy._read_cached
-    monkeypatch.setattr(direct_copy, "_read_cached", lambda *a: hits.append(real(*a)) or hits[-1])
+    real = direct_io._read_cached
+    monkeypatch.setattr(direct_io, "_read_cached", lambda *a: hits.append(real(*a)) or hits[-1])
     source = tmp_path / "in.data"
     data = np.random.default_rng(offset).integers(0, 256, 12 * ALIGN, dtype=np.uint8).tobytes()
     source.write_bytes(data)
@@ -65,7 +65,7 @@ def test_bytes_equal_a_plain_copy(tmp_path, small_chunks, monkeypatch, offset, l
         return
     fd = os.open(source, os.O_RDONLY)
     try:  # cachestat needs Linux >= 6.5; without it every chunk comes from the disk
-        kernel_tells = sys.platform == "linux" and direct_copy._cached_pages(fd, 0, 1) > 0
+        kernel_tells = sys.platform == "linux" and direct_io._cached_pages(fd, 0, 1) > 0
     finally:
         os.close(fd)
     assert any(hits) == (from_cache and kernel_tells)
@@ -83,7 +83,7 @@ def test_declines_without_writing(tmp_path, small_chunks, monkeypatch):
         out.write(b"x" * 5)  # an unaligned start
         assert not copy_range(source, 0, 2 * ALIGN, out)
         assert out.tell() == 5
-    monkeypatch.setattr(direct_copy, "_O_DIRECT", 0)  # a platform or filesystem without it
+    monkeypatch.setattr(direct_io, "_O_DIRECT", 0)  # a platform or filesystem without it
     with open(tmp_path / "out2.data", "wb") as out:
         assert not copy_range(source, 0, 2 * ALIGN, out)
         assert out.tell() == 0
@@ -147,3 +147,71 @@ def test_a_saved_model_reads_back_the_same_weights(tmp_path, monkeypatch):
     for name, array in weights.items():
         np.testing.assert_array_equal(saved.graph.initializers[name].const_value.numpy(), array)
     assert (src / "in.data").read_bytes() == bytes(blob)  # the input untouched
+
+
+def _write_through(path, pieces: list[bytes], at: int, nbytes: int | None = None) -> bool:
+    """``pieces`` written at ``at`` through direct_writer, then b"next"; True when it went direct."""
+    with open(path, "wb") as out:
+        out.write(b"h" * 10)
+        out.seek(at)
+        with direct_io.direct_writer(out, nbytes or sum(map(len, pieces))) as writer:
+            for piece in pieces:
+                writer.write(piece)
+        assert out.tell() == at + sum(map(len, pieces))
+        out.write(b"next")
+        return writer is not out
+
+
+@pytest.mark.parametrize("sizes", [[3 * ALIGN], [5, ALIGN - 5, 7 * ALIGN + 1, 3], [9 * ALIGN + 17], [1, 2, 3]])
+def test_written_bytes_equal_plain_writes(tmp_path, small_chunks, sizes):
+    rng = np.random.default_rng(len(sizes))
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    direct = _write_through(tmp_path / "out.data", pieces, 2 * ALIGN)
+    assert direct == _direct_io_works(tmp_path)
+    written = (tmp_path / "out.data").read_bytes()
+    assert written == b"h" * 10 + bytes(2 * ALIGN - 10) + b"".join(pieces) + b"next"  # no padding
+
+
+def test_writer_declines_small_or_unaligned(tmp_path):
+    assert not _write_through(tmp_path / "a.data", [b"x" * 100], 2 * ALIGN)  # below DIRECT_MIN_BYTES
+    assert not _write_through(tmp_path / "b.data", [b"x" * (2 << 20)], ALIGN + 1)  # unaligned start
+    assert (tmp_path / "b.data").read_bytes()[ALIGN + 1 : -4] == b"x" * (2 << 20)
+
+
+def test_writer_falls_back_when_the_device_refuses_the_alignment(tmp_path, small_chunks, monkeypatch):
+    """EINVAL from a direct write: the rest goes through the page cache, no byte lost."""
+    import errno
+
+    real = os.pwrite
+    direct_fds: set[int] = set()
+    real_open = direct_io._open_direct
+
+    def open_direct(path, flags):
+        fd = real_open(path, flags)
+        if fd is not None:
+            direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_io, "_open_direct", open_direct)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    pieces = [bytes([k]) * (2 * ALIGN + k) for k in range(1, 6)]
+    _write_through(tmp_path / "out.data", pieces, ALIGN)
+    assert (tmp_path / "out.data").read_bytes()[ALIGN:] == b"".join(pieces) + b"next"
+
+
+def test_transposed_weights_written_direct_are_c_order(tmp_path, small_chunks, monkeypatch):
+    """The ``--target htp`` writer (save._write_chunked) through a DirectWriter: numpy's bytes."""
+    from mha2sha.io import save
+
+    monkeypatch.setattr(save, "_CHUNK_BYTES", 64 << 10)
+    a = np.random.default_rng(1).standard_normal((300, 1000)).astype(np.float16)
+    for view in (a.T, a.T[3:200], a[:, 1:].T[..., None, None]):
+        path = tmp_path / "w.data"
+        with open(path, "wb") as out, direct_io.direct_writer(out, view.nbytes) as writer:
+            save._write_chunked(writer, view)
+        assert path.read_bytes() == np.ascontiguousarray(view).tobytes()
