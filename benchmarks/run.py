@@ -434,8 +434,11 @@ def _job_lines(rows: list[dict]) -> list[str]:
         "threads), phases with the peak inside each (`s / MB`). Load = 1-minute load average when the",
         "conversion started (rows wait for < 1.2); 2 cores, 24 GB.",
         "",
-        "| model | weights GB | job | cp s | ours s | x cp | runs (cp / ours) | peak RSS MB | proven | load | phases (s / MB) |",
-        "|---|---:|---|---:|---:|---:|---|---:|---|---:|---|",
+        "`settle s` = the wait after `drop_caches` (`--settle`); rows with 0 were measured the earlier way",
+        "(each command right after the drop) and are kept to show what that does to `cp`.",
+        "",
+        "| model | weights GB | job | settle s | cp s | ours s | x cp | runs (cp / ours) | peak RSS MB | proven | load | phases (s / MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---|---:|---|",
     ]
     short = {
         "load": "load",
@@ -449,7 +452,7 @@ def _job_lines(rows: list[dict]) -> list[str]:
         "verify blocks (onnxruntime)": "verify",
         "verify (onnxruntime)": "verify",
     }
-    for r in sorted(rows, key=lambda r: (r["weight_gb"], r["model"], r["job"])):
+    for r in sorted(rows, key=lambda r: (r["weight_gb"], r["model"], r["job"], -r.get("settle_s", 0))):
         c = r.get("convert", {})
         exit_note = "" if c.get("exit") == 0 else f" (exit {c.get('exit')})"
         phases = ", ".join(
@@ -463,7 +466,7 @@ def _job_lines(rows: list[dict]) -> list[str]:
             ", ".join(f"{x:.1f}" for x in r.get(k, [])) or "-" for k in ("cp_runs", "convert_runs")
         )
         lines.append(
-            f"| {r['model']} | {r['weight_gb']} | `{r['job']}` | {r['cp']['seconds']:.1f} | "
+            f"| {r['model']} | {r['weight_gb']} | `{r['job']}` | {r.get('settle_s', 0):g} | {r['cp']['seconds']:.1f} | "
             f"{c.get('seconds', 0):.1f}{exit_note} | {r.get('ratio_vs_cp', '-')} | {runs} | {c.get('peak_rss_mb', '-')} | "
             f"{proven} | {r.get('load', '-')} | {phases} |"
         )
