@@ -39,8 +39,9 @@ __all__ = ["ALIGN", "CHUNK_BYTES", "DIRECT_MIN_BYTES", "DirectWriter", "copy_ran
 
 #: Alignment of offsets, lengths and buffers (covers 512-byte and 4 KiB block devices).
 ALIGN = 4096
-#: Bytes moved per read / write; two reads are in flight at most.
-CHUNK_BYTES = 8 << 20
+#: Bytes moved per read / write; two reads are in flight at most. 4 MB copied 3 GB in 3.6-3.7 s
+#: against 4.0-4.1 s with 8 MB, and three buffers per writing thread stay small.
+CHUNK_BYTES = 4 << 20
 #: Ranges shorter than this are not worth the extra descriptors: plain copy.
 DIRECT_MIN_BYTES = 1 << 20
 
@@ -49,16 +50,19 @@ _USE_CACHE = sys.platform == "linux"
 _buffers = threading.local()
 
 
-def _buffer_set() -> list[memoryview]:
-    """Three page-aligned buffers per thread, made once: two for reads in flight, one for shifts.
-
-    Anonymous mappings are page-aligned; reusing them keeps their pages resident (fresh pages are
-    exactly what this module avoids)."""
-    made = getattr(_buffers, "set", None)
-    if made is None or len(made[0]) < CHUNK_BYTES + ALIGN:
-        made = [memoryview(mmap.mmap(-1, CHUNK_BYTES + ALIGN)) for _ in range(3)]
-        _buffers.set = made
-    return made
+def _buffer(k: int) -> memoryview:
+    """This thread's ``k``-th page-aligned buffer, made on first use and kept: 0 and 1 hold the
+    reads in flight, 2 a chunk shifted into alignment or a :class:`DirectWriter`'s blocks (a thread
+    runs one copy or one writer at a time). Anonymous mappings are page-aligned; reusing them keeps
+    their pages resident (fresh pages are exactly what this module avoids)."""
+    size = CHUNK_BYTES + ALIGN
+    made: dict[int, memoryview] | None = getattr(_buffers, "made", None)
+    if made is None or getattr(_buffers, "size", None) != size:
+        made = _buffers.made = {}
+        _buffers.size = size
+    if k not in made:
+        made[k] = memoryview(mmap.mmap(-1, size))
+    return made[k]
 
 
 def _open_direct(path: str | os.PathLike, flags: int) -> int | None:
@@ -144,8 +148,10 @@ def _copy(
     src: int, cached: int | None, source: Path, offset: int, length: int, dst: int, tail_fd: int, start: int
 ) -> None:
     body = length - length % ALIGN  # whole blocks go direct, the rest through ``tail_fd``
-    reads, shifted = _buffer_set()[:2], _buffer_set()[2]
     chunks = [(pos, min(CHUNK_BYTES, length - pos)) for pos in range(0, length, CHUNK_BYTES)]
+    # taken here, in the calling thread (the reader thread's own would die with it)
+    reads = [_buffer(0), _buffer(1) if len(chunks) > 1 else _buffer(0)]
+    shifted = _buffer(2) if offset % ALIGN else reads[0]  # chunks start at offset + k * CHUNK_BYTES
 
     def read(index: int) -> tuple[memoryview, int]:
         """Chunk ``index`` into its read buffer: (buffer, where the chunk's bytes start in it).
@@ -193,11 +199,7 @@ class DirectWriter:
 
     def __init__(self, out, fd: int, start: int):
         self._out, self._fd, self._pos = out, fd, start  # _pos: the file offset of the buffer's start
-        made = getattr(_buffers, "writer", None)
-        if made is None or len(made) != CHUNK_BYTES:
-            made = memoryview(mmap.mmap(-1, CHUNK_BYTES))
-            _buffers.writer = made
-        self._buf: memoryview = made
+        self._buf: memoryview = _buffer(2)  # CHUNK_BYTES + ALIGN: whole blocks when full
         self._filled = 0
 
     def write(self, data) -> int:
