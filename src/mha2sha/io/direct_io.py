@@ -76,26 +76,17 @@ def copy_range(source: str | os.PathLike, offset: int, length: int, out) -> bool
     """Append ``length`` bytes of ``source`` from ``offset`` to the open binary file ``out`` at its
     position (which then moves past them), like ``out.write(...)``. Returns ``False`` without
     writing anything when direct I/O cannot be used here."""
-    if not _O_DIRECT or length < DIRECT_MIN_BYTES:
-        return False
-    try:
-        fileno = out.fileno()
-    except (AttributeError, OSError, ValueError):
-        return False
-    out.flush()
-    start = out.tell()
-    if start % ALIGN:
-        return False
-    src = _open_direct(source, os.O_RDONLY)
+    src = _open_direct(source, os.O_RDONLY) if _O_DIRECT and length >= DIRECT_MIN_BYTES else None
     if src is None:
         return False
-    cached = os.open(source, os.O_RDONLY) if _USE_CACHE else None
     try:
-        dst = _open_direct(f"/proc/self/fd/{fileno}", os.O_WRONLY)
-        if dst is None:
+        opened = _open_output(out, length)
+        if opened is None:
             return False
+        dst, start = opened
+        cached = os.open(source, os.O_RDONLY) if _USE_CACHE else None
         try:
-            _copy(src, cached, Path(source), offset, length, dst, fileno, start)
+            _copy(src, cached, Path(source), offset, length, dst, out.fileno(), start)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
@@ -103,12 +94,37 @@ def copy_range(source: str | os.PathLike, offset: int, length: int, out) -> bool
             return False
         finally:
             os.close(dst)
+            if cached is not None:
+                os.close(cached)
     finally:
         os.close(src)
-        if cached is not None:
-            os.close(cached)
     out.seek(start + length)
     return True
+
+
+def _open_output(out, nbytes: int) -> tuple[int, int] | None:
+    """A direct-I/O descriptor of ``out``'s file and ``out``'s (flushed) position, for ``nbytes``
+    to be written there; None when direct I/O does not apply (small, an unaligned position, not a
+    file, a filesystem or platform without it)."""
+    if not _O_DIRECT or nbytes < DIRECT_MIN_BYTES:
+        return None
+    try:
+        fileno = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    out.flush()
+    start = out.tell()
+    if start % ALIGN:
+        return None
+    fd = _open_direct(f"/proc/self/fd/{fileno}", os.O_WRONLY)
+    return None if fd is None else (fd, start)
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """All of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class _CacheStat(ctypes.Structure):
@@ -183,13 +199,8 @@ def _copy(
             tail = bytes(buf[shift + direct : shift + n])  # copied before the buffer is read into again
             if index + 1 < len(chunks):
                 pending = reader.submit(read, index + 1)
-            done = 0
-            while done < direct:
-                done += os.pwrite(dst, data[done:], start + pos + done)
-            if tail:
-                done = 0
-                while done < len(tail):
-                    done += os.pwrite(tail_fd, tail[done:], start + pos + direct + done)
+            _pwrite_all(dst, data, start + pos)
+            _pwrite_all(tail_fd, tail, start + pos + direct)
 
 
 class DirectWriter:
@@ -216,14 +227,13 @@ class DirectWriter:
 
     def _write_blocks(self) -> None:
         whole = self._filled - self._filled % ALIGN
-        done = 0
-        while done < whole:
-            try:
-                done += os.pwrite(self._fd, self._buf[done:whole], self._pos + done)
-            except OSError as e:
-                if e.errno != errno.EINVAL or self._fd == self._out.fileno():
-                    raise
-                self._fd = self._out.fileno()  # alignment this device does not take: page cache
+        try:
+            _pwrite_all(self._fd, self._buf[:whole], self._pos)
+        except OSError as e:
+            if e.errno != errno.EINVAL or self._fd == self._out.fileno():
+                raise
+            self._fd = self._out.fileno()  # alignment this device does not take: the page cache
+            _pwrite_all(self._fd, self._buf[:whole], self._pos)
         rest = self._filled - whole
         if rest:
             self._buf[:rest] = self._buf[whole : self._filled]
@@ -233,9 +243,7 @@ class DirectWriter:
     def close(self) -> None:
         """Write what is left (the partial block through ``out``) and move ``out`` past the tensor."""
         self._write_blocks()
-        done = 0
-        while done < self._filled:
-            done += os.pwrite(self._out.fileno(), self._buf[done : self._filled], self._pos + done)
+        _pwrite_all(self._out.fileno(), self._buf[: self._filled], self._pos)
         self._pos += self._filled
         self._filled = 0
         self._out.seek(self._pos)
@@ -246,23 +254,14 @@ def direct_writer(out, nbytes: int) -> Iterator:
     """A :class:`DirectWriter` for the ``nbytes`` about to be written at ``out``'s position, or
     ``out`` itself when direct I/O does not apply (small, unaligned position, a filesystem or
     platform without it)."""
-    fileno = _fileno(out) if _O_DIRECT and nbytes >= DIRECT_MIN_BYTES else None
-    if fileno is not None:
-        out.flush()
-    fd = None if fileno is None or out.tell() % ALIGN else _open_direct(f"/proc/self/fd/{fileno}", os.O_WRONLY)
-    if fd is None:
+    opened = _open_output(out, nbytes)
+    if opened is None:
         yield out
         return
+    fd, start = opened
     try:
-        writer = DirectWriter(out, fd, out.tell())
+        writer = DirectWriter(out, fd, start)
         yield writer
         writer.close()
     finally:
         os.close(fd)
-
-
-def _fileno(out) -> int | None:
-    try:
-        return out.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
